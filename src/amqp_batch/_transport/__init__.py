@@ -1,0 +1,1 @@
+"""Transports: the contract (``_base``), the native pamqp-over-anyio one, and more."""

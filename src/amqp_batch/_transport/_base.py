@@ -1,0 +1,207 @@
+"""The transport contract.
+
+The consumer core depends only on what is defined here, never on pamqp. A transport
+(native, or the in-memory one for tests) provides :class:`Transport`:
+
+* ``open_session(spec)``: an async context manager that connects, opens a channel,
+  declares ``spec``'s topology, sets ``basic.qos``, registers the consumer *before*
+  sending ``basic.consume``, and yields a :class:`Session`. Its internal tasks live
+  in a task group it owns; a lost connection is raised out of it as a
+  :class:`~amqp_batch.ConnectionLost` (never as a bare cancellation).
+* ``open_publisher(params)``: an async context manager yielding a
+  :class:`PublisherSession` on a connection of its own, with publisher confirms.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+import attrs
+from anyio.abc import ObjectReceiveStream
+
+from ._url import ConnectionParameters
+
+__all__ = [
+    "BindingSpec",
+    "Delivery",
+    "ExchangeSpec",
+    "Properties",
+    "PublisherSession",
+    "QueueSpec",
+    "Session",
+    "SessionSpec",
+    "Transport",
+]
+
+FieldTable = Mapping[str, Any]
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class Properties:
+    """AMQP basic properties of a message. ``None`` means "not set"."""
+
+    content_type: str | None = None
+    content_encoding: str | None = None
+    headers: FieldTable | None = None
+    delivery_mode: int | None = None
+    priority: int | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    expiration: str | None = None
+    message_id: str | None = None
+    timestamp: datetime.datetime | None = None
+    type: str | None = None
+    user_id: str | None = None
+    app_id: str | None = None
+
+
+EMPTY_PROPERTIES = Properties()
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class Delivery:
+    """One message delivered to our consumer on one channel.
+
+    ``delivery_tag`` is only meaningful on the session that produced it; a session
+    never sends a tag that belongs to a session that has ended.
+    """
+
+    delivery_tag: int
+    redelivered: bool
+    exchange: str
+    routing_key: str
+    consumer_tag: str
+    body: bytes
+    properties: Properties = EMPTY_PROPERTIES
+
+
+@attrs.frozen(kw_only=True)
+class ExchangeSpec:
+    """An exchange to declare on every session."""
+
+    name: str
+    type: str = "direct"
+    durable: bool = True
+    auto_delete: bool = False
+    internal: bool = False
+    arguments: FieldTable | None = None
+
+
+@attrs.frozen(kw_only=True)
+class QueueSpec:
+    """A queue to declare on every session."""
+
+    name: str
+    durable: bool = True
+    exclusive: bool = False
+    auto_delete: bool = False
+    arguments: FieldTable | None = None
+
+
+@attrs.frozen(kw_only=True)
+class BindingSpec:
+    """A queue binding to declare on every session."""
+
+    queue: str
+    exchange: str
+    routing_key: str = ""
+    arguments: FieldTable | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SessionSpec:
+    """Everything a consuming session needs; the topology is re-declared (idempotently)
+    every time a session opens."""
+
+    parameters: ConnectionParameters
+    queue: str
+    prefetch_count: int
+    exchanges: Sequence[ExchangeSpec] = ()
+    queues: Sequence[QueueSpec] = ()
+    bindings: Sequence[BindingSpec] = ()
+    consumer_tag: str = ""
+    #: Buffer of the deliveries stream; at least ``prefetch_count`` so the frame
+    #: reader never blocks on it.
+    delivery_buffer: int | None = None
+
+
+class Session(Protocol):
+    """A consuming session: one connection, one channel, one consumer."""
+
+    @property
+    def deliveries(self) -> ObjectReceiveStream[Delivery]:
+        """Deliveries in arrival order. Ends (``EndOfStream``) after
+        :meth:`cancel` completes or when the broker cancels the consumer."""
+        ...
+
+    @property
+    def consumer_cancelled_by_broker(self) -> bool:
+        """True when the broker sent ``basic.cancel`` (e.g. the queue was deleted)."""
+        ...
+
+    async def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        """Acknowledge ``delivery_tag`` (and every earlier one if ``multiple``)."""
+        ...
+
+    async def nack(
+        self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True
+    ) -> None:
+        """Negatively acknowledge; ``requeue=False`` dead-letters."""
+        ...
+
+    async def reject(self, delivery_tag: int, *, requeue: bool = True) -> None:
+        """Reject one delivery; ``requeue=False`` dead-letters."""
+        ...
+
+    async def cancel(self) -> None:
+        """Send ``basic.cancel`` and wait for ``cancel-ok``; no new deliveries after."""
+        ...
+
+
+class PublisherSession(Protocol):
+    """A connection with a confirm-mode channel for publishing."""
+
+    async def publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        properties: Properties | None = None,
+        mandatory: bool = False,
+    ) -> None:
+        """Publish and return once the broker confirmed it.
+
+        Raises :class:`~amqp_batch.MessageNacked` on a nack and
+        :class:`~amqp_batch.MessageReturned` when a ``mandatory`` message was
+        unroutable. Waits while the connection is blocked.
+        """
+        ...
+
+
+class Transport(Protocol):
+    """What the consumer core needs from a transport."""
+
+    def open_session(
+        self, spec: SessionSpec
+    ) -> AbstractAsyncContextManager[Session]:
+        """Connect, declare ``spec``'s topology, consume; yield the session."""
+        ...
+
+    def open_publisher(
+        self,
+        parameters: ConnectionParameters,
+        *,
+        declare: Sequence[ExchangeSpec | QueueSpec | BindingSpec] = (),
+    ) -> AbstractAsyncContextManager[PublisherSession]:
+        """Connect and yield a confirm-mode publisher."""
+        ...
+
+
+def default_ssl_context() -> ssl.SSLContext:
+    """A client TLS context that verifies certificates and host names."""
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
