@@ -108,7 +108,12 @@ class MessageReturned(AMQPBatchError):
     """A ``mandatory`` publish could not be routed and the broker returned it."""
 
     def __init__(
-        self, message: str, *, reply_code: int, reply_text: str, exchange: str,
+        self,
+        message: str,
+        *,
+        reply_code: int,
+        reply_text: str,
+        exchange: str,
         routing_key: str,
     ) -> None:
         super().__init__(message)

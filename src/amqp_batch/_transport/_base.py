@@ -186,9 +186,7 @@ class PublisherSession(Protocol):
 class Transport(Protocol):
     """What the consumer core needs from a transport."""
 
-    def open_session(
-        self, spec: SessionSpec
-    ) -> AbstractAsyncContextManager[Session]:
+    def open_session(self, spec: SessionSpec) -> AbstractAsyncContextManager[Session]:
         """Connect, declare ``spec``'s topology, consume; yield the session."""
         ...
 

@@ -151,8 +151,9 @@ def parse_url(
         # "amqp://host/" names the default vhost, like RabbitMQ's own clients.
         virtual_host = "/"
     if "/" in path:
-        raise ValueError("invalid AMQP URL: the vhost must be one path segment "
-                         "(write '/' as %2F)")
+        raise ValueError(
+            "invalid AMQP URL: the vhost must be one path segment (write '/' as %2F)"
+        )
     options = _query_options(query)
     return ConnectionParameters(
         host=host,

@@ -1,0 +1,1 @@
+"""The actors of one worker session: receiver -> batcher -> handler runner -> acker."""

@@ -1,0 +1,83 @@
+"""Which deliveries are settled how, and when (sans-IO).
+
+Delivery tags on a channel grow. The ledger settles in tag order from the lowest
+unsettled tag: a contiguous run of ACKs becomes one ``ack(multiple=True)`` at the
+run's last tag; any other action is sent on its own, at its place. Settling stops
+at the first tag whose action is not known yet, so a multiple-ack never covers a
+message whose result is unknown or whose republish is unconfirmed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+
+import attrs
+
+__all__ = ["AckLedger", "Action", "Settle"]
+
+
+class Action(enum.Enum):
+    """A wire-level settlement."""
+
+    ACK = "ack"
+    #: ``basic.reject(requeue=False)``: dead-letter through the queue's DLX (or drop).
+    REJECT = "reject"
+    #: ``basic.nack(requeue=True)``: back to the queue.
+    REQUEUE = "requeue"
+
+
+@attrs.frozen
+class Settle:
+    """One frame to send: ``action`` at ``delivery_tag``."""
+
+    action: Action
+    delivery_tag: int
+    multiple: bool = False
+
+
+class AckLedger:
+    """The delivery tags of one session, in order, with their decided actions."""
+
+    def __init__(self) -> None:
+        self._order: deque[int] = deque()
+        self._actions: dict[int, Action | None] = {}
+
+    def __len__(self) -> int:
+        """How many registered tags are not settled yet."""
+        return len(self._order)
+
+    def register(self, delivery_tag: int) -> None:
+        """Note a delivery as it arrives (tags must grow)."""
+        if self._order and delivery_tag <= self._order[-1]:
+            raise ValueError(
+                f"delivery tag {delivery_tag} does not follow {self._order[-1]}"
+            )
+        self._order.append(delivery_tag)
+        self._actions[delivery_tag] = None
+
+    def resolve(self, delivery_tag: int, action: Action) -> None:
+        """Decide how ``delivery_tag`` is settled. Deciding twice is a bug."""
+        if self._actions.get(delivery_tag, action) is not None:
+            raise ValueError(f"delivery tag {delivery_tag} is unknown or decided")
+        self._actions[delivery_tag] = action
+
+    def take_ready(self) -> list[Settle]:
+        """The frames that may be sent now, in order; they count as settled."""
+        frames: list[Settle] = []
+        run_end: int | None = None
+        run_length = 0
+        while self._order and self._actions[self._order[0]] is not None:
+            delivery_tag = self._order.popleft()
+            action = self._actions.pop(delivery_tag)
+            if action is Action.ACK:
+                run_end, run_length = delivery_tag, run_length + 1
+                continue
+            if run_end is not None:
+                frames.append(Settle(Action.ACK, run_end, run_length > 1))
+                run_end, run_length = None, 0
+            assert action is not None
+            frames.append(Settle(action, delivery_tag))
+        if run_end is not None:
+            frames.append(Settle(Action.ACK, run_end, run_length > 1))
+        return frames

@@ -1,0 +1,31 @@
+"""Per-message results a handler gives back."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["MessageResult"]
+
+
+class MessageResult(enum.Enum):
+    """What to do with one message of a batch.
+
+    ``ACK``
+        Processed: remove it from the queue.
+    ``NACK``
+        Bad message, never retry: reject it without requeue, so the queue's
+        dead-letter exchange (if any) receives it with its original exchange and
+        routing key.
+    ``REQUEUE``
+        Transient failure: publish a copy to the back of the queue with
+        ``x-retry-count`` + 1 (confirmed), then ack the original. Once the count has
+        reached ``max_requeue_attempts`` the message is dead-lettered instead.
+    ``REQUEUE_IMMEDIATE``
+        Native ``basic.nack(requeue=True)``: back to the head of the queue, no retry
+        tracking (may loop forever on a poison message).
+    """
+
+    ACK = "ack"
+    NACK = "nack"
+    REQUEUE = "requeue"
+    REQUEUE_IMMEDIATE = "requeue_immediate"

@@ -1,0 +1,259 @@
+"""Sans-IO framing: bytes in, frames out; frames out, bytes in.
+
+pamqp marshals and unmarshals every method and content header. This module only
+cuts the byte stream into frames, reassembles content (method + header + any
+number of body frames) into messages, and converts properties between pamqp and
+the transport contract's :class:`~amqp_batch._transport._base.Properties`.
+Nothing here does I/O, so all of it is tested without a socket.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import attrs
+from pamqp import commands, frame, header
+from pamqp import constants as amqp_constants
+from pamqp.base import Frame as MethodFrame
+from pamqp.body import ContentBody
+from pamqp.exceptions import UnmarshalingException
+from pamqp.heartbeat import Heartbeat
+
+from ..._exceptions import ProtocolError
+from .._base import Properties
+
+__all__ = [
+    "FrameParser",
+    "IncomingContent",
+    "PendingContent",
+    "marshal_method",
+    "marshal_publish",
+    "properties_from_pamqp",
+    "properties_to_pamqp",
+]
+
+_FRAME_HEADER = struct.Struct(">BHI")
+_FRAME_HEADER_SIZE = 7
+_FRAME_END = amqp_constants.FRAME_END
+_FRAME_METHOD = amqp_constants.FRAME_METHOD
+_FRAME_HEADER_TYPE = amqp_constants.FRAME_HEADER
+_FRAME_BODY = amqp_constants.FRAME_BODY
+_FRAME_HEARTBEAT = amqp_constants.FRAME_HEARTBEAT
+_AMQP_HEADER = b"AMQP"
+#: frame_max counts the 8 bytes of frame overhead (7 header + 1 end octet).
+FRAME_OVERHEAD = 8
+
+IncomingFrame = MethodFrame | header.ContentHeader | ContentBody | Heartbeat
+
+
+class FrameParser:
+    """Cuts a byte stream into ``(channel, frame)`` pairs.
+
+    Body frames are returned as :class:`ContentBody` holding the payload slice;
+    methods and content headers are decoded by pamqp. A malformed stream raises
+    :class:`~amqp_batch.ProtocolError`.
+    """
+
+    __slots__ = ("_buffer", "max_frame_size")
+
+    def __init__(self, max_frame_size: int = 131072) -> None:
+        self._buffer = bytearray()
+        #: Largest frame accepted (payload + overhead); 0 means no limit yet.
+        self.max_frame_size = max_frame_size
+
+    def feed(self, data: bytes) -> list[tuple[int, IncomingFrame]]:
+        """Add ``data`` and return every frame now complete, in order."""
+        buffer = self._buffer
+        buffer += data
+        frames: list[tuple[int, IncomingFrame]] = []
+        offset = 0
+        end_of_data = len(buffer)
+        unpack_from = _FRAME_HEADER.unpack_from
+        while end_of_data - offset >= _FRAME_HEADER_SIZE:
+            if buffer[offset : offset + 4] == _AMQP_HEADER:
+                raise ProtocolError(
+                    "the broker rejected our protocol version "
+                    f"(it answered {bytes(buffer[offset : offset + 8])!r})",
+                )
+            frame_type, channel, size = unpack_from(buffer, offset)
+            frame_end = offset + _FRAME_HEADER_SIZE + size
+            if self.max_frame_size and size + FRAME_OVERHEAD > self.max_frame_size:
+                raise ProtocolError(
+                    f"frame of {size} bytes exceeds frame_max {self.max_frame_size}"
+                )
+            if frame_end >= end_of_data:
+                break
+            if buffer[frame_end] != _FRAME_END:
+                raise ProtocolError("malformed frame: missing frame-end octet")
+            payload_start = offset + _FRAME_HEADER_SIZE
+            if frame_type == _FRAME_BODY:
+                frames.append(
+                    (channel, ContentBody(bytes(buffer[payload_start:frame_end])))
+                )
+            elif frame_type == _FRAME_HEARTBEAT:
+                frames.append((channel, Heartbeat()))
+            elif frame_type in (_FRAME_METHOD, _FRAME_HEADER_TYPE):
+                frames.append((channel, _decode(bytes(buffer[offset : frame_end + 1]))))
+            else:
+                raise ProtocolError(f"malformed frame: unknown frame type {frame_type}")
+            offset = frame_end + 1
+        if offset:
+            del buffer[:offset]
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buffer)
+
+
+def _decode(raw: bytes) -> IncomingFrame:
+    try:
+        _, _, value = frame.unmarshal(raw)
+    except (UnmarshalingException, ValueError, KeyError) as exc:
+        raise ProtocolError(f"malformed frame: {exc}") from exc
+    if isinstance(value, header.ProtocolHeader):  # pragma: no cover - cut above
+        raise ProtocolError("unexpected protocol header in the frame stream")
+    return value
+
+
+def marshal_method(method: MethodFrame, channel: int) -> bytes:
+    """Encode one method frame."""
+    return frame.marshal(method, channel)
+
+
+def marshal_publish(
+    channel: int,
+    body: bytes,
+    exchange: str,
+    routing_key: str,
+    properties: commands.Basic.Properties,
+    mandatory: bool,
+    frame_max: int,
+) -> bytes:
+    """Encode ``basic.publish`` with its content header and body frames, as one
+    bytes object so that it is written whole or not at all."""
+    parts = [
+        frame.marshal(
+            commands.Basic.Publish(
+                exchange=exchange, routing_key=routing_key, mandatory=mandatory
+            ),
+            channel,
+        ),
+        frame.marshal(header.ContentHeader(0, len(body), properties), channel),
+    ]
+    chunk = frame_max - FRAME_OVERHEAD
+    pack = _FRAME_HEADER.pack
+    end = bytes((_FRAME_END,))
+    view = memoryview(body)
+    for start in range(0, len(body), chunk):
+        piece = view[start : start + chunk]
+        parts.append(pack(_FRAME_BODY, channel, len(piece)))
+        parts.append(piece.tobytes())
+        parts.append(end)
+    return b"".join(parts)
+
+
+# Content reassembly
+
+ContentMethod = commands.Basic.Deliver | commands.Basic.Return | commands.Basic.GetOk
+
+
+@attrs.define(slots=True)
+class IncomingContent:
+    """A complete message: the method that announced it, its properties, its body."""
+
+    method: ContentMethod
+    properties: Properties
+    body: bytes
+
+
+@attrs.define(slots=True)
+class PendingContent:
+    """Reassembles one message from its method, content header and body frames."""
+
+    method: ContentMethod
+    properties: Properties | None = None
+    body_size: int = 0
+    chunks: list[bytes] = attrs.field(factory=list)
+    received: int = 0
+
+    def add_header(
+        self, content_header: header.ContentHeader
+    ) -> IncomingContent | None:
+        """Record the header; returns the message if it has no body."""
+        if self.properties is not None:
+            raise ProtocolError("a second content header arrived for one message")
+        self.properties = properties_from_pamqp(content_header.properties)
+        self.body_size = content_header.body_size
+        if self.body_size == 0:
+            return IncomingContent(self.method, self.properties, b"")
+        return None
+
+    def add_body(self, body: ContentBody) -> IncomingContent | None:
+        """Add a body frame; returns the message once every byte has arrived."""
+        if self.properties is None:
+            raise ProtocolError("a body frame arrived before its content header")
+        value = body.value
+        self.received += len(value)
+        if self.received > self.body_size:
+            raise ProtocolError("body frames carry more bytes than the header said")
+        if self.received == self.body_size:
+            data = value if not self.chunks else b"".join([*self.chunks, value])
+            return IncomingContent(self.method, self.properties, data)
+        self.chunks.append(value)
+        return None
+
+
+# Properties conversion
+
+_PAMQP_FIELDS = (
+    ("content_type", "content_type"),
+    ("content_encoding", "content_encoding"),
+    ("headers", "headers"),
+    ("delivery_mode", "delivery_mode"),
+    ("priority", "priority"),
+    ("correlation_id", "correlation_id"),
+    ("reply_to", "reply_to"),
+    ("expiration", "expiration"),
+    ("message_id", "message_id"),
+    ("timestamp", "timestamp"),
+    ("type", "message_type"),
+    ("user_id", "user_id"),
+    ("app_id", "app_id"),
+)
+
+
+def properties_from_pamqp(props: commands.Basic.Properties) -> Properties:
+    """Convert pamqp's properties to the contract's :class:`Properties`."""
+    return Properties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=props.headers,
+        delivery_mode=props.delivery_mode,
+        priority=props.priority,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        expiration=props.expiration,
+        message_id=props.message_id,
+        timestamp=props.timestamp,
+        type=props.message_type,
+        user_id=props.user_id,
+        app_id=props.app_id,
+    )
+
+
+def properties_to_pamqp(props: Properties | None) -> commands.Basic.Properties:
+    """Convert the contract's :class:`Properties` to pamqp's, for publishing."""
+    if props is None:
+        return commands.Basic.Properties()
+    kwargs: dict[str, Any] = {}
+    for ours, theirs in _PAMQP_FIELDS:
+        value = getattr(props, ours)
+        if value is not None:
+            kwargs[theirs] = dict(value) if ours == "headers" else value
+    try:
+        return commands.Basic.Properties(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"invalid message properties: {exc}") from exc

@@ -1,0 +1,222 @@
+"""The transport contract on the native connection: consuming sessions and
+confirmed publishers."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import anyio
+from anyio.abc import ObjectReceiveStream
+
+from ..._exceptions import ChannelClosed, TransportError
+from .._base import (
+    BindingSpec,
+    Delivery,
+    ExchangeSpec,
+    Properties,
+    QueueSpec,
+    SessionSpec,
+)
+from .._url import ConnectionParameters
+from ._channel import Channel
+from ._connection import connect
+
+__all__ = ["NativePublisher", "NativeSession", "NativeTransport"]
+
+_consumer_numbers = itertools.count(1)
+
+
+def _consumer_tag(prefix: str) -> str:
+    return f"{prefix or 'amqp-batch'}.{os.getpid()}.{next(_consumer_numbers)}"
+
+
+class NativeSession:
+    """A consuming session: one connection, one channel, one consumer."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        consumer_tag: str,
+        deliveries: ObjectReceiveStream[Delivery],
+    ) -> None:
+        self._channel = channel
+        self.consumer_tag = consumer_tag
+        self._deliveries = deliveries
+
+    def __repr__(self) -> str:
+        return f"<NativeSession consumer={self.consumer_tag} {self._channel!r}>"
+
+    @property
+    def deliveries(self) -> ObjectReceiveStream[Delivery]:
+        """Deliveries in arrival order; ends after cancel or a broker cancel."""
+        return self._deliveries
+
+    @property
+    def consumer_cancelled_by_broker(self) -> bool:
+        """True once the broker sent ``basic.cancel`` for our consumer."""
+        return self.consumer_tag in self._channel.cancelled_by_broker
+
+    async def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        """``basic.ack`` on this session's channel."""
+        self._channel.ack(delivery_tag, multiple=multiple)
+
+    async def nack(
+        self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True
+    ) -> None:
+        """``basic.nack`` on this session's channel."""
+        self._channel.nack(delivery_tag, multiple=multiple, requeue=requeue)
+
+    async def reject(self, delivery_tag: int, *, requeue: bool = True) -> None:
+        """``basic.reject`` on this session's channel."""
+        self._channel.reject(delivery_tag, requeue=requeue)
+
+    async def cancel(self) -> None:
+        """Stop deliveries: ``basic.cancel`` and wait for ``cancel-ok``."""
+        await self._channel.basic_cancel(self.consumer_tag)
+
+
+class NativePublisher:
+    """A confirm-mode channel on a connection of its own."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    @property
+    def channel(self) -> Channel:
+        """The underlying channel (for declarations and inspection)."""
+        return self._channel
+
+    async def publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        properties: Properties | None = None,
+        mandatory: bool = False,
+    ) -> None:
+        """Publish and return after the broker's confirm."""
+        await self._channel.publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=mandatory,
+        )
+
+
+async def declare(
+    channel: Channel, items: Sequence[ExchangeSpec | QueueSpec | BindingSpec]
+) -> None:
+    """Declare exchanges, queues and bindings, in the order given."""
+    for item in items:
+        if isinstance(item, ExchangeSpec):
+            if not item.name or item.name.startswith("amq."):
+                continue  # predefined exchanges cannot be declared
+            await channel.exchange_declare(
+                item.name,
+                item.type,
+                durable=item.durable,
+                auto_delete=item.auto_delete,
+                internal=item.internal,
+                arguments=item.arguments,
+            )
+        elif isinstance(item, QueueSpec):
+            await channel.queue_declare(
+                item.name,
+                durable=item.durable,
+                exclusive=item.exclusive,
+                auto_delete=item.auto_delete,
+                arguments=item.arguments,
+            )
+        else:
+            await channel.queue_bind(
+                item.queue, item.exchange, item.routing_key, item.arguments
+            )
+
+
+def _topology(spec: SessionSpec) -> list[ExchangeSpec | QueueSpec | BindingSpec]:
+    return [*spec.exchanges, *spec.queues, *spec.bindings]
+
+
+class _SessionWatch:
+    """Cancels the session body when the channel fails, remembering why."""
+
+    def __init__(self, scope: anyio.CancelScope) -> None:
+        self.scope = scope
+        self.error: TransportError | None = None
+
+    def __call__(self, error: TransportError) -> None:
+        if self.error is None:
+            self.error = error
+        self.scope.cancel()
+
+
+@asynccontextmanager
+async def open_session(spec: SessionSpec) -> AsyncIterator[NativeSession]:
+    """Connect, declare the topology, set qos, consume; yield the session.
+
+    A broker-side channel close (e.g. a 406 after ``consumer_timeout``) is raised out
+    of the ``async with`` as :class:`~amqp_batch.ChannelClosed`; a lost connection
+    as :class:`~amqp_batch.ConnectionLost`.
+    """
+    buffer = spec.delivery_buffer or max(spec.prefetch_count, 1) + 16
+    async with connect(spec.parameters) as connection, connection.channel() as channel:
+        try:
+            await declare(channel, _topology(spec))
+        except ChannelClosed as exc:
+            # 403/406 while declaring (access refused, a queue redeclared with
+            # other arguments) cannot be fixed by reconnecting.
+            exc.retryable = exc.reply_code not in (403, 406)
+            raise
+        await channel.basic_qos(spec.prefetch_count)
+        send, receive = anyio.create_memory_object_stream[Delivery](buffer)
+        tag = spec.consumer_tag or _consumer_tag("amqp-batch")
+        with send, receive:
+            await channel.basic_consume(spec.queue, tag, send)
+            with anyio.CancelScope() as scope:
+                watch = _SessionWatch(scope)
+                channel.on_close(watch)
+                yield NativeSession(channel, tag, receive)
+            if watch.error is not None and scope.cancelled_caught:
+                raise watch.error
+            if channel.close_error is not None and connection.is_open:
+                raise channel.close_error
+
+
+@asynccontextmanager
+async def open_publisher(
+    parameters: ConnectionParameters,
+    *,
+    declare_items: Sequence[ExchangeSpec | QueueSpec | BindingSpec] = (),
+) -> AsyncIterator[NativePublisher]:
+    """Connect, open a confirm-mode channel, declare ``declare_items``."""
+    async with connect(parameters) as connection, connection.channel() as channel:
+        await channel.confirm_select()
+        await declare(channel, declare_items)
+        yield NativePublisher(channel)
+
+
+class NativeTransport:
+    """The native AMQP 0-9-1 transport (pamqp frames over anyio streams)."""
+
+    def __repr__(self) -> str:
+        return "NativeTransport()"
+
+    def open_session(
+        self, spec: SessionSpec
+    ) -> AbstractAsyncContextManager[NativeSession]:
+        """See :func:`open_session`."""
+        return open_session(spec)
+
+    def open_publisher(
+        self,
+        parameters: ConnectionParameters,
+        *,
+        declare: Sequence[ExchangeSpec | QueueSpec | BindingSpec] = (),
+    ) -> AbstractAsyncContextManager[NativePublisher]:
+        """See :func:`open_publisher`."""
+        return open_publisher(parameters, declare_items=declare)
