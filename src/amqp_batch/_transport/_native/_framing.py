@@ -10,7 +10,7 @@ Nothing here does I/O, so all of it is tested without a socket.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 from pamqp import commands, frame, header
@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 _FRAME_HEADER = struct.Struct(">BHI")
+_METHOD_INDEX = struct.Struct(">I")
 _FRAME_HEADER_SIZE = 7
 _FRAME_END = amqp_constants.FRAME_END
 _FRAME_METHOD = amqp_constants.FRAME_METHOD
@@ -55,67 +56,89 @@ class FrameParser:
     :class:`~amqp_batch.ProtocolError`.
     """
 
-    __slots__ = ("_buffer", "max_frame_size")
+    __slots__ = ("_rest", "max_frame_size")
 
     def __init__(self, max_frame_size: int = 131072) -> None:
-        self._buffer = bytearray()
+        self._rest = b""
         #: Largest frame accepted (payload + overhead); 0 means no limit yet.
         self.max_frame_size = max_frame_size
 
     def feed(self, data: bytes) -> list[tuple[int, IncomingFrame]]:
         """Add ``data`` and return every frame now complete, in order."""
-        buffer = self._buffer
-        buffer += data
+        buffer = self._rest + data if self._rest else bytes(data)
         frames: list[tuple[int, IncomingFrame]] = []
+        append = frames.append
         offset = 0
         end_of_data = len(buffer)
         unpack_from = _FRAME_HEADER.unpack_from
+        max_frame_size = self.max_frame_size
         while end_of_data - offset >= _FRAME_HEADER_SIZE:
-            if buffer[offset : offset + 4] == _AMQP_HEADER:
-                raise ProtocolError(
-                    "the broker rejected our protocol version "
-                    f"(it answered {bytes(buffer[offset : offset + 8])!r})",
-                )
             frame_type, channel, size = unpack_from(buffer, offset)
             frame_end = offset + _FRAME_HEADER_SIZE + size
-            if self.max_frame_size and size + FRAME_OVERHEAD > self.max_frame_size:
-                raise ProtocolError(
-                    f"frame of {size} bytes exceeds frame_max {self.max_frame_size}"
-                )
+            if max_frame_size and size + FRAME_OVERHEAD > max_frame_size:
+                self._reject(buffer, offset, size)
             if frame_end >= end_of_data:
                 break
             if buffer[frame_end] != _FRAME_END:
                 raise ProtocolError("malformed frame: missing frame-end octet")
             payload_start = offset + _FRAME_HEADER_SIZE
             if frame_type == _FRAME_BODY:
-                frames.append(
-                    (channel, ContentBody(bytes(buffer[payload_start:frame_end])))
-                )
+                append((channel, ContentBody(buffer[payload_start:frame_end])))
+            elif frame_type == _FRAME_METHOD:
+                append((channel, _decode_method(buffer[payload_start:frame_end])))
+            elif frame_type == _FRAME_HEADER_TYPE:
+                append((channel, _decode_header(buffer[payload_start:frame_end])))
             elif frame_type == _FRAME_HEARTBEAT:
-                frames.append((channel, Heartbeat()))
-            elif frame_type in (_FRAME_METHOD, _FRAME_HEADER_TYPE):
-                frames.append((channel, _decode(bytes(buffer[offset : frame_end + 1]))))
+                append((channel, Heartbeat()))
             else:
-                raise ProtocolError(f"malformed frame: unknown frame type {frame_type}")
+                self._reject(buffer, offset, size)
             offset = frame_end + 1
-        if offset:
-            del buffer[:offset]
+        self._rest = buffer[offset:] if offset < end_of_data else b""
         return frames
+
+    @staticmethod
+    def _reject(buffer: bytes, offset: int, size: int) -> NoReturn:
+        if buffer[offset : offset + 4] == _AMQP_HEADER:
+            raise ProtocolError(
+                "the broker rejected our protocol version "
+                f"(it answered {buffer[offset : offset + 8]!r})",
+            )
+        if buffer[offset] not in (
+            _FRAME_METHOD,
+            _FRAME_HEADER_TYPE,
+            _FRAME_BODY,
+            _FRAME_HEARTBEAT,
+        ):
+            raise ProtocolError(f"malformed frame: unknown frame type {buffer[offset]}")
+        raise ProtocolError(f"frame of {size} bytes exceeds the negotiated frame_max")
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet part of a complete frame."""
-        return len(self._buffer)
+        return len(self._rest)
 
 
-def _decode(raw: bytes) -> IncomingFrame:
+def _decode_method(payload: bytes) -> MethodFrame:
+    """Decode a method frame's payload with pamqp (its class by method index)."""
     try:
-        _, _, value = frame.unmarshal(raw)
-    except (UnmarshalingException, ValueError, KeyError) as exc:
-        raise ProtocolError(f"malformed frame: {exc}") from exc
-    if isinstance(value, header.ProtocolHeader):  # pragma: no cover - cut above
-        raise ProtocolError("unexpected protocol header in the frame stream")
-    return value
+        (method_index,) = _METHOD_INDEX.unpack_from(payload)
+        method: MethodFrame = commands.INDEX_MAPPING[method_index]()
+        method.unmarshal(payload[4:])
+    except KeyError:
+        raise ProtocolError("malformed frame: unknown method index") from None
+    except (struct.error, ValueError, UnmarshalingException) as exc:
+        raise ProtocolError(f"malformed method frame: {exc}") from exc
+    return method
+
+
+def _decode_header(payload: bytes) -> header.ContentHeader:
+    """Decode a content header frame's payload with pamqp."""
+    content_header = header.ContentHeader()
+    try:
+        content_header.unmarshal(payload)
+    except (struct.error, ValueError, UnmarshalingException) as exc:
+        raise ProtocolError(f"malformed content header: {exc}") from exc
+    return content_header
 
 
 def marshal_method(method: MethodFrame, channel: int) -> bytes:
