@@ -1,0 +1,154 @@
+"""Handler runner: calls the user's handler and turns what it gives into results."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Sequence,
+)
+from contextlib import aclosing
+from typing import Any
+
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from .._message import Message
+from .._results import MessageResult
+from .acker import Outcome
+
+__all__ = ["BatchHandler", "collect_results", "run_handler_runner"]
+
+logger = logging.getLogger("amqp_batch.handler")
+
+#: A batch handler: an async generator yielding one result per message in order,
+#: or an async function returning a sequence of results.
+BatchHandler = Callable[
+    [Sequence[Message]],
+    AsyncIterator[MessageResult] | Awaitable[Sequence[MessageResult]],
+]
+
+
+async def collect_results(
+    handler: Callable[[Sequence[Message]], Any],
+    messages: Sequence[Message],
+    *,
+    fallback: MessageResult,
+) -> list[MessageResult]:
+    """Run ``handler`` on ``messages`` and return exactly one result per message.
+
+    Fewer results than messages, a value that is not a :class:`MessageResult`,
+    or an exception (``Exception`` only: cancellation and other
+    ``BaseException`` s propagate) give the unsettled messages ``fallback``.
+    Extra results are logged and never applied. An async generator is run to its
+    end (code after its loop runs) unless it yields a non-result.
+    """
+    results: list[MessageResult] = []
+    extra = 0
+    try:
+        produced = handler(messages)
+        if inspect.isawaitable(produced):
+            produced = await produced
+        if isinstance(produced, AsyncIterable):
+            extra = await _consume_async(produced, results, len(messages))
+        elif isinstance(produced, Iterable) and not isinstance(produced, (str, bytes)):
+            extra = _consume(produced, results, len(messages))
+        else:
+            logger.error(
+                "handler returned %s, not results; applying %s to %d message(s)",
+                type(produced).__name__,
+                fallback.name,
+                len(messages),
+            )
+    except Exception:
+        logger.exception(
+            "handler raised after %d of %d result(s); applying %s to %d message(s)",
+            len(results),
+            len(messages),
+            fallback.name,
+            len(messages) - len(results),
+        )
+    if extra:
+        logger.error(
+            "handler gave %d result(s) more than the %d message(s); ignored them",
+            extra,
+            len(messages),
+        )
+    missing = len(messages) - len(results)
+    if missing > 0:
+        logger.warning(
+            "handler gave %d result(s) for %d message(s); applying %s to %d",
+            len(results),
+            len(messages),
+            fallback.name,
+            missing,
+        )
+        results.extend([fallback] * missing)
+    return results
+
+
+def _accept(value: object, results: list[MessageResult], limit: int) -> bool:
+    """Append ``value`` if it is a result; False on a non-result."""
+    if not isinstance(value, MessageResult):
+        logger.error(
+            "handler gave %r (a %s) for message %d, not a MessageResult",
+            value,
+            type(value).__name__,
+            len(results),
+        )
+        return False
+    if len(results) < limit:
+        results.append(value)
+    return True
+
+
+async def _consume_async(
+    produced: AsyncIterable[object], results: list[MessageResult], limit: int
+) -> int:
+    seen = 0
+    iterator = aiter(produced)
+    if hasattr(iterator, "aclose"):
+        async with aclosing(iterator):  # type: ignore[type-var]
+            async for value in iterator:
+                if not _accept(value, results, limit):
+                    break
+                seen += 1
+    else:
+        async for value in iterator:
+            if not _accept(value, results, limit):
+                break
+            seen += 1
+    return max(0, seen - limit)
+
+
+def _consume(
+    produced: Iterable[object], results: list[MessageResult], limit: int
+) -> int:
+    seen = 0
+    for value in produced:
+        if not _accept(value, results, limit):
+            break
+        seen += 1
+    return max(0, seen - limit)
+
+
+async def run_handler_runner(
+    batches: ObjectReceiveStream[list[Message]],
+    to_acker: ObjectSendStream[list[Outcome]],
+    handler: Callable[[Sequence[Message]], Any],
+    *,
+    fallback: MessageResult,
+) -> None:
+    """Take batches, run the handler, send one outcome per message to the acker.
+
+    A worker starts ``max_concurrent_batches`` of these on clones of the same
+    streams; the acker's input ends when the last clone closes.
+    """
+    async with batches, to_acker:
+        async for batch in batches:
+            results = await collect_results(handler, batch, fallback=fallback)
+            await to_acker.send(list(zip(batch, results, strict=True)))
