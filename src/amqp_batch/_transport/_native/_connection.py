@@ -387,7 +387,7 @@ class _Handshake:
     def __init__(self, stream: ByteStream, parameters: ConnectionParameters) -> None:
         self.stream = stream
         self.parameters = parameters
-        self.parser = FrameParser(max_frame_size=0)
+        self.parser = FrameParser(max_frame_size=131072)
         self.pending: list[tuple[int, IncomingFrame]] = []
 
     def _not_amqp(self, detail: str) -> NoReturn:

@@ -42,6 +42,9 @@ _FRAME_HEADER_TYPE = amqp_constants.FRAME_HEADER
 _FRAME_BODY = amqp_constants.FRAME_BODY
 _FRAME_HEARTBEAT = amqp_constants.FRAME_HEARTBEAT
 _AMQP_HEADER = b"AMQP"
+_FRAME_TYPES = frozenset(
+    (_FRAME_METHOD, _FRAME_HEADER_TYPE, _FRAME_BODY, _FRAME_HEARTBEAT)
+)
 #: frame_max counts the 8 bytes of frame overhead (7 header + 1 end octet).
 FRAME_OVERHEAD = 8
 
@@ -75,7 +78,9 @@ class FrameParser:
         while end_of_data - offset >= _FRAME_HEADER_SIZE:
             frame_type, channel, size = unpack_from(buffer, offset)
             frame_end = offset + _FRAME_HEADER_SIZE + size
-            if max_frame_size and size + FRAME_OVERHEAD > max_frame_size:
+            if frame_type not in _FRAME_TYPES or (
+                max_frame_size and size + FRAME_OVERHEAD > max_frame_size
+            ):
                 self._reject(buffer, offset, size)
             if frame_end >= end_of_data:
                 break

@@ -1,0 +1,176 @@
+"""Frame cutting and content reassembly, sans-IO (no socket)."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pamqp import commands, frame, header
+from pamqp.body import ContentBody
+from pamqp.heartbeat import Heartbeat
+
+from amqp_batch import ProtocolError
+from amqp_batch._transport._base import Properties
+from amqp_batch._transport._native._framing import (
+    FrameParser,
+    PendingContent,
+    marshal_publish,
+    properties_from_pamqp,
+    properties_to_pamqp,
+)
+
+
+def _delivery_bytes(tag: int, body: bytes, frame_max: int = 4096) -> bytes:
+    """A basic.deliver as the broker sends it, body cut at ``frame_max``."""
+    data = marshal_publish(
+        1, body, "ex", "rk", commands.Basic.Properties(message_id=str(tag)), False,
+        frame_max,
+    )
+    # marshal_publish starts with basic.publish; swap it for basic.deliver.
+    publish = frame.marshal(commands.Basic.Publish(exchange="ex", routing_key="rk"), 1)
+    deliver = frame.marshal(
+        commands.Basic.Deliver("ctag", tag, False, "ex", "rk"), 1
+    )
+    return deliver + data[len(publish) :]
+
+
+def _reassemble(frames: list[tuple[int, object]]) -> list[tuple[int, bytes]]:
+    messages: list[tuple[int, bytes]] = []
+    pending: PendingContent | None = None
+    for _, value in frames:
+        done = None
+        if isinstance(value, commands.Basic.Deliver):
+            pending = PendingContent(value)
+        elif isinstance(value, header.ContentHeader):
+            assert pending is not None
+            done = pending.add_header(value)
+        elif isinstance(value, ContentBody):
+            assert pending is not None
+            done = pending.add_body(value)
+        if done is not None:
+            assert isinstance(done.method, commands.Basic.Deliver)
+            messages.append((done.method.delivery_tag, done.body))
+            pending = None
+    return messages
+
+
+@given(
+    bodies=st.lists(st.binary(max_size=20_000), min_size=1, max_size=5),
+    cuts=st.lists(st.integers(1, 5000), max_size=30),
+)
+def test_any_split_of_the_stream_yields_the_same_messages(
+    bodies: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(_delivery_bytes(i + 1, b) for i, b in enumerate(bodies))
+    stream += Heartbeat.marshal()
+    parser = FrameParser()
+    frames = []
+    position = 0
+    for cut in cuts:
+        frames.extend(parser.feed(stream[position : position + cut]))
+        position += cut
+    frames.extend(parser.feed(stream[position:]))
+    assert parser.buffered == 0
+    assert isinstance(frames[-1][1], Heartbeat)
+    assert _reassemble(frames) == [(i + 1, b) for i, b in enumerate(bodies)]
+
+
+def test_one_mebibyte_body_across_many_frames() -> None:
+    body = bytes(range(256)) * 4096
+    frames = FrameParser().feed(_delivery_bytes(7, body, frame_max=4096))
+    bodies = [f for _, f in frames if isinstance(f, ContentBody)]
+    assert len(bodies) == -(-len(body) // (4096 - 8))
+    assert _reassemble(frames) == [(7, body)]
+
+
+def test_publish_body_frames_respect_frame_max() -> None:
+    data = marshal_publish(
+        3, b"a" * 10_000, "", "q", commands.Basic.Properties(), False, 4096
+    )
+    frames = FrameParser().feed(data)
+    sizes = [len(f.value) for _, f in frames if isinstance(f, ContentBody)]
+    assert sizes == [4088, 4088, 1824]
+    assert {channel for channel, _ in frames} == {3}
+
+
+def test_empty_body_completes_at_the_header() -> None:
+    frames = FrameParser().feed(_delivery_bytes(1, b""))
+    assert _reassemble(frames) == [(1, b"")]
+
+
+def test_missing_frame_end_is_a_protocol_error() -> None:
+    raw = bytearray(frame.marshal(commands.Basic.Qos(prefetch_count=1), 1))
+    raw[-1] = 0
+    with pytest.raises(ProtocolError, match="frame-end"):
+        FrameParser().feed(bytes(raw) + b"\x00")
+
+
+def test_non_amqp_bytes_are_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="unknown frame type"):
+        FrameParser().feed(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+
+def test_protocol_header_answer_is_reported() -> None:
+    with pytest.raises(ProtocolError, match="protocol version"):
+        FrameParser().feed(b"AMQP\x00\x00\x09\x01")
+
+
+def test_oversized_frame_is_refused() -> None:
+    data = marshal_publish(
+        1, b"z" * 9000, "", "q", commands.Basic.Properties(), False, 10_000
+    )
+    with pytest.raises(ProtocolError, match="frame_max"):
+        FrameParser(max_frame_size=4096).feed(data)
+
+
+def test_body_longer_than_announced_is_refused() -> None:
+    pending = PendingContent(commands.Basic.Deliver("c", 1, False, "", "q"))
+    pending.add_header(header.ContentHeader(0, 3, commands.Basic.Properties()))
+    with pytest.raises(ProtocolError, match="more bytes"):
+        pending.add_body(ContentBody(b"abcd"))
+
+
+def test_properties_round_trip() -> None:
+    stamp = datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    ours = Properties(
+        content_type="application/json",
+        content_encoding="utf-8",
+        headers={"x-retry-count": 2, "nested": {"a": [1, "b"]}},
+        delivery_mode=2,
+        priority=5,
+        correlation_id="corr",
+        reply_to="replies",
+        expiration="60000",
+        message_id="m-1",
+        timestamp=stamp,
+        type="order.created",
+        user_id="guest",
+        app_id="tests",
+    )
+    encoded = properties_to_pamqp(ours).marshal()
+    decoded = commands.Basic.Properties()
+    flags = int.from_bytes(encoded[:2], "big")
+    decoded.unmarshal(flags, encoded[2:])
+    back = properties_from_pamqp(decoded)
+    assert back.headers == ours.headers
+    assert back.timestamp is not None
+    assert back.timestamp.replace(tzinfo=datetime.timezone.utc) == stamp
+    assert attrs_without(back, "headers", "timestamp") == attrs_without(
+        ours, "headers", "timestamp"
+    )
+
+
+def attrs_without(props: Properties, *names: str) -> dict[str, object]:
+    """The properties as a dict, minus ``names``."""
+    return {
+        name: getattr(props, name)
+        for name in Properties.__slots__
+        if name not in names and not name.startswith("__")
+    }
+
+
+def test_invalid_properties_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="invalid message properties"):
+        properties_to_pamqp(Properties(delivery_mode=7))
