@@ -1,0 +1,350 @@
+"""The batch consumer against a real broker, on asyncio and trio."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Sequence
+
+import anyio
+import pytest
+
+from amqp_batch import (
+    BatchConsumerSettings,
+    Message,
+    MessageResult,
+    batch_consumer,
+)
+from amqp_batch._transport._native import NativeTransport
+from consumer_support import (
+    CountingTransport,
+    admin_channel,
+    cleanup,
+    drain,
+    ids_of,
+    publish_ids,
+    take,
+    unique_name,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def make_settings(url: str, queue: str, **overrides: object) -> BatchConsumerSettings:
+    values: dict[str, object] = {
+        "url": url,
+        "queue_name": queue,
+        "prefetch_count": 200,
+        "batch_size": 10,
+        "batch_timeout": 30.0,
+        "shutdown_timeout": 10.0,
+        "connection_name": queue,
+    }
+    values.update(overrides)
+    return BatchConsumerSettings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def queue(broker_url: str) -> AsyncIterator[str]:
+    name = unique_name()
+    yield name
+    await cleanup(broker_url, queues=[name])
+
+
+async def test_batches_flush_at_batch_size(broker_url: str, queue: str) -> None:
+    batches: list[list[str]] = []
+    seen = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        batches.append([m.message_id or "" for m in messages])
+        for _ in messages:
+            yield MessageResult.ACK
+        if sum(map(len, batches)) == 30:
+            seen.set()
+
+    settings = make_settings(broker_url, queue, batch_size=10, batch_timeout=3600)
+    async with batch_consumer(settings, handle):
+        async with admin_channel(broker_url) as channel:
+            ids = await publish_ids(channel, range(30), routing_key=queue)
+        with anyio.fail_after(20):
+            await seen.wait()
+    assert [len(b) for b in batches] == [10, 10, 10]
+    assert [i for b in batches for i in b] == ids
+    async with admin_channel(broker_url) as channel:
+        assert await drain(channel, queue) == []
+
+
+async def test_batch_flushes_at_timeout_after_first_message(
+    broker_url: str, queue: str
+) -> None:
+    batches: list[list[str]] = []
+    seen = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> list[MessageResult]:
+        batches.append([m.message_id or "" for m in messages])
+        seen.set()
+        return [MessageResult.ACK] * len(messages)
+
+    settings = make_settings(broker_url, queue, batch_size=100, batch_timeout=0.3)
+    async with batch_consumer(settings, handle):
+        async with admin_channel(broker_url) as channel:
+            ids = await publish_ids(channel, range(3), routing_key=queue)
+        started = anyio.current_time()
+        with anyio.fail_after(10):
+            await seen.wait()
+        waited = anyio.current_time() - started
+    assert batches == [ids]
+    assert waited < 5
+    async with admin_channel(broker_url) as channel:
+        assert await drain(channel, queue) == []
+
+
+async def test_one_batch_of_acks_is_one_ack_frame(broker_url: str, queue: str) -> None:
+    transport = CountingTransport(NativeTransport())
+    done = anyio.Event()
+    count = 0
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        nonlocal count
+        for _ in messages:
+            yield MessageResult.ACK
+        count += len(messages)
+        if count == 100:
+            done.set()
+
+    async with admin_channel(broker_url) as channel:
+        await channel.queue_declare(queue, durable=True)
+        await publish_ids(channel, range(100), routing_key=queue)
+    settings = make_settings(broker_url, queue, batch_size=100, prefetch_count=100)
+    async with batch_consumer(settings, handle, transport=transport):
+        with anyio.fail_after(20):
+            await done.wait()
+    assert transport.frames == [("ack", 100, True)]
+    async with admin_channel(broker_url) as channel:
+        assert await drain(channel, queue) == []
+
+
+async def test_results_ack_nack_requeue_and_immediate(broker_url: str, queue: str) -> None:
+    """ACK acks; NACK and exhausted REQUEUE reach a topic DLX bound on orders.#
+    with the original routing key; REQUEUE republishes with x-retry-count + 1;
+    REQUEUE_IMMEDIATE comes back redelivered."""
+    exchange, dlx, dlq = unique_name("ex"), unique_name("dlx"), unique_name("dlq")
+    plan = {str(i): list(MessageResult)[i % 4] for i in range(40)}
+    seen: dict[str, list[tuple[int, bool]]] = defaultdict(list)
+    final: set[str] = set()
+    done = anyio.Event()
+
+    def result_for(message: Message) -> MessageResult:
+        wanted = plan[message.message_id or ""]
+        seen[message.message_id or ""].append((message.retry_count, message.redelivered))
+        if wanted is MessageResult.REQUEUE_IMMEDIATE and message.redelivered:
+            final.add(message.message_id or "")
+            return MessageResult.ACK
+        if wanted is MessageResult.REQUEUE and message.retry_count < 2:
+            return wanted
+        if wanted is not MessageResult.REQUEUE_IMMEDIATE:
+            final.add(message.message_id or "")
+        return wanted
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for message in messages:
+            yield result_for(message)
+        if len(final) == len(plan):
+            done.set()
+
+    async with admin_channel(broker_url) as channel:
+        await channel.exchange_declare(dlx, "topic", durable=False, auto_delete=False)
+        await channel.queue_declare(dlq, durable=False)
+        await channel.queue_bind(dlq, dlx, "orders.#")
+    settings = make_settings(
+        broker_url,
+        queue,
+        exchange_name=exchange,
+        exchange_type="topic",
+        routing_key="orders.#",
+        exchange_durable=False,
+        dead_letter_exchange=dlx,
+        max_requeue_attempts=2,
+        batch_size=7,
+        batch_timeout=0.2,
+    )
+    try:
+        async with batch_consumer(settings, handle):
+            async with admin_channel(broker_url) as channel:
+                await publish_ids(
+                    channel, plan, exchange=exchange, routing_key="orders.created"
+                )
+            with anyio.fail_after(30):
+                await done.wait()
+        dead = await take(broker_url, dlq, 20)
+    finally:
+        await cleanup(broker_url, queues=[dlq], exchanges=[exchange, dlx])
+
+    nacked = {i for i, r in plan.items() if r is MessageResult.NACK}
+    requeued = {i for i, r in plan.items() if r is MessageResult.REQUEUE}
+    assert sorted(ids_of(dead)) == sorted(nacked | requeued)
+    for delivery in dead:
+        assert delivery.routing_key == "orders.created"
+        headers = delivery.properties.headers or {}
+        if delivery.properties.message_id in requeued:
+            assert headers["x-retry-count"] == 2
+            assert headers["x-original-exchange"] == exchange
+            assert headers["x-dead-letter-reason"] == "max-requeue-attempts"
+        else:
+            assert headers["x-death"][0]["reason"] == "rejected"
+    for message_id in requeued:
+        assert [count for count, _ in seen[message_id]] == [0, 1, 2]
+    for message_id, result in plan.items():
+        if result is MessageResult.REQUEUE_IMMEDIATE:
+            assert seen[message_id] == [(0, False), (0, True)]
+        elif result in (MessageResult.ACK, MessageResult.NACK):
+            assert seen[message_id] == [(0, False)]
+    async with admin_channel(broker_url) as channel:
+        assert await drain(channel, queue) == []
+
+
+BAD_RETRY_COUNTS: list[object] = [
+    "3", -1, 3.5, True, 2**63 - 1, [1], bytearray(b"\xff"), {"a": 1}, None,
+]
+
+
+async def test_bad_retry_header_is_dead_lettered_with_reason(
+    broker_url: str, queue: str
+) -> None:
+    dlx, dlq = unique_name("dlx"), unique_name("dlq")
+    handled: list[tuple[str, int]] = []
+    done = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for message in messages:
+            handled.append((message.message_id or "", message.retry_count))
+            yield MessageResult.ACK
+        if len(handled) == 2:
+            done.set()
+
+    settings = make_settings(
+        broker_url, queue, dead_letter_exchange=dlx, dead_letter_queue=dlq,
+        batch_timeout=0.1,
+    )
+    try:
+        async with batch_consumer(settings, handle):
+            async with admin_channel(broker_url) as channel:
+                for index, value in enumerate(BAD_RETRY_COUNTS):
+                    await publish_ids(
+                        channel, [f"bad{index}"], routing_key=queue,
+                        headers={"x-retry-count": value},
+                    )
+                await publish_ids(channel, ["absent"], routing_key=queue)
+                await publish_ids(
+                    channel, ["good"], routing_key=queue, headers={"x-retry-count": 1}
+                )
+            with anyio.fail_after(20):
+                await done.wait()
+        dead = await take(broker_url, dlq, len(BAD_RETRY_COUNTS))
+    finally:
+        await cleanup(broker_url, queues=[dlq], exchanges=[dlx])
+    assert sorted(handled) == [("absent", 0), ("good", 1)]
+    assert sorted(ids_of(dead)) == sorted(f"bad{i}" for i in range(len(BAD_RETRY_COUNTS)))
+    for delivery in dead:
+        headers = delivery.properties.headers or {}
+        assert str(headers["x-dead-letter-reason"]).startswith("invalid-retry-count")
+        assert delivery.routing_key == queue
+
+
+async def test_every_delivery_settled_exactly_once(broker_url: str, queue: str) -> None:
+    """Too few results, a non-result, an exception and extra results: the
+    unsettled ones get unhandled_exception_action (NACK here, so they land in the
+    DLQ where we can see them); extra results are never applied."""
+    dlx, dlq = unique_name("dlx"), unique_name("dlq")
+    calls = 0
+    done = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        nonlocal calls
+        calls += 1
+        try:
+            kind = messages[0].message_id or ""
+            if kind.startswith("short"):
+                yield MessageResult.ACK  # one result for four messages
+            elif kind.startswith("junk"):
+                yield MessageResult.ACK
+                yield "ack"  # type: ignore[misc]
+            elif kind.startswith("boom"):
+                yield MessageResult.ACK
+                raise RuntimeError("handler bug")
+            else:
+                for _ in messages:
+                    yield MessageResult.ACK
+                yield MessageResult.NACK  # extra: ignored
+                yield MessageResult.NACK
+        finally:
+            if calls == 4:
+                done.set()
+
+    settings = make_settings(
+        broker_url, queue, batch_size=4, dead_letter_exchange=dlx,
+        dead_letter_queue=dlq, unhandled_exception_action="NACK",
+    )
+    try:
+        async with batch_consumer(settings, handle):
+            async with admin_channel(broker_url) as channel:
+                for kind in ("short", "junk", "boom", "extra"):
+                    await publish_ids(
+                        channel, [f"{kind}{i}" for i in range(4)], routing_key=queue
+                    )
+            with anyio.fail_after(20):
+                await done.wait()
+        dead = await take(broker_url, dlq, 9)
+    finally:
+        await cleanup(broker_url, queues=[dlq], exchanges=[dlx])
+    assert sorted(ids_of(dead)) == sorted(
+        ["short1", "short2", "short3", "junk1", "junk2", "junk3", "boom1", "boom2", "boom3"]
+    )
+    async with admin_channel(broker_url) as channel:
+        assert await drain(channel, queue) == []
+
+
+async def test_num_workers_each_own_connection_hooks_once(
+    broker_url: str, queue: str
+) -> None:
+    from amqp_batch import BatchConsumer
+
+    events: list[str] = []
+    handled: Counter[str] = Counter()
+    done = anyio.Event()
+
+    class Ingest(BatchConsumer[BatchConsumerSettings]):
+        async def on_start(self) -> None:
+            events.append("start")
+
+        async def on_stop(self) -> None:
+            events.append("stop")
+
+        async def process_messages(
+            self, messages: Sequence[Message]
+        ) -> AsyncIterator[MessageResult]:
+            await anyio.sleep(0)  # let other workers interleave
+            for message in messages:
+                handled[message.message_id or ""] += 1
+                yield MessageResult.ACK
+            if len(handled) == 60:
+                done.set()
+
+    consumer = Ingest(
+        make_settings(broker_url, queue, num_workers=3, prefetch_count=10, batch_size=5,
+                      batch_timeout=0.1)
+    )
+    async with consumer:
+        assert consumer.is_running
+        assert consumer.is_healthy
+        health = consumer.health()
+        assert [h.state.value for h in health] == ["consuming"] * 3
+        async with admin_channel(broker_url) as channel:
+            await publish_ids(channel, range(60), routing_key=queue)
+        with anyio.fail_after(20):
+            await done.wait()
+    assert events == ["start", "stop"]
+    assert not consumer.is_running
+    assert not consumer.is_healthy
+    assert set(handled.values()) == {1}
+    assert sum(h.results.get("ack", 0) for h in consumer.health()) == 60
+    assert [h.state.value for h in consumer.health()] == ["stopped"] * 3
