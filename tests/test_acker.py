@@ -1,0 +1,251 @@
+"""The acker's coalescing rule (hypothesis, against a model of the broker's
+channel) and its republish / dead-letter decisions (with in-test fakes)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amqp_batch import MessageNacked, MessageResult, MessageReturned
+from amqp_batch._actors.acker import Acker, DeadLetter, Outcome
+from amqp_batch._actors.ledger import AckLedger, Action, Settle
+from amqp_batch._message import Message
+from amqp_batch._retry import RetryPolicy
+from amqp_batch._transport._base import Delivery, Properties
+from consumer_support import FakePublisher, FakeSession
+
+
+class ChannelModel:
+    """The broker's view of one channel: which tags are unsettled, and how each
+    tag ended. Checks every frame against the decisions known when it is sent."""
+
+    def __init__(self, tags: list[int]) -> None:
+        self.unsettled = sorted(tags)
+        self.fate: dict[int, Action] = {}
+
+    def apply(self, frame: Settle, decided: dict[int, Action]) -> None:
+        assert self.unsettled, f"{frame} with nothing unsettled"
+        lowest = self.unsettled[0]
+        if frame.action is Action.ACK and frame.multiple:
+            covered = [t for t in self.unsettled if t <= frame.delivery_tag]
+        else:
+            covered = [frame.delivery_tag]
+        # In tag order from the lowest unsettled tag.
+        assert covered[0] == lowest
+        assert frame.delivery_tag in self.unsettled
+        for tag in covered:
+            # Never covers a tag whose action is unknown or different.
+            assert decided.get(tag) is frame.action
+            self.fate[tag] = frame.action
+            self.unsettled.remove(tag)
+
+
+actions = st.sampled_from(list(Action))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), outcomes=st.lists(actions, min_size=0, max_size=40))
+def test_ledger_settles_each_tag_once_in_order(
+    data: st.DataObject, outcomes: list[Action]
+) -> None:
+    tags = list(range(1, len(outcomes) + 1))
+    ledger = AckLedger()
+    for tag in tags:
+        ledger.register(tag)
+    order = data.draw(st.permutations(tags))
+    take_after = data.draw(st.lists(st.booleans(), min_size=len(tags), max_size=len(tags)))
+    model = ChannelModel(tags)
+    decided: dict[int, Action] = {}
+    for tag, take in zip(order, take_after, strict=True):
+        ledger.resolve(tag, outcomes[tag - 1])
+        decided[tag] = outcomes[tag - 1]
+        if take:
+            for frame in ledger.take_ready():
+                model.apply(frame, decided)
+    for frame in ledger.take_ready():
+        model.apply(frame, decided)
+    assert model.unsettled == []
+    assert len(ledger) == 0
+    assert model.fate == {tag: outcomes[tag - 1] for tag in tags}
+
+
+@given(outcomes=st.lists(actions, min_size=1, max_size=60))
+def test_ledger_coalesces_each_run_of_acks_into_one_frame(outcomes: list[Action]) -> None:
+    ledger = AckLedger()
+    for tag, action in enumerate(outcomes, start=1):
+        ledger.register(tag)
+        ledger.resolve(tag, action)
+    frames = ledger.take_ready()
+    runs = sum(
+        1
+        for i, action in enumerate(outcomes)
+        if action is Action.ACK and (i == 0 or outcomes[i - 1] is not Action.ACK)
+    )
+    others = sum(1 for action in outcomes if action is not Action.ACK)
+    assert len(frames) == runs + others
+    # A multiple-ack frame only for runs longer than one.
+    model = ChannelModel(list(range(1, len(outcomes) + 1)))
+    for frame in frames:
+        model.apply(frame, dict(enumerate(outcomes, start=1)))
+    assert model.unsettled == []
+
+
+def test_ledger_rejects_double_decisions_and_unknown_tags() -> None:
+    ledger = AckLedger()
+    ledger.register(5)
+    ledger.resolve(5, Action.ACK)
+    with pytest.raises(ValueError, match="unknown or decided"):
+        ledger.resolve(5, Action.REJECT)
+    with pytest.raises(ValueError, match="unknown or decided"):
+        ledger.resolve(6, Action.ACK)
+    with pytest.raises(ValueError, match="does not follow"):
+        ledger.register(5)
+
+
+def test_ledger_stops_at_an_undecided_tag() -> None:
+    ledger = AckLedger()
+    for tag in (1, 2, 3, 4):
+        ledger.register(tag)
+    ledger.resolve(1, Action.ACK)
+    ledger.resolve(3, Action.ACK)
+    ledger.resolve(4, Action.ACK)
+    assert ledger.take_ready() == [Settle(Action.ACK, 1, False)]
+    ledger.resolve(2, Action.REQUEUE)
+    assert ledger.take_ready() == [
+        Settle(Action.REQUEUE, 2, False),
+        Settle(Action.ACK, 4, True),
+    ]
+
+
+# -- the acker with fakes -----------------------------------------------------------
+
+pytestmark_anyio = pytest.mark.anyio
+
+
+def _message(tag: int, message_id: str, **headers: object) -> Message:
+    delivery = Delivery(
+        delivery_tag=tag,
+        redelivered=False,
+        exchange="" if "x-original-routing-key" in headers else "orders",
+        routing_key="q" if "x-original-routing-key" in headers else "orders.created",
+        consumer_tag="c",
+        body=message_id.encode(),
+        properties=Properties(message_id=message_id, headers=headers or None),
+    )
+    retry = headers.get("x-retry-count", 0)
+    assert isinstance(retry, int)
+    return Message(delivery, retry_count=retry)
+
+
+async def _run_acker(
+    batches: list[list[Outcome]],
+    *,
+    policy: RetryPolicy,
+    publisher: FakePublisher,
+) -> tuple[FakeSession, Counter[str]]:
+    session = FakeSession()
+    ledger = AckLedger()
+    for tag in sorted(m.delivery_tag for batch in batches for m, _ in batch):
+        ledger.register(tag)
+    counts: Counter[str] = Counter()
+
+    class _Open:
+        async def __aenter__(self) -> FakePublisher:
+            return publisher
+
+        async def __aexit__(self, *exc: object) -> None:
+            return None
+
+    acker = Acker(session, ledger, policy, _Open, counts)
+    send, receive = anyio.create_memory_object_stream[list[Outcome]](len(batches))
+    with send:
+        for batch in batches:
+            send.send_nowait(batch)
+    await acker.run(receive)
+    session.close()
+    return session, counts
+
+
+@pytest.mark.anyio
+async def test_acker_requeue_republishes_then_acks() -> None:
+    publisher = FakePublisher()
+    policy = RetryPolicy(queue="q", max_requeue_attempts=3)
+    batch: list[Outcome] = [
+        (_message(1, "a"), MessageResult.ACK),
+        (_message(2, "b"), MessageResult.REQUEUE),
+        (_message(3, "c"), MessageResult.ACK),
+    ]
+    session, counts = await _run_acker([batch], policy=policy, publisher=publisher)
+    # The republished original is acked once its copy is confirmed: one run.
+    assert session.frames == [("ack", 3, True)]
+    [(exchange, routing_key, properties, body)] = publisher.published
+    assert (exchange, routing_key, body) == ("", "q", b"b")
+    assert properties is not None
+    assert properties.headers == {
+        "x-retry-count": 1,
+        "x-original-exchange": "orders",
+        "x-original-routing-key": "orders.created",
+    }
+    assert counts == Counter(ack=2, requeue=1)
+
+
+@pytest.mark.anyio
+async def test_acker_returned_copy_leaves_original_to_be_dead_lettered() -> None:
+    returned = MessageReturned(
+        "no route", reply_code=312, reply_text="NO_ROUTE", exchange="", routing_key="q"
+    )
+    publisher = FakePublisher(fail={"b": returned})
+    policy = RetryPolicy(queue="q", max_requeue_attempts=3)
+    batch: list[Outcome] = [
+        (_message(1, "a"), MessageResult.ACK),
+        (_message(2, "b"), MessageResult.REQUEUE),
+        (_message(3, "c"), MessageResult.ACK),
+    ]
+    session, _ = await _run_acker([batch], policy=policy, publisher=publisher)
+    assert session.frames == [("ack", 1, False), ("reject", 2, False), ("ack", 3, False)]
+
+
+@pytest.mark.anyio
+async def test_acker_dead_letters_exhausted_copy_itself_when_dlx_known() -> None:
+    publisher = FakePublisher()
+    policy = RetryPolicy(queue="q", max_requeue_attempts=2, dead_letter_exchange="dlx")
+    copy = _message(
+        1, "a", **{"x-retry-count": 2, "x-original-exchange": "orders",
+                   "x-original-routing-key": "orders.created"}
+    )
+    original = _message(2, "b")
+    batch: list[Outcome] = [(copy, MessageResult.REQUEUE), (original, MessageResult.NACK)]
+    session, counts = await _run_acker([batch], policy=policy, publisher=publisher)
+    assert session.frames == [("ack", 1, False), ("reject", 2, False)]
+    [(exchange, routing_key, properties, _)] = publisher.published
+    assert (exchange, routing_key) == ("dlx", "orders.created")
+    assert properties is not None and properties.headers is not None
+    assert properties.headers["x-dead-letter-reason"] == "max-requeue-attempts"
+    assert counts["dead_lettered"] == 2
+
+
+@pytest.mark.anyio
+async def test_acker_nacked_dead_letter_publish_rejects() -> None:
+    publisher = FakePublisher(fail={"a": MessageNacked("nacked")})
+    policy = RetryPolicy(queue="q", max_requeue_attempts=2, dead_letter_exchange="dlx")
+    batch: list[Outcome] = [(_message(1, "a"), DeadLetter("invalid-retry-count"))]
+    session, _ = await _run_acker([batch], policy=policy, publisher=publisher)
+    assert session.frames == [("reject", 1, False)]
+    assert publisher.published == []
+
+
+@pytest.mark.anyio
+async def test_acker_waits_for_earlier_batch_before_acking_later_one() -> None:
+    publisher = FakePublisher()
+    policy = RetryPolicy(queue="q", max_requeue_attempts=2)
+    later: list[Outcome] = [(_message(t, str(t)), MessageResult.ACK) for t in (3, 4)]
+    earlier: list[Outcome] = [
+        (_message(1, "1"), MessageResult.ACK),
+        (_message(2, "2"), MessageResult.REQUEUE_IMMEDIATE),
+    ]
+    session, _ = await _run_acker([later, earlier], policy=policy, publisher=publisher)
+    assert session.frames == [("ack", 1, False), ("nack", 2, False), ("ack", 4, True)]

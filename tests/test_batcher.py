@@ -1,0 +1,156 @@
+"""The batcher and handler runner, deterministic: trio's autojump clock makes an
+hour-long batch deadline pass at once."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import anyio
+import pytest
+import trio
+import trio.testing
+
+from amqp_batch import MessageResult
+from amqp_batch._actors.batcher import run_batcher
+from amqp_batch._actors.handler import collect_results
+from amqp_batch._message import Message
+from amqp_batch._transport._base import Delivery
+
+
+def _message(tag: int, size: int = 1) -> Message:
+    return Message(
+        Delivery(delivery_tag=tag, redelivered=False, exchange="", routing_key="q",
+                 consumer_tag="c", body=b"x" * size)
+    )
+
+
+async def _batches(
+    feed: list[tuple[float, Message]],
+    *,
+    batch_size: int,
+    batch_timeout: float,
+    max_batch_bytes: int | None = None,
+) -> list[tuple[float, list[int]]]:
+    """Feed messages at virtual times; return (time, tags) per flushed batch."""
+    send, receive = anyio.create_memory_object_stream[Message](0)
+    out_send, out_receive = anyio.create_memory_object_stream[list[Message]](100)
+    start = anyio.current_time()
+    flushed: list[tuple[float, list[int]]] = []
+
+    async def producer() -> None:
+        async with send:
+            for at, message in feed:
+                await anyio.sleep_until(start + at)
+                await send.send(message)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(producer)
+        group.start_soon(
+            lambda: run_batcher(
+                receive, out_send, batch_size=batch_size, batch_timeout=batch_timeout,
+                max_batch_bytes=max_batch_bytes,
+            )
+        )
+        async with out_receive:
+            async for batch in out_receive:
+                flushed.append(
+                    (round(anyio.current_time() - start, 3), [m.delivery_tag for m in batch])
+                )
+    return flushed
+
+
+@pytest.mark.trio
+async def test_deadline_counts_from_first_message(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    feed = [(0.0, _message(1)), (3000.0, _message(2)), (3700.0, _message(3))]
+    flushed = await _batches(feed, batch_size=10, batch_timeout=3600)
+    # 1 and 2 flush an hour after 1 arrived; 3 flushes when the input ends.
+    assert flushed == [(3600.0, [1, 2]), (3700.0, [3])]
+
+
+@pytest.mark.trio
+async def test_size_flush_is_immediate(autojump_clock: trio.testing.MockClock) -> None:
+    feed = [(0.0, _message(tag)) for tag in range(1, 8)]
+    flushed = await _batches(feed, batch_size=3, batch_timeout=3600)
+    assert flushed == [(0.0, [1, 2, 3]), (0.0, [4, 5, 6]), (0.0, [7])]
+
+
+@pytest.mark.trio
+async def test_bytes_flush(autojump_clock: trio.testing.MockClock) -> None:
+    feed = [(0.0, _message(tag, size=40)) for tag in range(1, 6)]
+    flushed = await _batches(feed, batch_size=100, batch_timeout=10, max_batch_bytes=100)
+    assert flushed == [(0.0, [1, 2, 3]), (0.0, [4, 5])]
+
+
+pytestmark_anyio = pytest.mark.anyio
+
+
+@pytest.mark.anyio
+async def test_collect_results_forms() -> None:
+    messages = [_message(t) for t in (1, 2, 3)]
+
+    async def generator(ms: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for _ in ms:
+            yield MessageResult.NACK
+
+    async def returns_list(ms: Sequence[Message]) -> list[MessageResult]:
+        return [MessageResult.REQUEUE] * len(ms)
+
+    async def short(ms: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        yield MessageResult.ACK
+
+    async def raises(ms: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        yield MessageResult.ACK
+        raise ValueError("boom")
+
+    async def junk(ms: Sequence[Message]) -> list[object]:
+        return [MessageResult.ACK, 1, MessageResult.ACK]
+
+    async def returns_none(ms: Sequence[Message]) -> None:
+        return None
+
+    after_loop: list[bool] = []
+
+    async def extra(ms: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for _ in range(5):
+            yield MessageResult.ACK
+        after_loop.append(True)  # code after the loop still runs
+
+    fallback = MessageResult.REQUEUE_IMMEDIATE
+    F, A = fallback, MessageResult.ACK
+    assert await collect_results(generator, messages, fallback=F) == [MessageResult.NACK] * 3
+    assert await collect_results(returns_list, messages, fallback=F) == [
+        MessageResult.REQUEUE
+    ] * 3
+    assert await collect_results(short, messages, fallback=F) == [A, F, F]
+    assert await collect_results(raises, messages, fallback=F) == [A, F, F]
+    assert await collect_results(junk, messages, fallback=F) == [A, F, F]
+    assert await collect_results(returns_none, messages, fallback=F) == [F, F, F]
+    assert await collect_results(extra, messages, fallback=F) == [A, A, A]
+    assert after_loop == [True]
+
+
+@pytest.mark.anyio
+async def test_collect_results_never_swallows_cancellation() -> None:
+    messages = [_message(1)]
+    entered = anyio.Event()
+
+    async def slow(ms: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        entered.set()
+        await anyio.sleep_forever()
+        yield MessageResult.ACK
+
+    results: list[MessageResult] | None = None
+    with anyio.move_on_after(5) as scope:
+        async with anyio.create_task_group() as group:
+
+            async def run() -> None:
+                nonlocal results
+                results = await collect_results(slow, messages, fallback=MessageResult.ACK)
+
+            group.start_soon(run)
+            await entered.wait()
+            group.cancel_scope.cancel()
+    assert not scope.cancelled_caught
+    assert results is None
