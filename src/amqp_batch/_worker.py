@@ -416,11 +416,11 @@ class Worker:
         self._state = WorkerState.STOPPING
         timeout = self._settings.shutdown_timeout
         pipeline_scope.deadline = min(pipeline_scope.deadline, current_time() + timeout)
-        try:
-            with move_on_after(timeout):
-                await session.cancel()
-        finally:
-            receiver_scope.cancel()
+        # Stop taking deliveries at once: what is prefetched but not in a batch
+        # stays unsettled and goes back to the queue when the channel closes.
+        receiver_scope.cancel()
+        with move_on_after(timeout):
+            await session.cancel()
 
 
 def _track(ends: list[Any], end: Any) -> Any:
