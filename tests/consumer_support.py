@@ -22,7 +22,9 @@ _numbers = itertools.count()
 
 def unique_name(prefix: str = "q") -> str:
     """A queue or exchange name no other test uses."""
-    return f"amqpbatch-test-{prefix}-{os.getpid()}-{next(_numbers)}-{uuid.uuid4().hex[:6]}"
+    return (
+        f"amqpbatch-test-{prefix}-{os.getpid()}-{next(_numbers)}-{uuid.uuid4().hex[:6]}"
+    )
 
 
 @asynccontextmanager
@@ -78,7 +80,9 @@ async def message_count(channel: Channel, queue: str) -> int:
     return int(info[1])
 
 
-async def cleanup(url: str, queues: Sequence[str] = (), exchanges: Sequence[str] = ()) -> None:
+async def cleanup(
+    url: str, queues: Sequence[str] = (), exchanges: Sequence[str] = ()
+) -> None:
     """Delete test queues and exchanges (shielded: runs during teardown)."""
     with anyio.CancelScope(shield=True), anyio.move_on_after(10):
         async with admin_channel(url) as channel:
@@ -93,7 +97,9 @@ class FakeSession:
 
     def __init__(self, buffer: int = 1000) -> None:
         self.sender: ObjectSendStream[Delivery]
-        self.sender, self._receiver = anyio.create_memory_object_stream[Delivery](buffer)
+        self.sender, self._receiver = anyio.create_memory_object_stream[Delivery](
+            buffer
+        )
         self.frames: list[tuple[str, int, bool]] = []
         self.cancelled = False
         self._tags = itertools.count(1)
@@ -107,7 +113,10 @@ class FakeSession:
         return False
 
     def deliver(
-        self, message_id: str, *, headers: Mapping[str, Any] | None = None,
+        self,
+        message_id: str,
+        *,
+        headers: Mapping[str, Any] | None = None,
         body: bytes | None = None,
     ) -> Delivery:
         delivery = Delivery(
@@ -131,7 +140,9 @@ class FakeSession:
         self.frames.append(("nack" if requeue else "nack-drop", delivery_tag, multiple))
 
     async def reject(self, delivery_tag: int, *, requeue: bool = True) -> None:
-        self.frames.append(("reject" if not requeue else "reject-requeue", delivery_tag, False))
+        self.frames.append(
+            ("reject" if not requeue else "reject-requeue", delivery_tag, False)
+        )
 
     async def cancel(self) -> None:
         self.cancelled = True
@@ -233,7 +244,9 @@ class _CountingSession:
         self._frames.append(("ack", delivery_tag, multiple))
         await self._inner.ack(delivery_tag, multiple=multiple)
 
-    async def nack(self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True) -> None:
+    async def nack(
+        self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True
+    ) -> None:
         self._frames.append(("nack", delivery_tag, multiple))
         await self._inner.nack(delivery_tag, multiple=multiple, requeue=requeue)
 

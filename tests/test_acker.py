@@ -57,7 +57,9 @@ def test_ledger_settles_each_tag_once_in_order(
     for tag in tags:
         ledger.register(tag)
     order = data.draw(st.permutations(tags))
-    take_after = data.draw(st.lists(st.booleans(), min_size=len(tags), max_size=len(tags)))
+    take_after = data.draw(
+        st.lists(st.booleans(), min_size=len(tags), max_size=len(tags))
+    )
     model = ChannelModel(tags)
     decided: dict[int, Action] = {}
     for tag, take in zip(order, take_after, strict=True):
@@ -74,7 +76,9 @@ def test_ledger_settles_each_tag_once_in_order(
 
 
 @given(outcomes=st.lists(actions, min_size=1, max_size=60))
-def test_ledger_coalesces_each_run_of_acks_into_one_frame(outcomes: list[Action]) -> None:
+def test_ledger_coalesces_each_run_of_acks_into_one_frame(
+    outcomes: list[Action],
+) -> None:
     ledger = AckLedger()
     for tag, action in enumerate(outcomes, start=1):
         ledger.register(tag)
@@ -206,7 +210,11 @@ async def test_acker_returned_copy_leaves_original_to_be_dead_lettered() -> None
         (_message(3, "c"), MessageResult.ACK),
     ]
     session, _ = await _run_acker([batch], policy=policy, publisher=publisher)
-    assert session.frames == [("ack", 1, False), ("reject", 2, False), ("ack", 3, False)]
+    assert session.frames == [
+        ("ack", 1, False),
+        ("reject", 2, False),
+        ("ack", 3, False),
+    ]
 
 
 @pytest.mark.anyio
@@ -214,16 +222,25 @@ async def test_acker_dead_letters_exhausted_copy_itself_when_dlx_known() -> None
     publisher = FakePublisher()
     policy = RetryPolicy(queue="q", max_requeue_attempts=2, dead_letter_exchange="dlx")
     copy = _message(
-        1, "a", **{"x-retry-count": 2, "x-original-exchange": "orders",
-                   "x-original-routing-key": "orders.created"}
+        1,
+        "a",
+        **{
+            "x-retry-count": 2,
+            "x-original-exchange": "orders",
+            "x-original-routing-key": "orders.created",
+        },
     )
     original = _message(2, "b")
-    batch: list[Outcome] = [(copy, MessageResult.REQUEUE), (original, MessageResult.NACK)]
+    batch: list[Outcome] = [
+        (copy, MessageResult.REQUEUE),
+        (original, MessageResult.NACK),
+    ]
     session, counts = await _run_acker([batch], policy=policy, publisher=publisher)
     assert session.frames == [("ack", 1, False), ("reject", 2, False)]
     [(exchange, routing_key, properties, _)] = publisher.published
     assert (exchange, routing_key) == ("dlx", "orders.created")
-    assert properties is not None and properties.headers is not None
+    assert properties is not None
+    assert properties.headers is not None
     assert properties.headers["x-dead-letter-reason"] == "max-requeue-attempts"
     assert counts["dead_lettered"] == 2
 

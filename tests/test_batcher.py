@@ -19,8 +19,14 @@ from amqp_batch._transport._base import Delivery
 
 def _message(tag: int, size: int = 1) -> Message:
     return Message(
-        Delivery(delivery_tag=tag, redelivered=False, exchange="", routing_key="q",
-                 consumer_tag="c", body=b"x" * size)
+        Delivery(
+            delivery_tag=tag,
+            redelivered=False,
+            exchange="",
+            routing_key="q",
+            consumer_tag="c",
+            body=b"x" * size,
+        )
     )
 
 
@@ -47,14 +53,20 @@ async def _batches(
         group.start_soon(producer)
         group.start_soon(
             lambda: run_batcher(
-                receive, out_send, batch_size=batch_size, batch_timeout=batch_timeout,
+                receive,
+                out_send,
+                batch_size=batch_size,
+                batch_timeout=batch_timeout,
                 max_batch_bytes=max_batch_bytes,
             )
         )
         async with out_receive:
             async for batch in out_receive:
                 flushed.append(
-                    (round(anyio.current_time() - start, 3), [m.delivery_tag for m in batch])
+                    (
+                        round(anyio.current_time() - start, 3),
+                        [m.delivery_tag for m in batch],
+                    )
                 )
     return flushed
 
@@ -79,7 +91,9 @@ async def test_size_flush_is_immediate(autojump_clock: trio.testing.MockClock) -
 @pytest.mark.trio
 async def test_bytes_flush(autojump_clock: trio.testing.MockClock) -> None:
     feed = [(0.0, _message(tag, size=40)) for tag in range(1, 6)]
-    flushed = await _batches(feed, batch_size=100, batch_timeout=10, max_batch_bytes=100)
+    flushed = await _batches(
+        feed, batch_size=100, batch_timeout=10, max_batch_bytes=100
+    )
     assert flushed == [(0.0, [1, 2, 3]), (0.0, [4, 5])]
 
 
@@ -118,16 +132,20 @@ async def test_collect_results_forms() -> None:
         after_loop.append(True)  # code after the loop still runs
 
     fallback = MessageResult.REQUEUE_IMMEDIATE
-    F, A = fallback, MessageResult.ACK
-    assert await collect_results(generator, messages, fallback=F) == [MessageResult.NACK] * 3
-    assert await collect_results(returns_list, messages, fallback=F) == [
-        MessageResult.REQUEUE
-    ] * 3
-    assert await collect_results(short, messages, fallback=F) == [A, F, F]
-    assert await collect_results(raises, messages, fallback=F) == [A, F, F]
-    assert await collect_results(junk, messages, fallback=F) == [A, F, F]
-    assert await collect_results(returns_none, messages, fallback=F) == [F, F, F]
-    assert await collect_results(extra, messages, fallback=F) == [A, A, A]
+    f, a = fallback, MessageResult.ACK
+    assert (
+        await collect_results(generator, messages, fallback=f)
+        == [MessageResult.NACK] * 3
+    )
+    assert (
+        await collect_results(returns_list, messages, fallback=f)
+        == [MessageResult.REQUEUE] * 3
+    )
+    assert await collect_results(short, messages, fallback=f) == [a, f, f]
+    assert await collect_results(raises, messages, fallback=f) == [a, f, f]
+    assert await collect_results(junk, messages, fallback=f) == [a, f, f]
+    assert await collect_results(returns_none, messages, fallback=f) == [f, f, f]
+    assert await collect_results(extra, messages, fallback=f) == [a, a, a]
     assert after_loop == [True]
 
 
@@ -147,7 +165,9 @@ async def test_collect_results_never_swallows_cancellation() -> None:
 
             async def run() -> None:
                 nonlocal results
-                results = await collect_results(slow, messages, fallback=MessageResult.ACK)
+                results = await collect_results(
+                    slow, messages, fallback=MessageResult.ACK
+                )
 
             group.start_soon(run)
             await entered.wait()

@@ -123,7 +123,9 @@ async def test_one_batch_of_acks_is_one_ack_frame(broker_url: str, queue: str) -
         assert await drain(channel, queue) == []
 
 
-async def test_results_ack_nack_requeue_and_immediate(broker_url: str, queue: str) -> None:
+async def test_results_ack_nack_requeue_and_immediate(
+    broker_url: str, queue: str
+) -> None:
     """ACK acks; NACK and exhausted REQUEUE reach a topic DLX bound on orders.#
     with the original routing key; REQUEUE republishes with x-retry-count + 1;
     REQUEUE_IMMEDIATE comes back redelivered."""
@@ -135,7 +137,9 @@ async def test_results_ack_nack_requeue_and_immediate(broker_url: str, queue: st
 
     def result_for(message: Message) -> MessageResult:
         wanted = plan[message.message_id or ""]
-        seen[message.message_id or ""].append((message.retry_count, message.redelivered))
+        seen[message.message_id or ""].append(
+            (message.retry_count, message.redelivered)
+        )
         if wanted is MessageResult.REQUEUE_IMMEDIATE and message.redelivered:
             final.add(message.message_id or "")
             return MessageResult.ACK
@@ -203,7 +207,15 @@ async def test_results_ack_nack_requeue_and_immediate(broker_url: str, queue: st
 
 
 BAD_RETRY_COUNTS: list[object] = [
-    "3", -1, 3.5, True, 2**63 - 1, [1], bytearray(b"\xff"), {"a": 1}, None,
+    "3",
+    -1,
+    3.5,
+    True,
+    2**63 - 1,
+    [1],
+    bytearray(b"\xff"),
+    {"a": 1},
+    None,
 ]
 
 
@@ -222,7 +234,10 @@ async def test_bad_retry_header_is_dead_lettered_with_reason(
             done.set()
 
     settings = make_settings(
-        broker_url, queue, dead_letter_exchange=dlx, dead_letter_queue=dlq,
+        broker_url,
+        queue,
+        dead_letter_exchange=dlx,
+        dead_letter_queue=dlq,
         batch_timeout=0.1,
     )
     try:
@@ -230,7 +245,9 @@ async def test_bad_retry_header_is_dead_lettered_with_reason(
             async with admin_channel(broker_url) as channel:
                 for index, value in enumerate(BAD_RETRY_COUNTS):
                     await publish_ids(
-                        channel, [f"bad{index}"], routing_key=queue,
+                        channel,
+                        [f"bad{index}"],
+                        routing_key=queue,
                         headers={"x-retry-count": value},
                     )
                 await publish_ids(channel, ["absent"], routing_key=queue)
@@ -243,7 +260,9 @@ async def test_bad_retry_header_is_dead_lettered_with_reason(
     finally:
         await cleanup(broker_url, queues=[dlq], exchanges=[dlx])
     assert sorted(handled) == [("absent", 0), ("good", 1)]
-    assert sorted(ids_of(dead)) == sorted(f"bad{i}" for i in range(len(BAD_RETRY_COUNTS)))
+    assert sorted(ids_of(dead)) == sorted(
+        f"bad{i}" for i in range(len(BAD_RETRY_COUNTS))
+    )
     for delivery in dead:
         headers = delivery.properties.headers or {}
         assert str(headers["x-dead-letter-reason"]).startswith("invalid-retry-count")
@@ -281,8 +300,12 @@ async def test_every_delivery_settled_exactly_once(broker_url: str, queue: str) 
                 done.set()
 
     settings = make_settings(
-        broker_url, queue, batch_size=4, dead_letter_exchange=dlx,
-        dead_letter_queue=dlq, unhandled_exception_action="NACK",
+        broker_url,
+        queue,
+        batch_size=4,
+        dead_letter_exchange=dlx,
+        dead_letter_queue=dlq,
+        unhandled_exception_action="NACK",
     )
     try:
         async with batch_consumer(settings, handle):
@@ -297,7 +320,17 @@ async def test_every_delivery_settled_exactly_once(broker_url: str, queue: str) 
     finally:
         await cleanup(broker_url, queues=[dlq], exchanges=[dlx])
     assert sorted(ids_of(dead)) == sorted(
-        ["short1", "short2", "short3", "junk1", "junk2", "junk3", "boom1", "boom2", "boom3"]
+        [
+            "short1",
+            "short2",
+            "short3",
+            "junk1",
+            "junk2",
+            "junk3",
+            "boom1",
+            "boom2",
+            "boom3",
+        ]
     )
     async with admin_channel(broker_url) as channel:
         assert await drain(channel, queue) == []
@@ -322,7 +355,7 @@ async def test_num_workers_each_own_connection_hooks_once(
         async def process_messages(
             self, messages: Sequence[Message]
         ) -> AsyncIterator[MessageResult]:
-            await anyio.sleep(0)  # let other workers interleave
+            await anyio.lowlevel.checkpoint()  # let other workers interleave
             for message in messages:
                 handled[message.message_id or ""] += 1
                 yield MessageResult.ACK
@@ -330,8 +363,14 @@ async def test_num_workers_each_own_connection_hooks_once(
                 done.set()
 
     consumer = Ingest(
-        make_settings(broker_url, queue, num_workers=3, prefetch_count=10, batch_size=5,
-                      batch_timeout=0.1)
+        make_settings(
+            broker_url,
+            queue,
+            num_workers=3,
+            prefetch_count=10,
+            batch_size=5,
+            batch_timeout=0.1,
+        )
     )
     async with consumer:
         assert consumer.is_running

@@ -14,7 +14,14 @@ import anyio
 import pytest
 
 from amqp_batch import BatchConsumerSettings, Message, MessageResult, batch_consumer
-from consumer_support import admin_channel, cleanup, drain, ids_of, publish_ids, unique_name
+from consumer_support import (
+    admin_channel,
+    cleanup,
+    drain,
+    ids_of,
+    publish_ids,
+    unique_name,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -30,8 +37,12 @@ async def queue(broker_url: str) -> AsyncIterator[str]:
 
 def _settings(url: str, queue: str, **overrides: object) -> BatchConsumerSettings:
     values: dict[str, object] = {
-        "url": url, "queue_name": queue, "prefetch_count": 50, "batch_size": 5,
-        "batch_timeout": 30.0, "shutdown_timeout": 10.0,
+        "url": url,
+        "queue_name": queue,
+        "prefetch_count": 50,
+        "batch_size": 5,
+        "batch_timeout": 30.0,
+        "shutdown_timeout": 10.0,
     }
     values.update(overrides)
     return BatchConsumerSettings(**values)  # type: ignore[arg-type]
@@ -53,17 +64,19 @@ async def test_graceful_stop_finishes_batches_and_requeues_prefetched(
 
     async with admin_channel(broker_url) as channel:
         ids = await publish_ids(channel, range(50), routing_key=queue)
-    async with anyio.create_task_group() as group:
-        async with batch_consumer(_settings(broker_url, queue), handle) as consumer:
-            with anyio.fail_after(10):
-                await entered.wait()
+    async with (
+        anyio.create_task_group() as group,
+        batch_consumer(_settings(broker_url, queue), handle) as consumer,
+    ):
+        with anyio.fail_after(10):
+            await entered.wait()
 
-            async def release_once_stopping() -> None:
-                assert consumer._stop_requested is not None
-                await consumer._stop_requested.wait()
-                release.set()
+        async def release_once_stopping() -> None:
+            assert consumer._stop_requested is not None
+            await consumer._stop_requested.wait()
+            release.set()
 
-            group.start_soon(release_once_stopping)
+        group.start_soon(release_once_stopping)
     async with admin_channel(broker_url) as channel:
         remaining = await drain(channel, queue)
     # The batch in the handler and the batch already collected finish and are
@@ -118,11 +131,15 @@ async def test_exception_in_body_still_drains(broker_url: str, queue: str) -> No
 
     async with admin_channel(broker_url) as channel:
         await publish_ids(channel, range(5), routing_key=queue)
-    with pytest.raises(KeyError, match="body failed"):
+
+    async def body() -> None:
         async with batch_consumer(_settings(broker_url, queue), handle):
             with anyio.fail_after(10):
                 await seen.wait()
             raise KeyError("body failed")
+
+    with pytest.raises(KeyError, match="body failed"):
+        await body()
     assert handled == [str(i) for i in range(5)]
     async with admin_channel(broker_url) as channel:
         assert await drain(channel, queue) == []
@@ -167,7 +184,8 @@ async def test_sigterm_with_batches_in_flight(
     lines: list[str] = []
     async with await anyio.open_process(
         [sys.executable, str(script), broker_url, queue, anyio_backend],
-        env=env, stderr=subprocess.STDOUT,
+        env=env,
+        stderr=subprocess.STDOUT,
     ) as process:
         assert process.stdout is not None
         buffer = b""
@@ -178,9 +196,10 @@ async def test_sigterm_with_batches_in_flight(
                 for line in complete:
                     text = line.decode()
                     lines.append(text)
-                    if text.startswith("batch") and sum(
-                        1 for x in lines if x.startswith("batch")
-                    ) == 2:
+                    if (
+                        text.startswith("batch")
+                        and sum(1 for x in lines if x.startswith("batch")) == 2
+                    ):
                         process.send_signal(signal.SIGTERM)
                         stopped_at = anyio.current_time()
             code = await process.wait()

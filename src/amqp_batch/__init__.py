@@ -1,5 +1,8 @@
 """amqp-batch: a RabbitMQ batch consumer for anyio (asyncio and trio)."""
 
+from ._consumer import BatchConsumer as BatchConsumer
+from ._consumer import Consumer as Consumer
+from ._consumer import batch_consumer as batch_consumer
 from ._exceptions import AMQPBatchError as AMQPBatchError
 from ._exceptions import AuthenticationError as AuthenticationError
 from ._exceptions import ChannelClosed as ChannelClosed
@@ -12,18 +15,15 @@ from ._exceptions import MessageReturned as MessageReturned
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import TransportError as TransportError
 from ._exceptions import UnknownVirtualHost as UnknownVirtualHost
-from ._transport._base import Properties as Properties
-from ._transport._url import ConnectionParameters as ConnectionParameters
-from ._transport._url import parse_url as parse_url
-from ._version import __version__ as __version__
-from ._consumer import BatchConsumer as BatchConsumer
-from ._consumer import Consumer as Consumer
-from ._consumer import batch_consumer as batch_consumer
 from ._message import Message as Message
 from ._publisher import Publisher as Publisher
 from ._results import MessageResult as MessageResult
 from ._retry import RETRY_COUNT_HEADER as RETRY_COUNT_HEADER
 from ._settings import BatchConsumerSettings as BatchConsumerSettings
 from ._settings import ConsumerSettings as ConsumerSettings
+from ._transport._base import Properties as Properties
+from ._transport._url import ConnectionParameters as ConnectionParameters
+from ._transport._url import parse_url as parse_url
+from ._version import __version__ as __version__
 from ._worker import WorkerHealth as WorkerHealth
 from ._worker import WorkerState as WorkerState

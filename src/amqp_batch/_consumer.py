@@ -6,7 +6,7 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -21,12 +21,16 @@ from anyio import (
 )
 from anyio.abc import TaskStatus
 
+from ._exceptions import AMQPBatchError
 from ._message import Message
 from ._publisher import default_transport
 from ._results import MessageResult
 from ._settings import BatchConsumerSettings, ConsumerSettings
 from ._transport._base import Transport
 from ._worker import Worker, WorkerHealth, WorkerState, inside_consumer
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["BatchConsumer", "Consumer", "batch_consumer"]
 
@@ -257,7 +261,10 @@ class BatchConsumer(Generic[SettingsT]):
         try:
             await group.start(self.serve)
         except BaseException:
-            await stack.__aexit__(*sys.exc_info())
+            # serve() failed before every worker consumed (e.g. bad credentials):
+            # its error is raised here; the task group only repeats it.
+            with suppress(BaseExceptionGroup):
+                await stack.aclose()
             raise
         self._exit_stack = stack
         return self
@@ -271,14 +278,22 @@ class BatchConsumer(Generic[SettingsT]):
         stack, self._exit_stack = self._exit_stack, None
         assert stack is not None
         assert self._stop_requested is not None
+        assert self._stopped is not None
         self._stop_requested.set()
         try:
-            assert self._stopped is not None
             await self._stopped.wait()
         except BaseException:
             await stack.__aexit__(*sys.exc_info())
             raise
-        await stack.__aexit__(None, None, None)
+        try:
+            await stack.aclose()
+        except BaseExceptionGroup as group:
+            # A worker's non-retryable error after start: raise it as itself.
+            if len(group.exceptions) == 1 and isinstance(
+                group.exceptions[0], AMQPBatchError
+            ):
+                raise group.exceptions[0] from None
+            raise
 
 
 class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):
