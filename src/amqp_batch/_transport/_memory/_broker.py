@@ -1,0 +1,277 @@
+"""The public face of the in-memory broker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+
+import anyio
+import anyio.lowlevel
+
+from ..._exceptions import (
+    AuthenticationError,
+    ConnectionLost,
+    ConnectionRefused,
+    UnknownVirtualHost,
+)
+from .._base import BindingSpec, ExchangeSpec, Properties, QueueSpec, SessionSpec
+from .._url import ConnectionParameters
+from ._core import BrokerCore
+from ._model import BrokerMessage, Channel
+from ._session import MemoryPublisher, MemorySession, open_publisher, open_session
+
+__all__ = ["MemoryBroker"]
+
+
+class MemoryBroker(BrokerCore):
+    """An in-memory RabbitMQ for tests: a :class:`~amqp_batch.Transport`.
+
+    Pass it as ``transport=`` to a consumer or publisher and the real consumer
+    actors run on it, on asyncio or trio, with no network and no timers. It models
+    the four exchange types with bindings, the default and ``amq.*`` exchanges,
+    queues with dead-lettering (``x-death``), ``x-max-length``, TTL, prefetch,
+    redelivery, publisher confirms and returns, broker-side consumer cancellation
+    and forced disconnects.
+
+    ``users`` (name → password) turns on credential checks; ``virtual_hosts``
+    restricts the accepted vhosts (all vhosts share one namespace). ``clock``
+    returns seconds for message TTLs (default: the event loop's clock).
+    """
+
+    def __init__(
+        self,
+        *,
+        users: Mapping[str, str] | None = None,
+        virtual_hosts: Collection[str] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        super().__init__(clock)
+        self._users = dict(users) if users is not None else None
+        self._virtual_hosts = set(virtual_hosts) if virtual_hosts is not None else None
+        self._blocked = False
+        self._unblocked: anyio.Event | None = None
+        #: While True, every new connection fails with ``ConnectionRefused``.
+        self.refuse_connections = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<MemoryBroker queues={len(self._queues)} "
+            f"connections={len(self._channels)}>"
+        )
+
+    # The transport contract
+
+    def open_session(
+        self, spec: SessionSpec
+    ) -> AbstractAsyncContextManager[MemorySession]:
+        """Connect, declare ``spec``'s topology, consume ``spec.queue``; yield the
+        session (see the transport contract)."""
+        return open_session(self, spec)
+
+    def open_publisher(
+        self,
+        parameters: ConnectionParameters,
+        *,
+        declare: Sequence[ExchangeSpec | QueueSpec | BindingSpec] = (),
+    ) -> AbstractAsyncContextManager[MemoryPublisher]:
+        """Connect, declare ``declare`` in order; yield a confirm-mode publisher."""
+        return open_publisher(self, parameters, declare)
+
+    async def _connect(self, parameters: ConnectionParameters) -> Channel:
+        await anyio.lowlevel.checkpoint()
+        if self.refuse_connections:
+            raise ConnectionRefused(
+                f"cannot connect to {parameters.redacted_url}: the memory broker "
+                "refuses connections"
+            )
+        user, vhost = parameters.username, parameters.virtual_host
+        if self._users is not None and self._users.get(user) != parameters.password:
+            raise AuthenticationError(
+                f"the broker refused the credentials of user {user!r} on vhost "
+                f"{vhost!r} (403 ACCESS_REFUSED)",
+                reply_code=403,
+                reply_text="ACCESS_REFUSED - Login was refused",
+            )
+        if self._virtual_hosts is not None and vhost not in self._virtual_hosts:
+            raise UnknownVirtualHost(
+                f"the broker closed the connection: 530 NOT_ALLOWED - vhost {vhost!r} "
+                "not found",
+                reply_code=530,
+                reply_text=f"NOT_ALLOWED - vhost {vhost} not found",
+            )
+        return self._open_channel(parameters.connection_name)
+
+    # Topology
+
+    def declare(self, *items: ExchangeSpec | QueueSpec | BindingSpec) -> None:
+        """Declare exchanges, queues and bindings in the order given, with the
+        same rules as a session (idempotent; a 406 on different arguments)."""
+        self._declare(items)
+
+    def delete_queue(self, name: str) -> int:
+        """Delete a queue and its messages; its consumers are cancelled by the
+        broker (their stream ends, ``consumer_cancelled_by_broker`` is True).
+        Returns how many ready messages were deleted."""
+        return self._delete_queue(self._queue(name))
+
+    def delete_exchange(self, name: str) -> None:
+        """Delete an exchange and its bindings."""
+        self._exchange(name)
+        del self._exchanges[name]
+        self._notify()
+
+    def purge(self, name: str) -> int:
+        """Remove a queue's ready messages; returns how many."""
+        queue = self._queue(name)
+        count = len(queue.ready)
+        queue.ready.clear()
+        self._notify()
+        return count
+
+    def cancel_consumers(self, name: str) -> int:
+        """Cancel every consumer of a queue from the broker side (as when a
+        queue's leader moves), keeping the queue; returns how many."""
+        consumers = list(self._queue(name).consumers)
+        for consumer in consumers:
+            self._remove_consumer(consumer, by_broker=True)
+        return len(consumers)
+
+    def has_queue(self, name: str) -> bool:
+        """Whether the queue exists."""
+        return name in self._queues
+
+    def has_exchange(self, name: str) -> bool:
+        """Whether the exchange exists (``""`` is the default exchange)."""
+        return name == "" or name in self._exchanges
+
+    # Messages
+
+    async def publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        properties: Properties | None = None,
+        mandatory: bool = False,
+    ) -> None:
+        """Publish without opening a connection (same routing and errors as a
+        publisher session)."""
+        await anyio.lowlevel.checkpoint()
+        self._publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=mandatory,
+        )
+
+    def queue_messages(self, name: str) -> list[BrokerMessage]:
+        """The queue's ready messages, head first (expired ones are applied)."""
+        queue = self._queue(name)
+        self._expire(queue)
+        return [m.snapshot() for m in queue.in_order()]
+
+    def unacked_messages(self, name: str) -> list[BrokerMessage]:
+        """The queue's delivered, unsettled messages, in queue order."""
+        queue = self._queue(name)
+        return [m.snapshot() for m in sorted(queue.unacked.values())]
+
+    def get(self, name: str) -> BrokerMessage | None:
+        """Take the head of the queue (``basic.get`` with auto-ack), or None."""
+        queue = self._queue(name)
+        self._expire(queue)
+        if not queue.ready:
+            return None
+        message = queue.pop()
+        self._notify()
+        return message.snapshot()
+
+    def bodies(self, name: str) -> list[bytes]:
+        """The bodies of the queue's ready messages, head first."""
+        return [m.body for m in self.queue_messages(name)]
+
+    def message_count(self, name: str) -> int:
+        """How many messages are ready in the queue."""
+        queue = self._queue(name)
+        self._expire(queue)
+        return len(queue.ready)
+
+    def unacked_count(self, name: str) -> int:
+        """How many of the queue's messages are delivered and not yet settled."""
+        return len(self._queue(name).unacked)
+
+    def consumer_count(self, name: str) -> int:
+        """How many consumers the queue has."""
+        return len(self._queue(name).consumers)
+
+    # Connections
+
+    def connection_names(self) -> list[str]:
+        """Names of the open connections (``connection_name`` or ``memory-N``)."""
+        return list(self._snapshot_names())
+
+    def disconnect(self, name: str | None = None) -> int:
+        """Force-close connections (all, or those named ``name``) as RabbitMQ's
+        ``close_connection`` does: each session raises a retryable
+        :class:`~amqp_batch.ConnectionLost` (320) out of its ``async with`` and
+        its unacknowledged messages go back to their queues, redelivered.
+        Returns how many connections were closed."""
+        victims = [
+            c
+            for c in list(self._channels.values())
+            if name is None or c.connection_name == name
+        ]
+        for channel in victims:
+            text = "CONNECTION_FORCED - closed by MemoryBroker.disconnect"
+            self._fail(
+                channel,
+                ConnectionLost(
+                    f"connection {channel.connection_name!r} lost: the broker closed "
+                    f"it: 320 {text}",
+                    reply_code=320,
+                    reply_text=text,
+                    retryable=True,
+                ),
+            )
+        return len(victims)
+
+    def disconnect_all(self) -> int:
+        """Force-close every connection; see :meth:`disconnect`."""
+        return self.disconnect()
+
+    def block_publishers(self) -> None:
+        """Make publishes wait, as under a RabbitMQ memory alarm
+        (``connection.blocked``)."""
+        self._blocked = True
+
+    def unblock_publishers(self) -> None:
+        """Let waiting and new publishes through again."""
+        self._blocked = False
+        event, self._unblocked = self._unblocked, None
+        if event is not None:
+            event.set()
+
+    async def _wait_unblocked(self) -> None:
+        while self._blocked:
+            if self._unblocked is None:
+                self._unblocked = anyio.Event()
+            await self._unblocked.wait()
+
+    # Waiting (no sleeps in tests)
+
+    async def wait_until(
+        self, predicate: Callable[[], bool], *, timeout: float | None = None
+    ) -> None:
+        """Wait until ``predicate()`` is true; it is re-checked after every change
+        of the broker's state. Raises ``TimeoutError`` after ``timeout`` seconds."""
+        with anyio.fail_after(timeout):
+            while not predicate():
+                await self._wait_for_change()
+
+    async def wait_drained(self, name: str, *, timeout: float | None = None) -> None:
+        """Wait until the queue has no ready and no unacknowledged messages."""
+        await self.wait_until(
+            lambda: self.message_count(name) == 0 and self.unacked_count(name) == 0,
+            timeout=timeout,
+        )

@@ -1,0 +1,561 @@
+"""The memory broker's rules: declare, route, enqueue, dispatch, settle, close.
+
+Everything here is synchronous and runs to completion between two checkpoints of
+the calling task, so the broker's state never changes under a task's feet and
+runs are deterministic. Deliveries are pushed into each consumer's stream with
+``send_nowait`` while it has prefetch credit and buffer space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import attrs
+
+from ..._exceptions import (
+    ChannelClosed,
+    MessageNacked,
+    MessageReturned,
+    ProtocolError,
+    TransportError,
+)
+from .._base import (
+    EMPTY_PROPERTIES,
+    BindingSpec,
+    Delivery,
+    ExchangeSpec,
+    Properties,
+    QueueSpec,
+)
+from ._deadletter import dead_letter_properties, is_cycle
+from ._declare import (
+    channel_error,
+    check_exchange_equivalent,
+    check_queue_arguments,
+    check_queue_equivalent,
+)
+from ._model import (
+    Binding,
+    Channel,
+    Consumer,
+    Exchange,
+    Published,
+    Queue,
+    StoredMessage,
+    Unacked,
+)
+from ._routing import EXCHANGE_TYPES, matches
+
+__all__ = ["BrokerCore", "Settle"]
+
+Settle = str  # "ack", "requeue" or "reject"
+
+_PREDEFINED = {
+    "amq.direct": "direct",
+    "amq.fanout": "fanout",
+    "amq.topic": "topic",
+    "amq.headers": "headers",
+    "amq.match": "headers",
+}
+
+
+def _default_clock() -> float:
+    try:
+        return anyio.current_time()
+    except Exception:  # no event loop running (a synchronous caller)
+        return time.monotonic()
+
+
+def _not_found(kind: str, name: str) -> ChannelClosed:
+    return channel_error(404, f"NOT_FOUND - no {kind} '{name}' in vhost '/'")
+
+
+class BrokerCore:
+    """State and rules shared by the public broker and its sessions."""
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock or _default_clock
+        self._exchanges: dict[str, Exchange] = {
+            name: Exchange(name=name, type=kind) for name, kind in _PREDEFINED.items()
+        }
+        self._queues: dict[str, Queue] = {}
+        self._channels: dict[int, Channel] = {}
+        self._seq = itertools.count(1)
+        self._connection_ids = itertools.count(1)
+        self._changed: anyio.Event | None = None
+        #: Every publish a client made, in order.
+        self.published: list[Published] = []
+
+    # Change notification (for waiting helpers)
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, None
+        if event is not None:
+            event.set()
+
+    async def _wait_for_change(self) -> None:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
+
+    # Lookups
+
+    def _queue(self, name: str) -> Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            raise _not_found("queue", name)
+        return queue
+
+    def _exchange(self, name: str) -> Exchange:
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            raise _not_found("exchange", name)
+        return exchange
+
+    # Declarations
+
+    def _declare(
+        self,
+        items: Iterable[ExchangeSpec | QueueSpec | BindingSpec],
+        owner: int | None = None,
+    ) -> None:
+        try:
+            for item in items:
+                if isinstance(item, ExchangeSpec):
+                    self._declare_exchange(item)
+                elif isinstance(item, QueueSpec):
+                    self._declare_queue(item, owner)
+                else:
+                    self._bind(item)
+        finally:
+            self._notify()
+
+    def _declare_exchange(self, spec: ExchangeSpec) -> None:
+        if not spec.name or spec.name.startswith("amq."):
+            return  # predefined: the native transport does not declare them either
+        if spec.type not in EXCHANGE_TYPES:
+            raise ProtocolError(
+                f"the broker closed the connection: 503 COMMAND_INVALID - invalid "
+                f"exchange type '{spec.type}'",
+                reply_code=503,
+                reply_text=f"COMMAND_INVALID - invalid exchange type '{spec.type}'",
+            )
+        existing = self._exchanges.get(spec.name)
+        if existing is not None:
+            check_exchange_equivalent(existing, spec)
+            return
+        self._exchanges[spec.name] = Exchange(
+            name=spec.name,
+            type=spec.type,
+            durable=spec.durable,
+            auto_delete=spec.auto_delete,
+            internal=spec.internal,
+            arguments=dict(spec.arguments) if spec.arguments else None,
+        )
+
+    def _declare_queue(self, spec: QueueSpec, owner: int | None) -> None:
+        if not spec.name:
+            spec = attrs.evolve(spec, name=f"amq.gen-{next(self._seq)}")
+        elif spec.name.startswith("amq."):
+            raise channel_error(
+                403,
+                f"ACCESS_REFUSED - queue name '{spec.name}' contains reserved "
+                "prefix 'amq.*'",
+            )
+        existing = self._queues.get(spec.name)
+        if existing is not None:
+            self._check_exclusive(existing, owner)
+            check_queue_equivalent(existing, spec)
+            return
+        check_queue_arguments(spec)
+        self._queues[spec.name] = Queue(
+            name=spec.name,
+            durable=spec.durable,
+            exclusive=spec.exclusive,
+            auto_delete=spec.auto_delete,
+            arguments=dict(spec.arguments) if spec.arguments else None,
+            owner=owner if spec.exclusive else None,
+        )
+
+    @staticmethod
+    def _check_exclusive(queue: Queue, connection_id: int | None) -> None:
+        if queue.owner is not None and queue.owner != connection_id:
+            raise channel_error(
+                405,
+                f"RESOURCE_LOCKED - cannot obtain exclusive access to locked queue "
+                f"'{queue.name}' in vhost '/'",
+            )
+
+    def _bind(self, spec: BindingSpec) -> None:
+        if not spec.exchange:
+            raise channel_error(
+                403, "ACCESS_REFUSED - operation not permitted on the default exchange"
+            )
+        self._queue(spec.queue)
+        exchange = self._exchange(spec.exchange)
+        arguments = dict(spec.arguments) if spec.arguments else None
+        for binding in exchange.bindings:
+            if (binding.queue, binding.routing_key, binding.arguments) == (
+                spec.queue,
+                spec.routing_key,
+                arguments,
+            ):
+                return
+        exchange.bindings.append(
+            Binding(queue=spec.queue, routing_key=spec.routing_key, arguments=arguments)
+        )
+
+    def _delete_queue(self, queue: Queue) -> int:
+        count = len(queue.ready)
+        queue.deleted = True
+        queue.ready.clear()
+        self._queues.pop(queue.name, None)
+        for exchange in self._exchanges.values():
+            exchange.bindings = [b for b in exchange.bindings if b.queue != queue.name]
+        for consumer in list(queue.consumers):
+            self._remove_consumer(consumer, by_broker=True)
+        self._notify()
+        return count
+
+    # Routing and enqueueing
+
+    def _route(
+        self, exchange: Exchange, routing_key: str, headers: Mapping[str, Any] | None
+    ) -> list[Queue]:
+        seen: set[str] = set()
+        current: Exchange | None = exchange
+        while current is not None and current.name not in seen:
+            seen.add(current.name)
+            names = dict.fromkeys(
+                b.queue
+                for b in current.bindings
+                if matches(
+                    current.type, b.routing_key, b.arguments, routing_key, headers
+                )
+            )
+            if names:
+                return [self._queues[name] for name in names]
+            alternate = (current.arguments or {}).get("alternate-exchange")
+            current = self._exchanges.get(alternate) if alternate else None
+        return []
+
+    def _targets(
+        self, exchange: str, routing_key: str, headers: Mapping[str, Any] | None
+    ) -> list[Queue]:
+        if exchange == "":
+            queue = self._queues.get(routing_key)
+            return [queue] if queue is not None else []
+        return self._route(self._exchange(exchange), routing_key, headers)
+
+    def _publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str,
+        routing_key: str,
+        properties: Properties | None,
+        mandatory: bool,
+    ) -> None:
+        """Route and enqueue one client publish; raise as a confirm would."""
+        if not isinstance(body, bytes | bytearray | memoryview):
+            raise TypeError(f"body must be bytes, not {type(body).__name__}")
+        properties = properties or EMPTY_PROPERTIES
+        if properties.headers is not None:
+            properties = attrs.evolve(properties, headers=dict(properties.headers))
+        expiration = properties.expiration
+        if expiration is not None and not (
+            expiration.isdigit() and expiration.isascii()
+        ):
+            raise channel_error(
+                406, f"PRECONDITION_FAILED - invalid expiration '{expiration}'"
+            )
+        if exchange and self._exchange(exchange).internal:
+            raise channel_error(
+                403,
+                f"ACCESS_REFUSED - cannot publish to internal exchange '{exchange}' "
+                "in vhost '/'",
+            )
+        queues = self._targets(exchange, routing_key, properties.headers)
+        body = bytes(body)
+        self.published.append(
+            Published(
+                body=body,
+                properties=properties,
+                exchange=exchange,
+                routing_key=routing_key,
+                mandatory=mandatory,
+                queues=tuple(q.name for q in queues),
+            )
+        )
+        accepted = [
+            self._enqueue(q, body, properties, exchange, routing_key) for q in queues
+        ]
+        self._notify()
+        if mandatory and not queues:
+            raise MessageReturned(
+                "message returned by the broker: 312 NO_ROUTE "
+                f"(exchange={exchange!r}, routing_key={routing_key!r})",
+                reply_code=312,
+                reply_text="NO_ROUTE",
+                exchange=exchange,
+                routing_key=routing_key,
+            )
+        if not all(accepted):
+            raise MessageNacked("the broker nacked the published message")
+
+    def _enqueue(
+        self,
+        queue: Queue,
+        body: bytes,
+        properties: Properties,
+        exchange: str,
+        routing_key: str,
+    ) -> bool:
+        """Add a message to ``queue``; False when its length limit refused it."""
+        now = self._clock()
+        message = StoredMessage(
+            seq=next(self._seq),
+            body=body,
+            properties=properties,
+            exchange=exchange,
+            routing_key=routing_key,
+            expires_at=self._expiry(queue, properties, now),
+        )
+        overflow = queue.argument("x-overflow") or "drop-head"
+        if overflow != "drop-head" and self._over_limit(queue, len(body), 1):
+            if overflow == "reject-publish-dlx":
+                self._dead_letter(queue, message, "maxlen")
+            return False
+        queue.push(message)
+        self._dispatch(queue)
+        while queue.ready and self._over_limit(queue, 0, 0):
+            self._dead_letter(queue, queue.pop(), "maxlen")
+        return True
+
+    @staticmethod
+    def _expiry(queue: Queue, properties: Properties, now: float) -> float | None:
+        ttls = [queue.argument("x-message-ttl")]
+        if properties.expiration is not None:
+            ttls.append(int(properties.expiration))
+        valid = [t for t in ttls if isinstance(t, int)]
+        return now + min(valid) / 1000 if valid else None
+
+    @staticmethod
+    def _over_limit(queue: Queue, extra_bytes: int, extra_count: int) -> bool:
+        max_length = queue.argument("x-max-length")
+        max_bytes = queue.argument("x-max-length-bytes")
+        return (
+            isinstance(max_length, int) and len(queue.ready) + extra_count > max_length
+        ) or (
+            isinstance(max_bytes, int) and queue.ready_bytes() + extra_bytes > max_bytes
+        )
+
+    def _dead_letter(self, queue: Queue, message: StoredMessage, reason: str) -> None:
+        arguments = queue.arguments or {}
+        if "x-dead-letter-exchange" not in arguments:
+            return  # no DLX: the message is dropped
+        exchange = str(arguments["x-dead-letter-exchange"])
+        routing_key = str(
+            arguments.get("x-dead-letter-routing-key", message.routing_key)
+        )
+        properties = dead_letter_properties(
+            message.properties,
+            reason=reason,
+            queue=queue.name,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+        )
+        if exchange and exchange not in self._exchanges:
+            return  # a missing DLX drops the message, as in RabbitMQ
+        for target in self._targets(exchange, routing_key, properties.headers):
+            if not is_cycle(properties, target.name):
+                self._enqueue(target, message.body, properties, exchange, routing_key)
+
+    def _expire(self, queue: Queue) -> None:
+        now = self._clock()
+        expired = [
+            m for m in queue.ready if m.expires_at is not None and m.expires_at <= now
+        ]
+        if not expired:
+            return
+        queue.ready[:] = [m for m in queue.ready if m not in expired]
+        queue.ready.sort()
+        for message in sorted(expired):
+            self._dead_letter(queue, message, "expired")
+
+    # Delivering
+
+    def _dispatch(self, queue: Queue) -> None:
+        """Deliver ready messages while some consumer has credit."""
+        if queue.deleted:
+            return
+        now = self._clock()
+        while queue.ready:
+            consumer = self._next_consumer(queue)
+            if consumer is None:
+                break
+            message = queue.pop()
+            if message.expires_at is not None and message.expires_at < now:
+                self._dead_letter(queue, message, "expired")
+            else:
+                self._deliver(consumer, queue, message)
+        self._expire(queue)
+
+    @staticmethod
+    def _next_consumer(queue: Queue) -> Consumer | None:
+        consumers = queue.consumers
+        if queue.argument("x-single-active-consumer") is True:
+            consumers = consumers[:1]
+        for index, consumer in enumerate(consumers):
+            if consumer.has_capacity():
+                if len(consumers) > 1:  # round robin
+                    queue.consumers.append(queue.consumers.pop(index))
+                return consumer
+        return None
+
+    def _deliver(
+        self, consumer: Consumer, queue: Queue, message: StoredMessage
+    ) -> None:
+        channel = consumer.channel
+        tag = channel.next_tag()
+        channel.unacked[tag] = Unacked(queue, message, consumer)
+        consumer.unacked += 1
+        queue.unacked[message.seq] = message
+        delivery = Delivery(
+            delivery_tag=tag,
+            redelivered=message.redelivered,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            consumer_tag=consumer.tag,
+            body=message.body,
+            properties=message.properties,
+        )
+        # Nobody reading any more: like a client that dropped it, it stays unacked
+        # until the channel closes and then goes back to the queue.
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            consumer.sink.send_nowait(delivery)
+
+    # Consumers
+
+    def _consume(self, channel: Channel, consumer: Consumer) -> None:
+        queue = consumer.queue
+        self._check_exclusive(queue, channel.connection_id)
+        queue.consumers.append(consumer)
+        channel.consumers[consumer.tag] = consumer
+        self._dispatch(queue)
+        self._notify()
+
+    def _remove_consumer(self, consumer: Consumer, *, by_broker: bool = False) -> None:
+        if not consumer.active:
+            return
+        consumer.active = False
+        consumer.cancelled_by_broker = by_broker
+        queue = consumer.queue
+        if consumer in queue.consumers:
+            queue.consumers.remove(consumer)
+        consumer.channel.consumers.pop(consumer.tag, None)
+        consumer.sink.close()
+        if queue.auto_delete and not queue.consumers and not queue.deleted:
+            self._delete_queue(queue)
+        self._notify()
+
+    # Settling
+
+    def _check_open(self, channel: Channel) -> None:
+        error = channel.connection_error or channel.error
+        if error is not None:
+            raise error
+        if channel.closed:
+            raise ChannelClosed("channel 1 is closed", retryable=True)
+
+    def _settle(
+        self, channel: Channel, tag: int, *, multiple: bool, how: Settle
+    ) -> None:
+        """Apply an ack (``how="ack"``), a requeue or a reject (dead-letter)."""
+        self._check_open(channel)
+        if tag == 0 and multiple:
+            tags = list(channel.unacked)
+        elif tag not in channel.unacked:
+            self._fail(
+                channel,
+                channel_error(406, f"PRECONDITION_FAILED - unknown delivery tag {tag}"),
+            )
+            return
+        else:
+            tags = list(channel.tags_up_to(tag)) if multiple else [tag]
+        touched: dict[str, Queue] = {}
+        for settled in tags:
+            queue, message, consumer = channel.unacked.pop(settled)
+            consumer.unacked -= 1
+            queue.unacked.pop(message.seq, None)
+            touched[queue.name] = queue
+            if queue.deleted or how == "ack":
+                continue
+            if how == "requeue":
+                message.redelivered = True
+                queue.push(message)
+            else:
+                self._dead_letter(queue, message, "rejected")
+        for queue in touched.values():
+            self._dispatch(queue)
+        self._notify()
+
+    # Closing
+
+    def _requeue_all(self, channel: Channel) -> None:
+        entries, channel.unacked = list(channel.unacked.values()), {}
+        touched: dict[str, Queue] = {}
+        for queue, message, consumer in entries:
+            consumer.unacked -= 1
+            queue.unacked.pop(message.seq, None)
+            if not queue.deleted:
+                message.redelivered = True
+                queue.push(message)
+                touched[queue.name] = queue
+        for queue in touched.values():
+            self._dispatch(queue)
+
+    def _close_channel(self, channel: Channel) -> None:
+        """Close like ``channel.close``: consumers go, unacked messages go back to
+        their queues in order (``redelivered``), exclusive queues are deleted."""
+        if channel.closed:
+            return
+        channel.closed = True
+        for consumer in list(channel.consumers.values()):
+            self._remove_consumer(consumer)
+        self._requeue_all(channel)
+        for queue in list(self._queues.values()):
+            if queue.owner == channel.connection_id:
+                self._delete_queue(queue)
+        self._channels.pop(channel.connection_id, None)
+        self._notify()
+
+    def _fail(self, channel: Channel, error: TransportError) -> None:
+        """The broker closes the channel (a ``ChannelClosed``) or the whole
+        connection (a ``ConnectionLost``); the session's body is cancelled."""
+        if channel.closed:
+            return
+        if isinstance(error, ChannelClosed):
+            channel.error = error
+        else:
+            channel.connection_error = error
+        self._close_channel(channel)
+        if channel.on_failure is not None:
+            channel.on_failure()
+
+    def _open_channel(self, name: str | None) -> Channel:
+        number = next(self._connection_ids)
+        channel = Channel(
+            connection_id=number, connection_name=name or f"memory-{number}"
+        )
+        self._channels[number] = channel
+        self._notify()
+        return channel
+
+    def _snapshot_names(self) -> Sequence[str]:
+        return [c.connection_name for c in self._channels.values()]
