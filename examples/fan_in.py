@@ -30,7 +30,9 @@ class Source(BatchConsumer):
     async def process_messages(self, messages):
         for message in messages:
             await self.publisher.publish(
-                message.body, exchange=STAGING, routing_key="staged",
+                message.body,
+                exchange=STAGING,
+                routing_key="staged",
                 headers={"source": self.settings.queue_name},
             )
             yield MessageResult.ACK
@@ -53,15 +55,25 @@ class Writer(BatchConsumer):
 
 async def main() -> None:
     done = anyio.Event()
-    writer = Writer(BatchConsumerSettings(
-        url=URL, queue_name=WRITER_QUEUE, exchange_name=STAGING,
-        exchange_type="fanout", batch_size=100, batch_timeout=0.2, prefetch_count=100,
-    ), done)
+    writer = Writer(
+        BatchConsumerSettings(
+            url=URL,
+            queue_name=WRITER_QUEUE,
+            exchange_name=STAGING,
+            exchange_type="fanout",
+            batch_size=100,
+            batch_timeout=0.2,
+            prefetch_count=100,
+        ),
+        done,
+    )
     async with Publisher(URL) as publisher, anyio.create_task_group() as group:
         await group.start(writer.serve)
         sources = [
-            Source(BatchConsumerSettings(url=URL, queue_name=q, batch_timeout=0.1),
-                   publisher)
+            Source(
+                BatchConsumerSettings(url=URL, queue_name=q, batch_timeout=0.1),
+                publisher,
+            )
             for q in SOURCES
         ]
         for source in sources:

@@ -42,7 +42,9 @@ async def main() -> None:
         await group.start(consumer.serve)
         async with Publisher(URL) as publisher:
             for n in range(4):
-                await publisher.publish(json.dumps({"n": n}).encode(), routing_key=QUEUE)
+                await publisher.publish(
+                    json.dumps({"n": n}).encode(), routing_key=QUEUE
+                )
             await publisher.publish(b"not json", routing_key=QUEUE)
     print("stopped")
 
