@@ -6,11 +6,13 @@ Every assertion is about where messages end up; nothing sleeps to synchronise.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from amqp_batch import (
     AuthenticationError,
@@ -36,6 +38,7 @@ from amqp_batch.testing import (
 )
 
 pytestmark = pytest.mark.anyio
+pytest_plugins = ["pytester"]
 
 PARAMS = ConnectionParameters()
 
@@ -857,3 +860,133 @@ async def test_batch_consumer_reconnects_after_a_disconnect() -> None:
     # The first batch was never settled: it came back, redelivered, and was
     # handled once on the new session.
     assert handled == [(b"0", True), (b"1", True)]
+
+
+# The pytest plugin -------------------------------------------------------------------
+
+
+def test_the_fixtures_work_as_a_pytest_plugin(pytester: pytest.Pytester) -> None:
+    from importlib.metadata import entry_points
+
+    pytester.makepyfile(
+        """
+        import pytest
+        from amqp_batch.testing import MemoryBroker, QueueSpec
+
+        pytestmark = pytest.mark.anyio
+
+        @pytest.fixture(params=["asyncio", "trio"])
+        def anyio_backend(request):
+            return request.param
+
+        async def test_publish(memory_broker, memory_publisher):
+            assert isinstance(memory_broker, MemoryBroker)
+            memory_broker.declare(QueueSpec(name="q"))
+            await memory_publisher.publish(b"x", routing_key="q")
+            assert memory_broker.bodies("q") == [b"x"]
+        """
+    )
+    installed = any(e.name == "amqp_batch" for e in entry_points(group="pytest11"))
+    arguments = [] if installed else ["-p", "amqp_batch._pytest_plugin"]
+    result = pytester.runpytest_subprocess(*arguments, "-W", "error")
+    result.assert_outcomes(passed=2)
+
+
+async def test_the_docs_example() -> None:
+    """docs/testing.md's first example, verbatim."""
+    from amqp_batch import BatchConsumerSettings, MessageResult, batch_consumer
+
+    async def handle(messages: Any) -> AsyncIterator[MessageResult]:
+        for message in messages:
+            yield MessageResult.NACK if message.body == b"bad" else MessageResult.ACK
+
+    broker = MemoryBroker()
+    settings = BatchConsumerSettings(
+        queue_name="orders",
+        dead_letter_exchange="orders.dlx",
+        dead_letter_queue="orders.dead",
+        batch_size=10,
+        batch_timeout=0.05,
+    )
+    async with batch_consumer(settings, handle, transport=broker):
+        for body in (b"ok", b"bad", b"ok"):
+            await broker.publish(body, routing_key="orders")
+        await broker.wait_drained("orders", timeout=5)
+
+    assert broker.bodies("orders.dead") == [b"bad"]
+    [dead] = broker.queue_messages("orders.dead")
+    assert dead.headers["x-death"][0]["reason"] == "rejected"
+
+
+# A model check: every message is somewhere, exactly once -----------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    operations=st.lists(
+        st.tuples(
+            st.sampled_from(["ack", "ack-multiple", "requeue", "reject", "reopen"]),
+            st.integers(min_value=0, max_value=7),
+        ),
+        max_size=40,
+    ),
+    prefetch=st.integers(min_value=1, max_value=4),
+)
+async def test_messages_are_conserved_and_flags_are_right(
+    operations: list[tuple[str, int]], prefetch: int
+) -> None:
+    broker = MemoryBroker()
+    broker.declare(*dlx_topology())
+    everything = ids(*range(8))
+    for body in everything:
+        await broker.publish(body, routing_key="work")
+    acked: list[bytes] = []
+    delivered_before: set[bytes] = set()
+
+    def check() -> None:
+        where = [
+            *broker.bodies("work"),
+            *(m.body for m in broker.unacked_messages("work")),
+            *broker.bodies("dlq"),
+            *acked,
+        ]
+        assert sorted(where) == everything
+
+    async with AsyncExitStack() as stack:
+        session = await stack.enter_async_context(
+            broker.open_session(spec("work", prefetch, queues=()))
+        )
+        outstanding: list[Delivery] = []
+        last_tag = 0
+        for operation, index in operations:
+            for delivery in buffered(session):
+                assert delivery.delivery_tag == last_tag + 1
+                last_tag = delivery.delivery_tag
+                assert delivery.redelivered == (delivery.body in delivered_before)
+                delivered_before.add(delivery.body)
+                outstanding.append(delivery)
+            assert len(outstanding) <= prefetch
+            if operation == "reopen":
+                await stack.aclose()
+                session = await stack.enter_async_context(
+                    broker.open_session(spec("work", prefetch, queues=()))
+                )
+                outstanding, last_tag = [], 0
+            elif outstanding:
+                target = outstanding[index % len(outstanding)]
+                tag = target.delivery_tag
+                if operation == "ack-multiple":
+                    settled = [d for d in outstanding if d.delivery_tag <= tag]
+                    await session.ack(tag, multiple=True)
+                    acked.extend(d.body for d in settled)
+                else:
+                    settled = [target]
+                    if operation == "ack":
+                        await session.ack(tag)
+                        acked.append(target.body)
+                    else:
+                        await session.reject(tag, requeue=operation == "requeue")
+                outstanding = [d for d in outstanding if d not in settled]
+            check()
+    check()
+    assert broker.unacked_count("work") == 0

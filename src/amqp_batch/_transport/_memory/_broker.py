@@ -17,14 +17,14 @@ from ..._exceptions import (
 from .._base import BindingSpec, ExchangeSpec, Properties, QueueSpec, SessionSpec
 from .._url import ConnectionParameters
 from ._core import BrokerCore
-from ._model import BrokerMessage, Channel
+from ._model import BrokerMessage, Channel, Queue
 from ._session import MemoryPublisher, MemorySession, open_publisher, open_session
 
 __all__ = ["MemoryBroker"]
 
 
 class MemoryBroker(BrokerCore):
-    """An in-memory RabbitMQ for tests: a :class:`~amqp_batch.Transport`.
+    """An in-memory RabbitMQ for tests, implementing the transport contract.
 
     Pass it as ``transport=`` to a consumer or publisher and the real consumer
     actors run on it, on asyncio or trio, with no network and no timers. It models
@@ -36,6 +36,9 @@ class MemoryBroker(BrokerCore):
     ``users`` (name → password) turns on credential checks; ``virtual_hosts``
     restricts the accepted vhosts (all vhosts share one namespace). ``clock``
     returns seconds for message TTLs (default: the event loop's clock).
+
+    The inspection helpers (``queue_messages``, ``message_count``, ...) raise
+    ``KeyError`` for a queue that does not exist.
     """
 
     def __init__(
@@ -108,21 +111,27 @@ class MemoryBroker(BrokerCore):
         same rules as a session (idempotent; a 406 on different arguments)."""
         self._declare(items)
 
+    def _inspect(self, name: str) -> Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            raise KeyError(f"no queue {name!r} on this MemoryBroker")
+        return queue
+
     def delete_queue(self, name: str) -> int:
         """Delete a queue and its messages; its consumers are cancelled by the
         broker (their stream ends, ``consumer_cancelled_by_broker`` is True).
-        Returns how many ready messages were deleted."""
-        return self._delete_queue(self._queue(name))
+        Returns how many ready messages were deleted (0 if there was no queue)."""
+        queue = self._queues.get(name)
+        return self._delete_queue(queue) if queue is not None else 0
 
     def delete_exchange(self, name: str) -> None:
-        """Delete an exchange and its bindings."""
-        self._exchange(name)
-        del self._exchanges[name]
+        """Delete an exchange and its bindings (nothing if there is none)."""
+        self._exchanges.pop(name, None)
         self._notify()
 
     def purge(self, name: str) -> int:
         """Remove a queue's ready messages; returns how many."""
-        queue = self._queue(name)
+        queue = self._inspect(name)
         count = len(queue.ready)
         queue.ready.clear()
         self._notify()
@@ -131,7 +140,7 @@ class MemoryBroker(BrokerCore):
     def cancel_consumers(self, name: str) -> int:
         """Cancel every consumer of a queue from the broker side (as when a
         queue's leader moves), keeping the queue; returns how many."""
-        consumers = list(self._queue(name).consumers)
+        consumers = list(self._inspect(name).consumers)
         for consumer in consumers:
             self._remove_consumer(consumer, by_broker=True)
         return len(consumers)
@@ -168,18 +177,18 @@ class MemoryBroker(BrokerCore):
 
     def queue_messages(self, name: str) -> list[BrokerMessage]:
         """The queue's ready messages, head first (expired ones are applied)."""
-        queue = self._queue(name)
+        queue = self._inspect(name)
         self._expire(queue)
         return [m.snapshot() for m in queue.in_order()]
 
     def unacked_messages(self, name: str) -> list[BrokerMessage]:
         """The queue's delivered, unsettled messages, in queue order."""
-        queue = self._queue(name)
+        queue = self._inspect(name)
         return [m.snapshot() for m in sorted(queue.unacked.values())]
 
     def get(self, name: str) -> BrokerMessage | None:
         """Take the head of the queue (``basic.get`` with auto-ack), or None."""
-        queue = self._queue(name)
+        queue = self._inspect(name)
         self._expire(queue)
         if not queue.ready:
             return None
@@ -193,17 +202,17 @@ class MemoryBroker(BrokerCore):
 
     def message_count(self, name: str) -> int:
         """How many messages are ready in the queue."""
-        queue = self._queue(name)
+        queue = self._inspect(name)
         self._expire(queue)
         return len(queue.ready)
 
     def unacked_count(self, name: str) -> int:
         """How many of the queue's messages are delivered and not yet settled."""
-        return len(self._queue(name).unacked)
+        return len(self._inspect(name).unacked)
 
     def consumer_count(self, name: str) -> int:
         """How many consumers the queue has."""
-        return len(self._queue(name).consumers)
+        return len(self._inspect(name).consumers)
 
     # Connections
 
