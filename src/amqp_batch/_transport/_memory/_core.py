@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import attrs
@@ -53,7 +53,7 @@ from ._routing import EXCHANGE_TYPES, matches
 
 __all__ = ["BrokerCore", "Settle"]
 
-Settle = str  # "ack", "requeue" or "reject"
+Settle = Literal["ack", "requeue", "reject"]
 
 _PREDEFINED = {
     "amq.direct": "direct",

@@ -22,6 +22,7 @@ from .._base import (
     SessionSpec,
 )
 from .._url import ConnectionParameters
+from ._core import Settle
 from ._model import Channel, Consumer
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class MemorySession:
         deleted)."""
         return self._consumer.cancelled_by_broker
 
-    async def _settle(self, tag: int, *, multiple: bool, how: str) -> None:
+    async def _settle(self, tag: int, *, multiple: bool, how: Settle) -> None:
         self._broker._settle(self._channel, tag, multiple=multiple, how=how)
         if self._channel.closed:
             # Like the broker's channel.close arriving: the session body is
@@ -88,12 +89,12 @@ class MemorySession:
         self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True
     ) -> None:
         """Negatively acknowledge; ``requeue=False`` dead-letters."""
-        how = "requeue" if requeue else "reject"
+        how: Settle = "requeue" if requeue else "reject"
         await self._settle(delivery_tag, multiple=multiple, how=how)
 
     async def reject(self, delivery_tag: int, *, requeue: bool = True) -> None:
         """Reject one delivery; ``requeue=False`` dead-letters."""
-        how = "requeue" if requeue else "reject"
+        how: Settle = "requeue" if requeue else "reject"
         await self._settle(delivery_tag, multiple=False, how=how)
 
     async def cancel(self) -> None:
