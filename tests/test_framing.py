@@ -25,14 +25,17 @@ from amqp_batch._transport._native._framing import (
 def _delivery_bytes(tag: int, body: bytes, frame_max: int = 4096) -> bytes:
     """A basic.deliver as the broker sends it, body cut at ``frame_max``."""
     data = marshal_publish(
-        1, body, "ex", "rk", commands.Basic.Properties(message_id=str(tag)), False,
+        1,
+        body,
+        "ex",
+        "rk",
+        commands.Basic.Properties(message_id=str(tag)),
+        False,
         frame_max,
     )
     # marshal_publish starts with basic.publish; swap it for basic.deliver.
     publish = frame.marshal(commands.Basic.Publish(exchange="ex", routing_key="rk"), 1)
-    deliver = frame.marshal(
-        commands.Basic.Deliver("ctag", tag, False, "ex", "rk"), 1
-    )
+    deliver = frame.marshal(commands.Basic.Deliver("ctag", tag, False, "ex", "rk"), 1)
     return deliver + data[len(publish) :]
 
 

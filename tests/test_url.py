@@ -88,7 +88,7 @@ def test_bad_urls_raise_clear_value_errors(url: str, fragment: str) -> None:
     ],
 )
 def test_password_never_in_error_text(url: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="invalid AMQP URL") as info:
         parse_url(url)
     assert SECRET not in str(info.value)
     assert SECRET not in repr(info.value)
