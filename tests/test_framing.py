@@ -177,3 +177,15 @@ def attrs_without(props: Properties, *names: str) -> dict[str, object]:
 def test_invalid_properties_name_the_problem() -> None:
     with pytest.raises(ValueError, match="invalid message properties"):
         properties_to_pamqp(Properties(delivery_mode=7))
+
+
+def test_headers_that_decoded_to_bytes_can_be_published_again() -> None:
+    """A long string that is not UTF-8 decodes to bytes; republishing such a
+    message must not fail, and must keep the bytes."""
+    incoming = Properties(headers={"raw": b"\xff\xfe", "nested": {"x": [b"\x80"]}})
+    encoded = properties_to_pamqp(incoming).marshal()
+    decoded = commands.Basic.Properties()
+    decoded.unmarshal(int.from_bytes(encoded[:2], "big"), encoded[2:])
+    assert decoded.headers is not None
+    assert bytes(decoded.headers["raw"]) == b"\xff\xfe"
+    assert bytes(decoded.headers["nested"]["x"][0]) == b"\x80"

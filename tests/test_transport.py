@@ -629,3 +629,26 @@ async def test_publisher_session_confirms(broker_url, unique_name) -> None:
         info = await publisher.channel.queue_declare(unique_name, passive=True)
         assert info.message_count == 1
         await publisher.channel.queue_delete(unique_name)
+
+
+async def test_cancelled_session_exits_promptly_and_flushes_queued_acks(
+    broker_url, unique_name
+) -> None:
+    """Cancelling the caller must not wait for close replies that the (cancelled)
+    reader can no longer read, and acks queued just before are still written."""
+    async with channel_on(broker_url) as channel:
+        queue = await fresh_queue(channel, unique_name)
+        await publish_ids(channel, queue, 10)
+    spec = SessionSpec(parameters=parse_url(broker_url), queue=queue, prefetch_count=10)
+    with anyio.fail_after(2):  # well under the 5 s graceful-close bounds
+        with anyio.CancelScope() as scope:
+            async with open_session(spec) as session:
+                received = await receive(session.deliveries, 10)
+                await session.ack(received[-1].delivery_tag, multiple=True)
+                scope.cancel()
+                await anyio.sleep_forever()
+    assert scope.cancelled_caught
+    async with channel_on(broker_url) as channel:
+        info = await channel.queue_declare(queue, passive=True)
+        assert info.message_count == 0  # the acks went out before the socket closed
+        await channel.queue_delete(queue)

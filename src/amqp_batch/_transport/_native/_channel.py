@@ -9,6 +9,7 @@ them, no frame is ever queued for a channel after it closed (a frame behind our
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from collections import deque
@@ -432,7 +433,9 @@ class Channel:
         self._calls.clear()
         self._calls.append(call)
         with anyio.move_on_after(timeout, shield=True):
-            await call.waiter.wait()
+            # if the connection goes away, the channel is gone with it
+            with contextlib.suppress(TransportError):
+                await call.waiter.wait()
         if self._state is not _State.CLOSED:
             self._finish(None)
 

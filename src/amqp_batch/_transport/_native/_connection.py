@@ -13,6 +13,7 @@ cancelled, and the writer coalesces everything queued into one socket write.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import ssl
@@ -84,6 +85,7 @@ class Connection:
         self._error: TransportError | None = None
         self._closing = False
         self._failed_while_open = False
+        self._tasks_alive = True
         self._close_ok = anyio.Event()
         self._task_group: TaskGroup | None = None
         self._last_received = anyio.current_time()
@@ -131,19 +133,28 @@ class Connection:
             raise self._error
 
     async def _writer(self) -> None:
+        # What the writer takes out of the queue is written whole even if the
+        # connection's tasks are cancelled meanwhile (shielded), so acks queued just
+        # before a cancellation still reach the broker; the shield is bounded so a
+        # peer that stopped reading cannot hold the close up for long.
+        write_timeout = self.parameters.connection_timeout or 10.0
         while True:
             await self._has_outgoing.wait()
             self._has_outgoing = anyio.Event()
             if not self._outgoing:
                 continue
-            data = (
-                b"".join(self._outgoing)
-                if len(self._outgoing) > 1
-                else (self._outgoing[0])
-            )
+            outgoing = self._outgoing
+            data = b"".join(outgoing) if len(outgoing) > 1 else outgoing[0]
             self._outgoing = []
             self._outgoing_size = 0
-            await self._stream.send(data)
+            with anyio.move_on_after(write_timeout, shield=True) as scope:
+                await self._stream.send(data)
+            if scope.cancelled_caught:
+                raise ConnectionLost(
+                    f"writing to {self.parameters.redacted_url} timed out after "
+                    f"{write_timeout} s",
+                    retryable=True,
+                )
             if not self._drained.is_set() and self._outgoing_size <= _WRITE_HIGH_WATER:
                 self._drained.set()
 
@@ -216,6 +227,7 @@ class Connection:
         try:
             await job()
         except anyio.get_cancelled_exc_class():
+            self._task_gone()
             raise
         except TransportError as exc:
             self._fail(exc)
@@ -238,6 +250,17 @@ class Connection:
             error = ProtocolError(f"internal error in the AMQP connection: {exc!r}")
             error.__cause__ = exc
             self._fail(error)
+
+    def _task_gone(self) -> None:
+        """A background task was cancelled (we are closing, or our caller was
+        cancelled): nothing more will be read, so nobody may wait for a reply."""
+        self._tasks_alive = False
+        self._close_ok.set()
+        gone = ConnectionLost(
+            f"connection to {self.parameters.redacted_url} is closing", retryable=True
+        )
+        for channel in list(self._channels.values()):
+            channel.connection_lost(gone)
 
     def _fail(self, error: TransportError) -> None:
         if self._error is None:
@@ -276,27 +299,46 @@ class Connection:
             yield channel
         finally:
             with anyio.CancelScope(shield=True):
-                if self._error is None:
+                if self._error is None and self._tasks_alive:
                     await channel.close()
                 else:
-                    channel.connection_lost(self._error)
+                    channel.connection_lost(
+                        self._error or ConnectionLost("the connection is closing")
+                    )
 
     # Closing
 
     async def _close(self, timeout: float) -> None:
-        """Graceful close: connection.close, wait for close-ok (bounded)."""
-        if self._error is None and not self._closing:
-            self._closing = True
-            try:
-                self.send(
-                    marshal_method(
-                        commands.Connection.Close(200, "Normal shutdown", 0, 0), 0
-                    )
-                )
-            except TransportError:
-                return
+        """Graceful close: connection.close, wait for close-ok (bounded).
+
+        If our caller was cancelled, the reader and writer are gone with it: then
+        whatever is queued (acks included) and connection.close are written
+        directly, best effort and briefly, and the socket is closed.
+        """
+        if self._error is not None or self._closing:
+            return
+        self._closing = True
+        close = marshal_method(
+            commands.Connection.Close(200, "Normal shutdown", 0, 0), 0
+        )
+        if self._tasks_alive:
+            self.send(close)
             with anyio.move_on_after(timeout):
                 await self._close_ok.wait()
+            if self._tasks_alive:
+                return
+        data = b"".join([*self._outgoing, close])
+        self._outgoing = []
+        with anyio.move_on_after(min(timeout, 1.0)):
+            # best effort: the socket is closed next in any case
+            with contextlib.suppress(
+                OSError,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                anyio.BusyResourceError,
+                ssl.SSLError,
+            ):
+                await self._stream.send(data)
 
 
 def _describe(exc: BaseException) -> str:

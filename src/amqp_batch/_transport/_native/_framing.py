@@ -10,6 +10,7 @@ Nothing here does I/O, so all of it is tested without a socket.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import attrs
@@ -21,7 +22,7 @@ from pamqp.exceptions import UnmarshalingException
 from pamqp.heartbeat import Heartbeat
 
 from ..._exceptions import ProtocolError
-from .._base import Properties
+from .._base import FieldTable, Properties
 
 __all__ = [
     "FrameParser",
@@ -280,8 +281,28 @@ def properties_to_pamqp(props: Properties | None) -> commands.Basic.Properties:
     for ours, theirs in _PAMQP_FIELDS:
         value = getattr(props, ours)
         if value is not None:
-            kwargs[theirs] = dict(value) if ours == "headers" else value
+            kwargs[theirs] = encodable_table(value) if ours == "headers" else value
     try:
         return commands.Basic.Properties(**kwargs)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"invalid message properties: {exc}") from exc
+
+
+def encodable_table(table: FieldTable) -> dict[str, Any]:
+    """A copy of a header table that pamqp can encode.
+
+    pamqp decodes a long string that is not valid UTF-8 as ``bytes`` but cannot
+    encode ``bytes``; such values go back out as AMQP byte arrays (``bytearray``)
+    with the same bytes, so republishing a message keeps its headers.
+    """
+    return {key: _encodable(value) for key, value in table.items()}
+
+
+def _encodable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, Mapping):
+        return encodable_table(value)
+    if isinstance(value, list | tuple):
+        return [_encodable(item) for item in value]
+    return value
