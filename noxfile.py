@@ -1,0 +1,73 @@
+"""Project automation: ``nox -s tests``, ``lint``, ``typecheck``, ``docs``, ``bench``.
+
+Every session runs on the interpreter that runs nox (``python3 -m nox``), in its own
+virtualenv under ``.nox/`` (built with uv when it is installed, else venv).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+
+nox.options.default_venv_backend = "uv" if shutil.which("uv") else "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.error_on_missing_interpreters = True
+
+# Paths that exist in this checkout, among those we lint.
+LINT_PATHS = [
+    name
+    for name in ("src", "tests", "bench", "examples", "noxfile.py")
+    if (ROOT / name).exists()
+]
+
+
+def _group(name: str) -> list[str]:
+    """Requirements of a ``[dependency-groups]`` entry of pyproject.toml."""
+    return list(nox.project.dependency_groups(PYPROJECT, name))
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (a private RabbitMQ node is started for it)."""
+    session.install("-e", ".", *_group("test"), "aiormq")
+    # Installs Debian's rabbitmq-server when missing (root only; never starts or
+    # stops the machine's own broker), else explains what to install.
+    session.run("python", "-m", "tests.support.rabbit_node", "--ensure")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Ruff lint and format check."""
+    session.install(*_group("lint"))
+    session.run("ruff", "check", *LINT_PATHS)
+    session.run("ruff", "format", "--check", *LINT_PATHS)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict (configured in pyproject.toml) on the library."""
+    session.install("-e", ".", *_group("typecheck"))
+    session.run("mypy", "src")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Documentation build: not set up yet."""
+    session.log("docs: nothing to build yet (the docs build comes later)")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Transport benchmark against a broker (``bench/transport.py``), if present."""
+    script = ROOT / "bench" / "transport.py"
+    if not script.exists():
+        session.skip(f"{script.relative_to(ROOT)} does not exist yet")
+    session.install("-e", ".[trio]", "aiormq")
+    session.run("python", str(script.relative_to(ROOT)), *session.posargs)
