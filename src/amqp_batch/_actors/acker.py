@@ -111,7 +111,7 @@ class Acker:
 
     async def _requeue(self, message: Message) -> Action:
         if self._policy.is_exhausted(message.retry_count):
-            logger.warning(
+            logger.info(
                 "message %r exhausted %d requeue attempt(s); dead-lettering it",
                 message.message_id,
                 self._policy.max_requeue_attempts,
