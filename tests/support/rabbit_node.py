@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import errno
 import json
 import os
 import pwd
@@ -159,15 +160,28 @@ def ensure_rabbitmq_installed() -> Path:
 # --------------------------------------------------------------------------- helpers
 
 
-def _free_port(taken: set[int]) -> int:
-    """Return a TCP port that is free on 127.0.0.1 now and not in ``taken``."""
+def _free_port(taken: set[int], all_interfaces: bool = False) -> int:
+    """Return a TCP port that is free now (on 127.0.0.1, or on every interface).
+
+    ``all_interfaces`` also checks the IPv6 wildcard, where the system has one.
+    """
+    host = "0.0.0.0" if all_interfaces else "127.0.0.1"
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
+            sock.bind((host, 0))
             port: int = sock.getsockname()[1]
-        if port not in taken:
-            taken.add(port)
-            return port
+        if port in taken:
+            continue
+        if all_interfaces and socket.has_ipv6:
+            try:
+                with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock6:
+                    sock6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock6.bind(("::", port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue  # taken on IPv6; other errors: no IPv6 here
+        taken.add(port)
+        return port
 
 
 def _port_open(port: int) -> bool:
@@ -293,7 +307,7 @@ class PrivateNode:
         self.extra_config = dict(extra_config or {})
         taken: set[int] = set()
         self.amqp_port = _free_port(taken)
-        self.amqps_port = _free_port(taken)
+        self.amqps_port = _free_port(taken, all_interfaces=True)
         self.dist_port = _free_port(taken)
         self.os_pid: int | None = None
         self.base_dir: Path | None = None
@@ -628,7 +642,9 @@ class PrivateNode:
         server.private_key_pem.write_to_path(str(tls_dir / "server.key"))
         (tls_dir / "server.key").chmod(0o600)
         return {
-            "listeners.ssl.1": f"127.0.0.1:{self.amqps_port}",
+            # Every interface, so tests can reach it under a name or address
+            # the certificate does not cover (127.0.0.2). guest is loopback-only.
+            "listeners.ssl.default": str(self.amqps_port),
             "ssl_options.cacertfile": str(tls_dir / "ca.pem"),
             "ssl_options.certfile": str(tls_dir / "server.pem"),
             "ssl_options.keyfile": str(tls_dir / "server.key"),
