@@ -399,6 +399,18 @@ class Channel:
                 callback(error)
         self._close_callbacks.clear()
 
+    def replies_gone(self, error: TransportError) -> None:
+        """Nothing more will be read on this connection (its tasks were cancelled
+        with our caller): fail whoever waits for a reply or a confirm. Frames may
+        still be queued; they are flushed when the connection closes."""
+        calls, self._calls = self._calls, deque()
+        for call in calls:
+            call.waiter.set_error(error)
+        pending, self._unconfirmed = self._unconfirmed, {}
+        self._unconfirmed_order.clear()
+        for publish in pending.values():
+            publish.waiter.set_error(error)
+
     def connection_lost(self, error: TransportError) -> None:
         """The connection died: this channel is gone with it."""
         if self._state is not _State.CLOSED:

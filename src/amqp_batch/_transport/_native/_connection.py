@@ -260,7 +260,7 @@ class Connection:
             f"connection to {self.parameters.redacted_url} is closing", retryable=True
         )
         for channel in list(self._channels.values()):
-            channel.connection_lost(gone)
+            channel.replies_gone(gone)
 
     def _fail(self, error: TransportError) -> None:
         if self._error is None:
