@@ -666,3 +666,54 @@ async def test_cancelled_session_exits_promptly_and_flushes_queued_acks(
         info = await channel.queue_declare(queue, passive=True)
         assert info.message_count == 0  # the acks went out before the socket closed
         await channel.queue_delete(queue)
+
+
+async def test_exchange_to_exchange_binding(broker_url, unique_name) -> None:
+    async with channel_on(broker_url) as channel:
+        source, destination = f"{unique_name}.src", f"{unique_name}.dst"
+        await channel.exchange_declare(source, "fanout")
+        await channel.exchange_declare(destination, "direct")
+        await channel.exchange_bind(destination, source)
+        queue = await fresh_queue(channel, unique_name)
+        await channel.queue_bind(queue, destination, "k")
+        await channel.confirm_select()
+        await channel.publish(b"via-source", exchange=source, routing_key="k")
+        got = await channel.basic_get(queue)
+        assert got is not None
+        assert (got.body, got.exchange) == (b"via-source", source)
+        await channel.queue_delete(queue)
+        await channel.exchange_delete(source)
+        await channel.exchange_delete(destination)
+
+
+async def test_we_send_heartbeats_on_an_idle_connection(private_node) -> None:
+    """With a 1 s heartbeat the broker closes a client that stays silent for more
+    than two intervals; ours must keep the idle connection alive."""
+    params = attrs.evolve(parse_url(private_node.url), heartbeat=1)
+    async with connect(params) as connection, connection.channel() as channel:
+        assert connection.heartbeat == 1
+        await anyio.sleep(3.5)  # the workload: be idle for 3.5 heartbeat intervals
+        info = await channel.queue_declare("", exclusive=True)
+        assert info.queue.startswith("amq.gen-")
+        assert connection.is_open
+
+
+async def test_password_never_reaches_logs_or_errors(private_node, caplog) -> None:
+    marker = "PW-MARKER-31337"
+    url = f"amqp://guest:{marker}@127.0.0.1:{private_node.amqp_port}/?name=leaky"
+    params = parse_url(url)
+    texts = [repr(params), str(params)]
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(AuthenticationError) as info:
+            async with connect(params):
+                pass
+        texts += [str(info.value), repr(info.value)]
+        import traceback
+
+        texts.append("".join(traceback.format_exception(info.value)))
+        good = attrs.evolve(params, password="guest")
+        async with connect(good) as connection, connection.channel():
+            texts.append(repr(connection))
+    texts += [record.getMessage() for record in caplog.records]
+    assert caplog.records  # DEBUG logging did capture the connection's life
+    assert not [text for text in texts if marker in text]
