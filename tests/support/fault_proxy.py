@@ -37,13 +37,11 @@ _CHUNK = 65536
 
 
 class _Link:
-    """One proxied connection: the client side, the upstream side, their fate."""
+    """One proxied connection: its cancel scope and the faults it is subject to."""
 
     def __init__(self, number: int) -> None:
         self.number = number
         self.scope = anyio.CancelScope()
-        self.client: SocketStream | None = None
-        self.upstream: SocketStream | None = None
         self.rst = False
         self.cut_after: int | None = None
         self.cut_direction: CutDirection = "to_client"
@@ -232,7 +230,6 @@ class FaultProxy:
         self._notify()
         try:
             async with client:
-                link.client = client
                 with link.scope:
                     await self._forward(link, client)
                 if link.rst:
@@ -249,7 +246,6 @@ class FaultProxy:
             self.connect_failures += 1
             return
         async with upstream:
-            link.upstream = upstream
             try:
                 if link.cut_after == 0:
                     link.cut(link.cut_rst)

@@ -224,7 +224,12 @@ def _wait_until(
 
 
 def _processes_of_node(node_name: str) -> list[int]:
-    """Pids of processes whose environment names ``node_name`` as RABBITMQ_NODENAME."""
+    """Pids of processes whose environment names ``node_name`` as RABBITMQ_NODENAME.
+
+    That is the VM and its helpers (``erl_child_setup``, ``inet_gethost``), but not
+    ``epmd``: a node started where none runs spawns one, and other nodes on the
+    machine may have registered with it since.
+    """
     marker = f"RABBITMQ_NODENAME={node_name}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
@@ -232,10 +237,13 @@ def _processes_of_node(node_name: str) -> list[int]:
             continue
         try:
             environ = (entry / "environ").read_bytes()
+            if marker not in environ.split(b"\0"):
+                continue
+            if (entry / "comm").read_text().strip() == "epmd":
+                continue
         except OSError:
             continue
-        if marker in environ.split(b"\0"):
-            pids.append(int(entry.name))
+        pids.append(int(entry.name))
     return pids
 
 
