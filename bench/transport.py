@@ -142,7 +142,9 @@ def commit() -> str:
 
 def report(results: list[dict[str, object]], count: int, runs: int) -> str:
     """A Markdown table: median msg/s and the ratio to aiormq."""
-    baseline = next(r["median"] for r in results if r["consumer"] == "aiormq 7 (asyncio)")
+    baseline = next(
+        r["median"] for r in results if r["consumer"] == "aiormq 7 (asyncio)"
+    )
     assert isinstance(baseline, float)
     lines = [
         f"# Transport ceiling: consume + ack(multiple) every {ACK_EVERY}",
@@ -178,16 +180,34 @@ def main() -> None:
     # Interleave the consumers run by run so that machine noise hits all of them.
     for _ in range(1):
         results.append(
-            measure("amqp-batch native (asyncio)", "asyncio", consume_native,
-                    args.url, args.messages, args.runs)
+            measure(
+                "amqp-batch native (asyncio)",
+                "asyncio",
+                consume_native,
+                args.url,
+                args.messages,
+                args.runs,
+            )
         )
         results.append(
-            measure("amqp-batch native (trio)", "trio", consume_native,
-                    args.url, args.messages, args.runs)
+            measure(
+                "amqp-batch native (trio)",
+                "trio",
+                consume_native,
+                args.url,
+                args.messages,
+                args.runs,
+            )
         )
         results.append(
-            measure("aiormq 7 (asyncio)", "asyncio", consume_aiormq,
-                    args.url, args.messages, args.runs)
+            measure(
+                "aiormq 7 (asyncio)",
+                "asyncio",
+                consume_aiormq,
+                args.url,
+                args.messages,
+                args.runs,
+            )
         )
     table = report(results, args.messages, args.runs)
     print(table)
