@@ -266,3 +266,55 @@ async def test_acker_waits_for_earlier_batch_before_acking_later_one() -> None:
     ]
     session, _ = await _run_acker([later, earlier], policy=policy, publisher=publisher)
     assert session.frames == [("ack", 1, False), ("nack", 2, False), ("ack", 4, True)]
+
+
+class GatedPublisher(FakePublisher):
+    """Holds every publish until ``expected`` publishes are in flight together, so
+    a test only passes if the acker pipelines them."""
+
+    def __init__(self, expected: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.expected = expected
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.all_in_flight = anyio.Event()
+        self.confirmed: list[str] = []
+
+    async def publish(self, body: bytes, **kwargs: object) -> None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if self.in_flight == self.expected:
+            self.all_in_flight.set()
+        try:
+            with anyio.fail_after(5):
+                await self.all_in_flight.wait()
+            await super().publish(body, **kwargs)  # type: ignore[arg-type]
+            self.confirmed.append(body.decode())
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.mark.anyio
+async def test_acker_pipelines_a_batchs_republishes_then_acks_in_tag_order() -> None:
+    """Every REQUEUE copy of a batch is in flight at once; the originals are
+    settled only after all confirms, in tag order, one coalesced ack."""
+    publisher = GatedPublisher(expected=4, fail={"d": MessageNacked("nacked")})
+    policy = RetryPolicy(queue="q", max_requeue_attempts=3)
+    batch: list[Outcome] = [
+        (_message(1, "a"), MessageResult.REQUEUE),
+        (_message(2, "b"), MessageResult.ACK),
+        (_message(3, "c"), MessageResult.REQUEUE),
+        (_message(4, "d"), MessageResult.REQUEUE),
+        (_message(5, "e"), MessageResult.REQUEUE),
+        (_message(6, "f"), MessageResult.ACK),
+    ]
+    session, counts = await _run_acker([batch], policy=policy, publisher=publisher)
+    assert publisher.max_in_flight == 4
+    assert sorted(publisher.confirmed) == ["a", "c", "e"]
+    # "d"'s copy was nacked: the original is rejected (dead-lettered), never acked.
+    assert session.frames == [
+        ("ack", 3, True),
+        ("reject", 4, False),
+        ("ack", 6, True),
+    ]
+    assert counts == Counter(requeue=4, ack=2, dead_lettered=1)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from functools import partial
 
 import attrs
+from anyio import create_task_group
 from anyio.abc import ObjectReceiveStream
 
 from .._exceptions import MessageNacked, MessageReturned
@@ -28,9 +30,13 @@ from .._retry import (
 from .._transport._base import PublisherSession, Session
 from .ledger import AckLedger, Action
 
-__all__ = ["Acker", "DeadLetter", "Disposition", "Outcome"]
+__all__ = ["MAX_PUBLISHES_IN_FLIGHT", "Acker", "DeadLetter", "Disposition", "Outcome"]
 
 logger = logging.getLogger("amqp_batch.acker")
+
+#: Publishes (REQUEUE copies, library dead-letters) of one batch in flight at once:
+#: the size of the batch's task pool, whatever the batch size.
+MAX_PUBLISHES_IN_FLIGHT = 64
 
 
 @attrs.frozen
@@ -73,10 +79,47 @@ class Acker:
         async with AsyncExitStack() as stack, outcomes:
             self._stack = stack
             async for batch in outcomes:
-                for message, disposition in batch:
-                    action = await self._decide(message, disposition)
+                actions = await self._decide_batch(batch)
+                for (message, _), action in zip(batch, actions, strict=True):
                     self._ledger.resolve(message.delivery_tag, action)
                 await self._send_ready()
+
+    async def _decide_batch(self, batch: list[Outcome]) -> list[Action]:
+        """The wire action of each outcome, in order.
+
+        Outcomes that need a publish (a REQUEUE copy, a library dead-letter) are
+        published concurrently: every copy of the batch is in flight at once (up
+        to :data:`MAX_PUBLISHES_IN_FLIGHT`) and their confirms are awaited
+        together, instead of one confirm round trip per message. Nothing is
+        resolved in the ledger before every publish of the batch has finished, so
+        no ack can cover an original whose copy is unconfirmed.
+        """
+        actions: list[Action | None] = []
+        publishes: list[tuple[int, Callable[[PublisherSession], Awaitable[Action]]]]
+        publishes = []
+        for index, (message, disposition) in enumerate(batch):
+            planned = self._plan(message, disposition)
+            if isinstance(planned, Action):
+                actions.append(planned)
+            else:
+                actions.append(None)
+                publishes.append((index, planned))
+        if publishes:
+            # Opened here, in the acker's own task (its context manager owns a
+            # task group), never inside the publishing tasks below.
+            publisher = await self._publisher_session()
+            pending = iter(publishes)
+
+            async def publish_some() -> None:
+                for index, publish in pending:
+                    actions[index] = await publish(publisher)
+
+            async with create_task_group() as group:
+                for _ in range(min(len(publishes), MAX_PUBLISHES_IN_FLIGHT)):
+                    group.start_soon(publish_some)
+        decided = [action for action in actions if action is not None]
+        assert len(decided) == len(batch)
+        return decided
 
     async def _send_ready(self) -> None:
         for frame in self._ledger.take_ready():
@@ -95,10 +138,13 @@ class Acker:
             )
         return self._publisher
 
-    async def _decide(self, message: Message, disposition: Disposition) -> Action:
+    def _plan(
+        self, message: Message, disposition: Disposition
+    ) -> Action | Callable[[PublisherSession], Awaitable[Action]]:
+        """The action for ``message``, or the publish that decides it."""
         if isinstance(disposition, DeadLetter):
             self._counts["dead_lettered"] += 1
-            return await self._dead_letter(message, disposition.reason, always=True)
+            return self._dead_letter(message, disposition.reason, always=True)
         self._counts[disposition.name.lower()] += 1
         if disposition is MessageResult.ACK:
             return Action.ACK
@@ -106,10 +152,7 @@ class Acker:
             return Action.REQUEUE
         if disposition is MessageResult.NACK:
             self._counts["dead_lettered"] += 1
-            return await self._dead_letter(message, "rejected")
-        return await self._requeue(message)
-
-    async def _requeue(self, message: Message) -> Action:
+            return self._dead_letter(message, "rejected")
         if self._policy.is_exhausted(message.retry_count):
             logger.info(
                 "message %r exhausted %d requeue attempt(s); dead-lettering it",
@@ -117,8 +160,11 @@ class Acker:
                 self._policy.max_requeue_attempts,
             )
             self._counts["dead_lettered"] += 1
-            return await self._dead_letter(message, "max-requeue-attempts")
-        publisher = await self._publisher_session()
+            return self._dead_letter(message, "max-requeue-attempts")
+        return partial(self._republish, message)
+
+    async def _republish(self, message: Message, publisher: PublisherSession) -> Action:
+        """Publish the copy (confirmed); ACK the original only once it is confirmed."""
         try:
             await publisher.publish(
                 message.body,
@@ -136,12 +182,15 @@ class Acker:
                 message.message_id,
             )
             self._counts["dead_lettered"] += 1
-            return await self._dead_letter(message, "republish-failed")
+            dead_letter = self._dead_letter(message, "republish-failed")
+            if isinstance(dead_letter, Action):
+                return dead_letter
+            return await dead_letter(publisher)
         return Action.ACK
 
-    async def _dead_letter(
+    def _dead_letter(
         self, message: Message, reason: str, *, always: bool = False
-    ) -> Action:
+    ) -> Action | Callable[[PublisherSession], Awaitable[Action]]:
         """Dead-letter with the original exchange and routing key.
 
         An original is rejected and the broker dead-letters it (keeping its key,
@@ -156,7 +205,18 @@ class Acker:
         _, routing_key = original_destination(message.delivery)
         if self._policy.dead_letter_routing_key is not None:
             routing_key = self._policy.dead_letter_routing_key
-        publisher = await self._publisher_session()
+        return partial(
+            self._publish_dead_letter, message, exchange, routing_key, reason
+        )
+
+    async def _publish_dead_letter(
+        self,
+        message: Message,
+        exchange: str,
+        routing_key: str,
+        reason: str,
+        publisher: PublisherSession,
+    ) -> Action:
         try:
             await publisher.publish(
                 message.body,
