@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import anyio
 import pytest
+from tests.support.fault_proxy import FaultProxy
+from tests.support.rabbit_node import PrivateNode
 
 from amqp_batch import (
     BatchConsumer,
@@ -21,8 +23,6 @@ from amqp_batch import (
     parse_url,
 )
 from consumer_support import admin_channel, cleanup, drain, publish_ids, unique_name
-from tests.support.fault_proxy import FaultProxy
-from tests.support.rabbit_node import PrivateNode
 
 pytestmark = [pytest.mark.anyio, pytest.mark.private_node]
 
@@ -56,7 +56,7 @@ def _settings(url: str, queue: str, **overrides: object) -> BatchConsumerSetting
 async def _wait_for(predicate: Callable[[], bool], timeout: float = 20) -> None:
     """Poll ``predicate`` (cheap, in-process state) until true, within ``timeout``."""
     with anyio.fail_after(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - health() is a snapshot API
             await anyio.sleep(0.005)
 
 
