@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import pytest
@@ -387,3 +389,100 @@ async def test_num_workers_each_own_connection_hooks_once(
     assert set(handled.values()) == {1}
     assert sum(h.results.get("ack", 0) for h in consumer.health()) == 60
     assert [h.state.value for h in consumer.health()] == ["stopped"] * 3
+
+
+class _InFlightTransport:
+    """Wraps a transport; tracks how many republishes are in flight at once."""
+
+    def __init__(self, inner: NativeTransport) -> None:
+        self.inner = inner
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def open_session(self, spec: Any) -> Any:
+        return self.inner.open_session(spec)
+
+    def open_publisher(self, parameters: Any, *, declare: Any = ()) -> Any:
+        transport = self
+
+        @asynccontextmanager
+        async def wrapped() -> AsyncIterator[Any]:
+            async with transport.inner.open_publisher(
+                parameters, declare=declare
+            ) as publisher:
+                yield _InFlightPublisher(publisher, transport)
+
+        return wrapped()
+
+
+class _InFlightPublisher:
+    def __init__(self, inner: Any, counter: _InFlightTransport) -> None:
+        self._inner = inner
+        self._counter = counter
+
+    async def publish(self, body: bytes, **kwargs: Any) -> None:
+        counter = self._counter
+        counter.in_flight += 1
+        counter.max_in_flight = max(counter.max_in_flight, counter.in_flight)
+        try:
+            await self._inner.publish(body, **kwargs)
+        finally:
+            counter.in_flight -= 1
+
+
+async def test_requeue_heavy_batch_republishes_are_pipelined(
+    broker_url: str, queue: str
+) -> None:
+    """A batch of 50 REQUEUEs has its copies in flight together (not one confirm
+    round trip each); every copy arrives with x-retry-count 1, and once exhausted
+    every one reaches the DLX under its original key. Nothing is lost."""
+    exchange, dlx, dlq = unique_name("ex"), unique_name("dlx"), unique_name("dlq")
+    seen: dict[str, list[int]] = defaultdict(list)
+    done = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for message in messages:
+            seen[message.message_id or ""].append(message.retry_count)
+            yield MessageResult.REQUEUE
+        if sum(map(len, seen.values())) == 100:
+            done.set()
+
+    transport = _InFlightTransport(NativeTransport())
+    settings = make_settings(
+        broker_url,
+        queue,
+        exchange_name=exchange,
+        exchange_type="topic",
+        routing_key="orders.#",
+        exchange_durable=False,
+        dead_letter_exchange=dlx,
+        dead_letter_queue=dlq,
+        max_requeue_attempts=1,
+        batch_size=50,
+        prefetch_count=100,
+        batch_timeout=0.5,
+    )
+    try:
+        async with admin_channel(broker_url) as channel:
+            await channel.exchange_declare(exchange, "topic", durable=False)
+        async with batch_consumer(settings, handle, transport=transport) as consumer:
+            async with admin_channel(broker_url) as channel:
+                ids = await publish_ids(
+                    channel, range(50), exchange=exchange, routing_key="orders.created"
+                )
+            with anyio.fail_after(30):
+                await done.wait()
+        dead = await take(broker_url, dlq, 50)
+    finally:
+        await cleanup(broker_url, queues=[dlq], exchanges=[exchange, dlx])
+    assert transport.max_in_flight > 1
+    assert {i: counts for i, counts in seen.items()} == {i: [0, 1] for i in ids}
+    assert sorted(ids_of(dead), key=int) == ids
+    for delivery in dead:
+        assert delivery.routing_key == "orders.created"
+        headers = delivery.properties.headers or {}
+        assert headers["x-dead-letter-reason"] == "max-requeue-attempts"
+        assert headers["x-retry-count"] == 1
+    assert consumer.health()[0].results == {"requeue": 100, "dead_lettered": 50}
+    async with admin_channel(broker_url) as channel:
+        assert await drain(channel, queue) == []
