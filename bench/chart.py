@@ -1,0 +1,86 @@
+"""A PNG of the benchmark table: throughput, latency and memory, one panel each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLOURS = {
+    "aio-pika-batch": "#c44e52",
+    "raw aiormq": "#8172b2",
+    "transport ceiling": "#999999",
+    "amqp-batch (asyncio)": "#4c72b0",
+    "amqp-batch (trio)": "#55a868",
+}
+
+
+def colour(consumer: str) -> str:
+    for prefix, value in COLOURS.items():
+        if consumer.startswith(prefix):
+            return value
+    return "#333333"
+
+
+def _bars(axis: Any, labels: list[str], values: list[float], colours: list[str],
+          fmt: str) -> None:
+    positions = range(len(values))
+    bars = axis.barh(list(positions), values, color=colours)
+    axis.set_yticks(list(positions), labels, fontsize=8)
+    axis.invert_yaxis()
+    for bar, value in zip(bars, values, strict=True):
+        axis.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                  " " + fmt.format(value), va="center", fontsize=7)
+    axis.margins(x=0.18)
+
+
+def draw(rows: list[dict[str, Any]], path: Path, subtitle: str = "") -> None:
+    """Draw ``rows`` (from ``run.summarise``) to ``path``."""
+    throughput = [r for r in rows if r["workload"] in ("W1", "W2", "W3", "W4")]
+    latency = [r for r in rows if r["workload"] == "W5"]
+    memory = [r for r in rows if r["workload"] == "W6"]
+    heights = [max(1, len(throughput)), max(1, len(latency) * 2), max(1, len(memory))]
+    figure, axes = plt.subplots(
+        3, 1, figsize=(10, 2.2 + 0.32 * sum(heights)),
+        gridspec_kw={"height_ratios": heights},
+    )
+    figure.suptitle("amqp-batch benchmark (median of runs)\n" + subtitle, fontsize=10)
+
+    axis = axes[0]
+    if throughput:
+        _bars(axis,
+              [f"{r['workload']}  {r['consumer']}" for r in throughput],
+              [r["value"] for r in throughput],
+              [colour(r["consumer"]) for r in throughput], "{:,.0f}")
+    axis.set_xlabel("messages per second (higher is better)")
+    axis.set_title("Throughput: W1 drain, W2 mixed + requeue, W3 trio, "
+                   "W4 20 ms I/O handler", fontsize=9)
+
+    axis = axes[1]
+    if latency:
+        labels, values, colours = [], [], []
+        for r in latency:
+            for name, value in zip(("p50", "p99"), r["value"], strict=True):
+                labels.append(f"{r['consumer']} {name}")
+                values.append(value)
+                colours.append(colour(r["consumer"]))
+        _bars(axis, labels, values, colours, "{:.1f} ms")
+        axis.axvline(120, color="black", linestyle=":", linewidth=1)
+        axis.text(119, len(values) - 0.7, "goal p99 ≤ 120 ms ", fontsize=7, ha="right")
+    axis.set_xlabel("publish-to-handler delay, ms (lower is better)")
+    axis.set_title("W5: latency at 200 msg/s, batch 100, timeout 0.1 s", fontsize=9)
+
+    axis = axes[2]
+    if memory:
+        _bars(axis, [r["consumer"] for r in memory], [r["value"][0] for r in memory],
+              [colour(r["consumer"]) for r in memory], "{:.1f} MiB")
+    axis.set_xlabel("peak RSS, MiB (lower is better)")
+    axis.set_title("W6: peak RSS draining 4 KiB messages, prefetch 1000", fontsize=9)
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,348 @@
+"""Workloads W1-W6: queue fills, paced publishing, and one measurement per process.
+
+The runner (``bench/run.py``) fills the queue in its own process, then starts one
+child process per measurement so that every consumer starts from a fresh
+interpreter (and its peak RSS is its own):
+
+- ``python bench/workloads.py --consumer amqp-batch|ceiling|aiormq ...`` for our
+  consumers (this file), and
+- ``bench/.venvs/aio-pika-batch/bin/python bench/peers/aio_pika_batch_driver.py``
+  for aio-pika-batch.
+
+Both print the same JSON lines on stdout: ``{"ready": true}`` once consuming
+(latency mode only), then the result. The fill and the bare consumers (our
+transport's ceiling and raw aiormq) are ``bench/transport.py``'s own functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import transport  # noqa: E402  (bench/transport.py: fill and bare consumers)
+
+from amqp_batch import (  # noqa: E402
+    BatchConsumerSettings,
+    Message,
+    MessageResult,
+    batch_consumer,
+)
+from amqp_batch._transport._base import Properties  # noqa: E402
+from amqp_batch._transport._native import connect  # noqa: E402
+from amqp_batch._transport._url import parse_url  # noqa: E402
+
+PREFIX = "amqp-batch.bench."
+#: W1, W3, W4, W6: the queue bench/transport.py fills and drains.
+DRAIN_QUEUE = transport.QUEUE
+#: W2: a queue with a dead-letter exchange and queue.
+MIXED_QUEUE = PREFIX + "mixed"
+MIXED_DLX = PREFIX + "mixed.dlx"
+MIXED_DLQ = PREFIX + "mixed.dlq"
+#: W5: messages carrying their publish time.
+LATENCY_QUEUE = PREFIX + "latency"
+MAX_REQUEUE = 3
+PERSISTENT = Properties(delivery_mode=2)
+
+
+def body(index: int, stamp: float = 0.0, size: int = 256) -> bytes:
+    """``size`` bytes: the index (10 digits), a space, the publish time (18)."""
+    return f"{index:010d} {stamp:018.6f} ".encode().ljust(size, b"x")
+
+
+def stamp_of(data: bytes) -> float:
+    return float(data[11:29])
+
+
+def rss_kib(field: str = "VmRSS") -> int:
+    """Current resident set size (``VmHWM``: its peak), KiB.
+
+    Not ``getrusage``: on Linux a child's ``ru_maxrss`` starts at its parent's
+    RSS at fork time, which would hide the consumer's own peak.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+@contextlib.contextmanager
+def body_size(size: int) -> Iterator[None]:
+    """Make ``transport.fill`` publish ``size``-byte bodies (W6: 4 KiB)."""
+    saved = transport.BODY
+    transport.BODY = b"x" * size
+    try:
+        yield
+    finally:
+        transport.BODY = saved
+
+
+def fill_drain(url: str, count: int, size: int = 256) -> None:
+    """W1/W3/W4/W6: bench/transport.py's confirmed fill of its durable queue."""
+    with body_size(size):
+        anyio.run(transport.fill, url, count)
+
+
+async def _declare_mixed(channel: Any) -> None:
+    await channel.exchange_declare(MIXED_DLX, "topic", durable=True)
+    await channel.queue_declare(MIXED_DLQ, durable=True)
+    await channel.queue_bind(MIXED_DLQ, MIXED_DLX, "#")
+    await channel.queue_declare(
+        MIXED_QUEUE, durable=True, arguments={"x-dead-letter-exchange": MIXED_DLX}
+    )
+
+
+async def fill_mixed_async(url: str, count: int) -> None:
+    """W2: purge the queue and its DLQ, publish ``count`` indexed messages with
+    confirms, pipelined 500 at a time as ``transport.fill`` does."""
+    async with connect(parse_url(url)) as connection, connection.channel() as channel:
+        await _declare_mixed(channel)
+        await channel.queue_purge(MIXED_QUEUE)
+        await channel.queue_purge(MIXED_DLQ)
+        await channel.confirm_select()
+        window = []
+        for index in range(count):
+            window.append(
+                channel.start_publish(
+                    body(index), routing_key=MIXED_QUEUE, properties=PERSISTENT
+                )
+            )
+            if len(window) >= 500 or index == count - 1:
+                for pending in window:
+                    await pending.wait()
+                window.clear()
+        info = await channel.queue_declare(MIXED_QUEUE, passive=True)
+        assert info.message_count == count, info
+
+
+def fill_mixed(url: str, count: int) -> None:
+    anyio.run(fill_mixed_async, url, count)
+
+
+async def reset_latency_queue(url: str) -> None:
+    async with connect(parse_url(url)) as connection, connection.channel() as channel:
+        await channel.queue_declare(LATENCY_QUEUE, durable=True)
+        await channel.queue_purge(LATENCY_QUEUE)
+
+
+async def publish_paced(url: str, rate: float, count: int, size: int = 256) -> None:
+    """W5: publish ``count`` persistent messages at ``rate`` per second, each
+    carrying its publish time; confirms are awaited in the background."""
+    interval = 1.0 / rate
+    async with connect(parse_url(url)) as connection, connection.channel() as channel:
+        await channel.confirm_select()
+        pending = []
+        start = anyio.current_time()
+        for index in range(count):
+            delay = start + index * interval - anyio.current_time()
+            if delay > 0:
+                await anyio.sleep(delay)
+            pending.append(
+                channel.start_publish(
+                    body(index, time.time(), size),
+                    routing_key=LATENCY_QUEUE,
+                    properties=PERSISTENT,
+                )
+            )
+        for waiter in pending:
+            await waiter.wait()
+
+
+async def queue_counts(url: str, *names: str) -> list[int]:
+    """Ready-message counts (passive declares) on a fresh connection."""
+    async with connect(parse_url(url)) as connection, connection.channel() as channel:
+        return [
+            (await channel.queue_declare(name, passive=True)).message_count
+            for name in names
+        ]
+
+
+async def delete_all(url: str) -> None:
+    """Delete every queue and exchange the bench declared."""
+    async with connect(parse_url(url)) as connection, connection.channel() as channel:
+        for queue in (DRAIN_QUEUE, MIXED_QUEUE, MIXED_DLQ, LATENCY_QUEUE):
+            await channel.queue_delete(queue)
+        await channel.exchange_delete(MIXED_DLX)
+
+
+# -- amqp-batch as a consumer ------------------------------------------------------
+
+
+class _State:
+    def __init__(self, mode: str, target: int, sleep: float) -> None:
+        self.mode = mode
+        self.target = target
+        self.sleep = sleep
+        self.handled = 0
+        self.final = 0
+        self.latencies: list[float] = []
+        self.done = anyio.Event()
+        #: soak mode: (seconds since the first batch, RSS KiB) every 5 s.
+        self.rss_samples: list[tuple[float, int]] = []
+        self.first_batch: float | None = None
+
+
+def make_handler(state: _State) -> Any:
+    """The benchmark handler (the same decisions as the aio-pika-batch driver)."""
+
+    async def handle(messages: Sequence[Message]) -> Any:
+        if state.sleep:
+            await anyio.sleep(state.sleep)
+        if state.mode == "soak":
+            now = time.monotonic()
+            if state.first_batch is None:
+                state.first_batch = now
+            if not state.rss_samples or now - state.first_batch - state.rss_samples[-1][0] >= 5:
+                state.rss_samples.append((now - state.first_batch, rss_kib()))
+        if state.mode == "latency":
+            now = time.time()
+            for message in messages:
+                state.latencies.append(now - stamp_of(message.body))
+        for message in messages:
+            state.handled += 1
+            if state.mode != "mixed":
+                state.final += 1
+                yield MessageResult.ACK
+                continue
+            kind = int(message.body[:10]) % 10
+            if kind == 0:
+                state.final += 1
+                yield MessageResult.NACK
+            elif kind == 1:
+                if message.retry_count >= MAX_REQUEUE:
+                    state.final += 1
+                yield MessageResult.REQUEUE
+            else:
+                state.final += 1
+                yield MessageResult.ACK
+        if state.final >= state.target:
+            state.done.set()
+
+    return handle
+
+
+async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement of amqp-batch (asyncio or trio, from ``args.backend``)."""
+    state = _State(args.mode, args.count, args.sleep)
+    dead_letter = (
+        {"dead_letter_exchange": MIXED_DLX, "dead_letter_queue": MIXED_DLQ}
+        if args.mode == "mixed"
+        else {}
+    )
+    settings = BatchConsumerSettings(
+        url=args.url,
+        queue_name=args.queue,
+        prefetch_count=args.prefetch,
+        batch_size=args.batch_size,
+        batch_timeout=args.batch_timeout,
+        num_workers=args.workers,
+        max_requeue_attempts=MAX_REQUEUE,
+        **dead_letter,
+    )
+    baseline = rss_kib()
+    async with connect(parse_url(args.url)) as probe, probe.channel() as channel:
+        started = time.perf_counter()
+        async with batch_consumer(settings, make_handler(state)):
+            if args.mode in ("latency", "soak"):
+                print(json.dumps({"ready": True}), flush=True)
+            await state.done.wait()
+        # Leaving the block drains: every result is applied, republishes confirmed.
+        if args.mode == "mixed":
+            while [
+                (await channel.queue_declare(name, passive=True)).message_count
+                for name in (args.queue, MIXED_DLQ)
+            ] != [0, args.expect_dlq]:
+                await anyio.sleep(0.005)
+        seconds = time.perf_counter() - started
+    result: dict[str, Any] = {
+        "seconds": seconds,
+        "handled": state.handled,
+        "latencies": state.latencies,
+        "baseline_rss_kib": baseline,
+    }
+    if args.mode == "soak" and state.rss_samples:
+        # Growth after a one-minute warm-up.
+        warm = next((kib for t, kib in state.rss_samples if t >= 60), None)
+        warm = state.rss_samples[0][1] if warm is None else warm
+        result["rss_samples"] = state.rss_samples
+        result["soak_growth_kib"] = state.rss_samples[-1][1] - warm
+    return result
+
+
+async def consume_bare(args: argparse.Namespace) -> dict[str, Any]:
+    """bench/transport.py's bare consumers: our transport's ceiling, raw aiormq."""
+    baseline = rss_kib()
+    function = (
+        transport.consume_native if args.consumer == "ceiling" else transport.consume_aiormq
+    )
+    seconds = await function(args.url, args.count)
+    return {"seconds": seconds, "handled": args.count, "baseline_rss_kib": baseline}
+
+
+def child(argv: list[str] | None = None) -> None:
+    """Entry point of one measurement process."""
+    parser = argparse.ArgumentParser(description="one amqp-batch bench measurement")
+    parser.add_argument(
+        "--consumer", choices=["amqp-batch", "ceiling", "aiormq"], required=True
+    )
+    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--queue", default=DRAIN_QUEUE)
+    parser.add_argument(
+        "--mode", choices=["drain", "mixed", "io", "latency", "soak"], default="drain"
+    )
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--batch-timeout", type=float, default=0.5)
+    parser.add_argument("--prefetch", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--expect-dlq", type=int, default=0)
+    parser.add_argument("--profile", default=None, help="write a pyinstrument/cProfile file")
+    args = parser.parse_args(argv)
+    function = consume_amqp_batch if args.consumer == "amqp-batch" else consume_bare
+    if args.profile:
+        result = _profiled(function, args)
+    else:
+        result = anyio.run(function, args, backend=args.backend)
+    result["peak_rss_kib"] = rss_kib("VmHWM")
+    result["python"] = sys.version.split()[0]
+    print(json.dumps(result), flush=True)
+
+
+def _profiled(function: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Run under cProfile (``.prof``) or pyinstrument (``.html``/``.txt``)."""
+    path = Path(args.profile)
+    if path.suffix == ".prof":
+        import cProfile
+
+        profiler = cProfile.Profile()
+        result = profiler.runcall(anyio.run, function, args, backend=args.backend)
+        profiler.dump_stats(path)
+        return result
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.0005, async_mode="disabled")
+    with profiler:
+        result = anyio.run(function, args, backend=args.backend)
+    if path.suffix == ".html":
+        path.write_text(profiler.output_html())
+    else:
+        path.write_text(profiler.output_text(unicode=True, show_all=False))
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    child()
