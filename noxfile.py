@@ -65,9 +65,13 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Transport benchmark against a broker (``bench/transport.py``), if present."""
-    script = ROOT / "bench" / "transport.py"
-    if not script.exists():
-        session.skip(f"{script.relative_to(ROOT)} does not exist yet")
-    session.install("-e", ".[trio]", "aiormq")
-    session.run("python", str(script.relative_to(ROOT)), *session.posargs)
+    """Benchmarks W1-W6 against aio-pika-batch and raw aiormq (``bench/run.py``).
+
+    Needs a broker (``AMQP_BATCH_BENCH_URL``, default the local one). Options go
+    after ``--``: ``--quick --runs 1``, ``--only W1,W3``, ``--soak``. The transport
+    ceiling alone: ``nox -s bench -- --only W1`` or ``python bench/transport.py``.
+    """
+    session.install(
+        "-e", ".", "aiormq>=7,<8", "trio>=0.23", "matplotlib", "pyinstrument"
+    )
+    session.run("python", "bench/run.py", *session.posargs)

@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 COLOURS = {
     "aio-pika-batch": "#c44e52",
@@ -26,15 +26,21 @@ def colour(consumer: str) -> str:
     return "#333333"
 
 
-def _bars(axis: Any, labels: list[str], values: list[float], colours: list[str],
-          fmt: str) -> None:
+def _bars(
+    axis: Any, labels: list[str], values: list[float], colours: list[str], fmt: str
+) -> None:
     positions = range(len(values))
     bars = axis.barh(list(positions), values, color=colours)
     axis.set_yticks(list(positions), labels, fontsize=8)
     axis.invert_yaxis()
     for bar, value in zip(bars, values, strict=True):
-        axis.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
-                  " " + fmt.format(value), va="center", fontsize=7)
+        axis.text(
+            bar.get_width(),
+            bar.get_y() + bar.get_height() / 2,
+            " " + fmt.format(value),
+            va="center",
+            fontsize=7,
+        )
     axis.margins(x=0.18)
 
 
@@ -45,20 +51,27 @@ def draw(rows: list[dict[str, Any]], path: Path, subtitle: str = "") -> None:
     memory = [r for r in rows if r["workload"] == "W6"]
     heights = [max(1, len(throughput)), max(1, len(latency) * 2), max(1, len(memory))]
     figure, axes = plt.subplots(
-        3, 1, figsize=(10, 2.2 + 0.32 * sum(heights)),
+        3,
+        1,
+        figsize=(10, 2.2 + 0.32 * sum(heights)),
         gridspec_kw={"height_ratios": heights},
     )
     figure.suptitle("amqp-batch benchmark (median of runs)\n" + subtitle, fontsize=10)
 
     axis = axes[0]
     if throughput:
-        _bars(axis,
-              [f"{r['workload']}  {r['consumer']}" for r in throughput],
-              [r["value"] for r in throughput],
-              [colour(r["consumer"]) for r in throughput], "{:,.0f}")
+        _bars(
+            axis,
+            [f"{r['workload']}  {r['consumer']}" for r in throughput],
+            [r["value"] for r in throughput],
+            [colour(r["consumer"]) for r in throughput],
+            "{:,.0f}",
+        )
     axis.set_xlabel("messages per second (higher is better)")
-    axis.set_title("Throughput: W1 drain, W2 mixed + requeue, W3 trio, "
-                   "W4 20 ms I/O handler", fontsize=9)
+    axis.set_title(
+        "Throughput: W1 drain, W2 mixed + requeue, W3 trio, W4 20 ms I/O handler",
+        fontsize=9,
+    )
 
     axis = axes[1]
     if latency:
@@ -76,8 +89,13 @@ def draw(rows: list[dict[str, Any]], path: Path, subtitle: str = "") -> None:
 
     axis = axes[2]
     if memory:
-        _bars(axis, [r["consumer"] for r in memory], [r["value"][0] for r in memory],
-              [colour(r["consumer"]) for r in memory], "{:.1f} MiB")
+        _bars(
+            axis,
+            [r["consumer"] for r in memory],
+            [r["value"][0] for r in memory],
+            [colour(r["consumer"]) for r in memory],
+            "{:.1f} MiB",
+        )
     axis.set_xlabel("peak RSS, MiB (lower is better)")
     axis.set_title("W6: peak RSS draining 4 KiB messages, prefetch 1000", fontsize=9)
 

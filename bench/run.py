@@ -169,8 +169,13 @@ class Bench:
         self.failures: list[str] = []
 
     def record(
-        self, workload: str, consumer: str, fill: Callable[[], None], command: list[str],
-        on_ready: Callable[[], None] | None = None, count: int | None = None,
+        self,
+        workload: str,
+        consumer: str,
+        fill: Callable[[], None],
+        command: list[str],
+        on_ready: Callable[[], None] | None = None,
+        count: int | None = None,
     ) -> None:
         try:
             fill()
@@ -220,18 +225,27 @@ class Bench:
         fill = lambda: workloads.fill_mixed(url, n)  # noqa: E731
         common = {"queue": MIXED_QUEUE, "mode": "mixed", "expect_dlq": dlq}
         self.record(
-            "W2", APB, fill, peer(url, n, dlx=MIXED_DLX, dlq=MIXED_DLQ, **common), count=n
+            "W2",
+            APB,
+            fill,
+            peer(url, n, dlx=MIXED_DLX, dlq=MIXED_DLQ, **common),
+            count=n,
         )
         self.record("W2", AB_AIO, fill, ours("amqp-batch", url, n, **common), count=n)
         self.record(
-            "W2", AB_TRIO, fill,
-            ours("amqp-batch", url, n, backend="trio", **common), count=n,
+            "W2",
+            AB_TRIO,
+            fill,
+            ours("amqp-batch", url, n, backend="trio", **common),
+            count=n,
         )
 
     def w3(self) -> None:
         n, url = self.n["W1"], self.url
         fill = self.drain_fill(n)
-        self.record("W3", CEIL_TRIO, fill, ours("ceiling", url, n, backend="trio"), count=n)
+        self.record(
+            "W3", CEIL_TRIO, fill, ours("ceiling", url, n, backend="trio"), count=n
+        )
         self.record(
             "W3", AB_TRIO, fill, ours("amqp-batch", url, n, backend="trio"), count=n
         )
@@ -243,16 +257,25 @@ class Bench:
             suffix = f", {workers} worker{'s' if workers > 1 else ''}"
             options = {"mode": "io", "sleep": 0.02, "workers": workers}
             self.record(
-                "W4", APB + suffix, fill, peer(url, n, queue=DRAIN_QUEUE, **options),
+                "W4",
+                APB + suffix,
+                fill,
+                peer(url, n, queue=DRAIN_QUEUE, **options),
                 count=n,
             )
             self.record(
-                "W4", AB_AIO + suffix, fill, ours("amqp-batch", url, n, **options),
+                "W4",
+                AB_AIO + suffix,
+                fill,
+                ours("amqp-batch", url, n, **options),
                 count=n,
             )
             self.record(
-                "W4", AB_TRIO + suffix, fill,
-                ours("amqp-batch", url, n, backend="trio", **options), count=n,
+                "W4",
+                AB_TRIO + suffix,
+                fill,
+                ours("amqp-batch", url, n, backend="trio", **options),
+                count=n,
             )
 
     def w5(self) -> None:
@@ -275,8 +298,9 @@ class Bench:
         self.record("W6", AIORMQ, fill, ours("aiormq", url, n), count=n)
         self.record("W6", CEIL_AIO, fill, ours("ceiling", url, n), count=n)
         self.record("W6", AB_AIO, fill, ours("amqp-batch", url, n), count=n)
-        self.record("W6", AB_TRIO, fill, ours("amqp-batch", url, n, backend="trio"),
-                    count=n)
+        self.record(
+            "W6", AB_TRIO, fill, ours("amqp-batch", url, n, backend="trio"), count=n
+        )
 
     def soak(self, minutes: float) -> None:
         """W6 sustained: amqp-batch consuming 4 KiB messages at 1,000 msg/s."""
@@ -287,8 +311,13 @@ class Bench:
             workloads.publish_paced, url, rate, n, 4096
         )
         options = {"queue": LATENCY_QUEUE, "mode": "soak", "batch_timeout": 0.1}
-        self.record("W6 soak", AB_AIO, fill, ours("amqp-batch", url, n, **options),
-                    on_ready=publish)
+        self.record(
+            "W6 soak",
+            AB_AIO,
+            fill,
+            ours("amqp-batch", url, n, **options),
+            on_ready=publish,
+        )
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -304,12 +333,17 @@ def percentile(ordered: list[float], q: float) -> float:
 def git_commit() -> str:
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-            check=True, cwd=HERE,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=HERE,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no", "--", "src"],
-            capture_output=True, text=True, cwd=HERE,
+            capture_output=True,
+            text=True,
+            cwd=HERE,
         ).stdout.strip()
         return commit + (" (src modified)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -355,50 +389,76 @@ def summarise(bench: Bench) -> list[dict[str, Any]]:
                 continue
             value = med(runs, "rate")
             if workload == "W4":
-                reference = rate("W4", APB + consumer[consumer.index(","):])
+                reference = rate("W4", APB + consumer[consumer.index(",") :])
                 ceiling = None
             else:
                 reference = rate(workload, APB) if workload != "W3" else apb_w1
                 ceiling = (
-                    rate("W1", CEIL_AIO) if workload == "W1"
-                    else rate("W3", CEIL_TRIO) if workload == "W3" else None
+                    rate("W1", CEIL_AIO)
+                    if workload == "W1"
+                    else rate("W3", CEIL_TRIO)
+                    if workload == "W3"
+                    else None
                 )
-            rows.append({
-                "workload": workload, "consumer": consumer, "unit": "msg/s",
-                "value": value, "vs_peer": value / reference if reference else None,
-                "vs_ceiling": value / ceiling if ceiling else None,
-                "runs": [r["rate"] for r in runs],
-            })
+            rows.append(
+                {
+                    "workload": workload,
+                    "consumer": consumer,
+                    "unit": "msg/s",
+                    "value": value,
+                    "vs_peer": value / reference if reference else None,
+                    "vs_ceiling": value / ceiling if ceiling else None,
+                    "runs": [r["rate"] for r in runs],
+                }
+            )
     for (w, consumer), runs in v.items():
         if w == "W5":
             peer_p99 = med(v[("W5", APB)], "p99") if v.get(("W5", APB)) else None
             p99 = med(runs, "p99")
-            rows.append({
-                "workload": "W5", "consumer": consumer, "unit": "ms p50 / p99",
-                "value": (med(runs, "p50") * 1000, p99 * 1000),
-                "vs_peer": p99 / peer_p99 if peer_p99 else None, "vs_ceiling": None,
-                "runs": [(r["p50"] * 1000, r["p99"] * 1000) for r in runs],
-            })
+            rows.append(
+                {
+                    "workload": "W5",
+                    "consumer": consumer,
+                    "unit": "ms p50 / p99",
+                    "value": (med(runs, "p50") * 1000, p99 * 1000),
+                    "vs_peer": p99 / peer_p99 if peer_p99 else None,
+                    "vs_ceiling": None,
+                    "runs": [(r["p50"] * 1000, r["p99"] * 1000) for r in runs],
+                }
+            )
     for (w, consumer), runs in v.items():
         if w == "W6":
-            peer_peak = med(v[("W6", APB)], "peak_rss_kib") if v.get(("W6", APB)) else None
+            peer_peak = (
+                med(v[("W6", APB)], "peak_rss_kib") if v.get(("W6", APB)) else None
+            )
             peak = med(runs, "peak_rss_kib")
-            growth = statistics.median(r["peak_rss_kib"] - r["baseline_rss_kib"] for r in runs)
-            rows.append({
-                "workload": "W6", "consumer": consumer,
-                "unit": "MiB peak RSS (growth)",
-                "value": (peak / 1024, growth / 1024),
-                "vs_peer": peak / peer_peak if peer_peak else None, "vs_ceiling": None,
-                "runs": [r["peak_rss_kib"] / 1024 for r in runs],
-            })
+            growth = statistics.median(
+                r["peak_rss_kib"] - r["baseline_rss_kib"] for r in runs
+            )
+            rows.append(
+                {
+                    "workload": "W6",
+                    "consumer": consumer,
+                    "unit": "MiB peak RSS (growth)",
+                    "value": (peak / 1024, growth / 1024),
+                    "vs_peer": peak / peer_peak if peer_peak else None,
+                    "vs_ceiling": None,
+                    "runs": [r["peak_rss_kib"] / 1024 for r in runs],
+                }
+            )
         if w == "W6 soak":
             for r in runs:
-                rows.append({
-                    "workload": "W6 soak", "consumer": consumer,
-                    "unit": "MiB RSS growth after warm-up",
-                    "value": r.get("soak_growth_kib", 0) / 1024,
-                    "vs_peer": None, "vs_ceiling": None, "runs": [],
-                })
+                rows.append(
+                    {
+                        "workload": "W6 soak",
+                        "consumer": consumer,
+                        "unit": "MiB RSS growth after warm-up",
+                        "value": r.get("soak_growth_kib", 0) / 1024,
+                        "vs_peer": None,
+                        "vs_ceiling": None,
+                        "runs": [],
+                    }
+                )
     return rows
 
 
@@ -431,20 +491,27 @@ def goals(bench: Bench) -> list[str]:
 
     w1, apb1, ceil1 = rate("W1", AB_AIO), rate("W1", APB), rate("W1", CEIL_AIO)
     if w1 and apb1 and ceil1:
-        line(f"W1: {w1 / apb1:.2f}x aio-pika-batch (goal ≥ 4x), {w1 / ceil1:.2f}x "
-             "the transport ceiling (goal ≥ 0.85x)", w1 >= 4 * apb1 and w1 >= 0.85 * ceil1)
+        line(
+            f"W1: {w1 / apb1:.2f}x aio-pika-batch (goal ≥ 4x), {w1 / ceil1:.2f}x "
+            "the transport ceiling (goal ≥ 0.85x)",
+            w1 >= 4 * apb1 and w1 >= 0.85 * ceil1,
+        )
     w2, apb2 = rate("W2", AB_AIO), rate("W2", APB)
     if w2 and apb2:
         line(f"W2: {w2 / apb2:.2f}x aio-pika-batch (goal ≥ 8x)", w2 >= 8 * apb2)
     w3 = rate("W3", AB_TRIO)
     if w3 and w1:
-        line(f"W3: trio at {w3 / w1:.2f}x W1 asyncio (goal within 10%)",
-             abs(w3 / w1 - 1) <= 0.10)
+        line(
+            f"W3: trio at {w3 / w1:.2f}x W1 asyncio (goal within 10%)",
+            abs(w3 / w1 - 1) <= 0.10,
+        )
     for name in (AB_AIO, AB_TRIO):
         one, four = rate("W4", name + ", 1 worker"), rate("W4", name + ", 4 workers")
         if one and four:
-            line(f"W4 {name}: 4 workers {four / one:.2f}x 1 worker (goal ≥ 3.5x)",
-                 four >= 3.5 * one)
+            line(
+                f"W4 {name}: 4 workers {four / one:.2f}x 1 worker (goal ≥ 3.5x)",
+                four >= 3.5 * one,
+            )
     for name in (AB_AIO, AB_TRIO):
         if v.get(("W5", name)):
             p99 = med(v[("W5", name)], "p99") * 1000
@@ -452,10 +519,14 @@ def goals(bench: Bench) -> list[str]:
     if v.get(("W6", AB_AIO)):
         peak = med(v[("W6", AB_AIO)], "peak_rss_kib") / 1024
         growth = statistics.median(
-            (r["peak_rss_kib"] - r["baseline_rss_kib"]) / 1024 for r in v[("W6", AB_AIO)]
+            (r["peak_rss_kib"] - r["baseline_rss_kib"]) / 1024
+            for r in v[("W6", AB_AIO)]
         )
-        line(f"W6: peak RSS {peak:.1f} MiB, +{growth:.1f} MiB over the idle process "
-             "(bound: prefetch × body = 1000 × 4 KiB = 3.9 MiB plus a constant)", None)
+        line(
+            f"W6: peak RSS {peak:.1f} MiB, +{growth:.1f} MiB over the idle process "
+            "(bound: prefetch × body = 1000 × 4 KiB = 3.9 MiB plus a constant)",
+            None,
+        )
     return out
 
 
@@ -484,8 +555,9 @@ def render(bench: Bench, args: argparse.Namespace, elapsed: float) -> str:
     ]
     for row in rows:
         runs = ", ".join(
-            f"{r[0]:.0f}/{r[1]:.0f}" if isinstance(r, tuple) else
-            (f"{r:.1f}" if row["workload"] == "W6" else f"{r:,.0f}")
+            f"{r[0]:.0f}/{r[1]:.0f}"
+            if isinstance(r, tuple)
+            else (f"{r:.1f}" if row["workload"] == "W6" else f"{r:,.0f}")
             for r in row["runs"]
         )
         lines.append(
@@ -518,10 +590,12 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small counts, smoke run")
-    parser.add_argument("--only", default="W1,W2,W3,W4,W5,W6",
-                        help="comma-separated workloads")
-    parser.add_argument("--soak", action="store_true",
-                        help="also W6's 10-minute sustained run")
+    parser.add_argument(
+        "--only", default="W1,W2,W3,W4,W5,W6", help="comma-separated workloads"
+    )
+    parser.add_argument(
+        "--soak", action="store_true", help="also W6's 10-minute sustained run"
+    )
     parser.add_argument("--soak-minutes", type=float, default=10.0)
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
@@ -544,9 +618,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.md").write_text(table)
-    (out / "latest.json").write_text(json.dumps(
-        {f"{w}|{c}": runs for (w, c), runs in bench.values.items()}, indent=1
-    ))
+    (out / "latest.json").write_text(
+        json.dumps(
+            {f"{w}|{c}": runs for (w, c), runs in bench.values.items()}, indent=1
+        )
+    )
     try:
         import chart
     except ImportError as exc:

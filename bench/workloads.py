@@ -30,17 +30,17 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import transport  # noqa: E402  (bench/transport.py: fill and bare consumers)
+import transport
 
-from amqp_batch import (  # noqa: E402
+from amqp_batch import (
     BatchConsumerSettings,
     Message,
     MessageResult,
     batch_consumer,
 )
-from amqp_batch._transport._base import Properties  # noqa: E402
-from amqp_batch._transport._native import connect  # noqa: E402
-from amqp_batch._transport._url import parse_url  # noqa: E402
+from amqp_batch._transport._base import Properties
+from amqp_batch._transport._native import connect
+from amqp_batch._transport._url import parse_url
 
 PREFIX = "amqp-batch.bench."
 #: W1, W3, W4, W6: the queue bench/transport.py fills and drains.
@@ -203,7 +203,10 @@ def make_handler(state: _State) -> Any:
             now = time.monotonic()
             if state.first_batch is None:
                 state.first_batch = now
-            if not state.rss_samples or now - state.first_batch - state.rss_samples[-1][0] >= 5:
+            if (
+                not state.rss_samples
+                or now - state.first_batch - state.rss_samples[-1][0] >= 5
+            ):
                 state.rss_samples.append((now - state.first_batch, rss_kib()))
         if state.mode == "latency":
             now = time.time()
@@ -284,7 +287,9 @@ async def consume_bare(args: argparse.Namespace) -> dict[str, Any]:
     """bench/transport.py's bare consumers: our transport's ceiling, raw aiormq."""
     baseline = rss_kib()
     function = (
-        transport.consume_native if args.consumer == "ceiling" else transport.consume_aiormq
+        transport.consume_native
+        if args.consumer == "ceiling"
+        else transport.consume_aiormq
     )
     seconds = await function(args.url, args.count)
     return {"seconds": seconds, "handled": args.count, "baseline_rss_kib": baseline}
@@ -309,7 +314,9 @@ def child(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--expect-dlq", type=int, default=0)
-    parser.add_argument("--profile", default=None, help="write a pyinstrument/cProfile file")
+    parser.add_argument(
+        "--profile", default=None, help="write a pyinstrument/cProfile file"
+    )
     args = parser.parse_args(argv)
     function = consume_amqp_batch if args.consumer == "amqp-batch" else consume_bare
     if args.profile:

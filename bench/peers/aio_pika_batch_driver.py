@@ -135,8 +135,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         if args.mode == "latency":
             # __aenter__ returns before the workers consume: wait for them.
-            while (await probe_channel.declare_queue(args.queue, passive=True))\
-                    .declaration_result.consumer_count < args.workers:
+            while (
+                await probe_channel.declare_queue(args.queue, passive=True)
+            ).declaration_result.consumer_count < args.workers:
                 await asyncio.sleep(0.01)
             print(json.dumps({"ready": True}), flush=True)
         await State.done.wait()
