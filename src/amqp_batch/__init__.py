@@ -27,3 +27,33 @@ from ._transport._url import parse_url as parse_url
 from ._version import __version__ as __version__
 from ._worker import WorkerHealth as WorkerHealth
 from ._worker import WorkerState as WorkerState
+
+__all__ = [
+    "RETRY_COUNT_HEADER",
+    "AMQPBatchError",
+    "AuthenticationError",
+    "BatchConsumer",
+    "BatchConsumerSettings",
+    "ChannelClosed",
+    "ConnectionBlockedTimeout",
+    "ConnectionLost",
+    "ConnectionParameters",
+    "ConnectionRefused",
+    "Consumer",
+    "ConsumerCancelled",
+    "ConsumerSettings",
+    "Message",
+    "MessageNacked",
+    "MessageResult",
+    "MessageReturned",
+    "Properties",
+    "ProtocolError",
+    "Publisher",
+    "TransportError",
+    "UnknownVirtualHost",
+    "WorkerHealth",
+    "WorkerState",
+    "__version__",
+    "batch_consumer",
+    "parse_url",
+]
