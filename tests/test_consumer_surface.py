@@ -55,6 +55,8 @@ def test_public_names_are_importable() -> None:
     missing = [name for name in PUBLIC_NAMES if not hasattr(amqp_batch, name)]
     assert missing == []
     assert amqp_batch.RETRY_COUNT_HEADER == "x-retry-count"
+    assert set(PUBLIC_NAMES) <= set(amqp_batch.__all__)
+    assert all(hasattr(amqp_batch, name) for name in amqp_batch.__all__)
 
 
 def test_message_result_members() -> None:
