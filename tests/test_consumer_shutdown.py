@@ -214,3 +214,68 @@ async def test_sigterm_with_batches_in_flight(
     async with admin_channel(broker_url) as channel:
         remaining = ids_of(await drain(channel, queue))
     assert sorted(remaining + acked, key=int) == ids
+
+
+STUCK_SCRIPT = textwrap.dedent(
+    """
+    import logging, sys, anyio
+    from amqp_batch import BatchConsumer, BatchConsumerSettings, MessageResult
+
+    url, queue, backend = sys.argv[1:4]
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+
+    class Stuck(BatchConsumer):
+        async def process_messages(self, messages):
+            print("batch " + " ".join(m.message_id for m in messages), flush=True)
+            await anyio.sleep_forever()  # a handler that never finishes
+            yield MessageResult.ACK
+
+    settings = BatchConsumerSettings(
+        url=url, queue_name=queue, prefetch_count=10, batch_size=5,
+        batch_timeout=60, shutdown_timeout=120,
+    )
+    try:
+        anyio.run(Stuck(settings).run, backend=backend)
+    finally:
+        print("exited", flush=True)
+    """
+)
+
+
+async def test_second_signal_stops_at_once(
+    broker_url: str, queue: str, anyio_backend: str, tmp_path: Path
+) -> None:
+    """The first SIGINT starts a graceful drain bounded by shutdown_timeout (120 s
+    here); a second one stops at once, and nothing unfinished is acked."""
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_SCRIPT)
+    async with admin_channel(broker_url) as channel:
+        ids = await publish_ids(channel, range(10), routing_key=queue)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    lines: list[str] = []
+    async with await anyio.open_process(
+        [sys.executable, str(script), broker_url, queue, anyio_backend],
+        env=env,
+        stderr=subprocess.STDOUT,
+    ) as process:
+        assert process.stdout is not None
+        buffer = b""
+        with anyio.fail_after(30):  # far below the 120 s shutdown_timeout
+            async for chunk in process.stdout:
+                buffer += chunk
+                *complete, buffer = buffer.split(b"\n")
+                for line in complete:
+                    text = line.decode()
+                    lines.append(text)
+                    # one signal at a time: the OS merges signals that are
+                    # pending together
+                    if text.startswith("batch"):
+                        process.send_signal(signal.SIGINT)
+                    elif "stopping gracefully" in text:
+                        process.send_signal(signal.SIGINT)
+            await process.wait()
+    assert "exited" in lines, lines
+    assert any(line.startswith("batch") for line in lines)
+    async with admin_channel(broker_url) as channel:
+        remaining = ids_of(await drain(channel, queue))
+    assert sorted(remaining, key=int) == ids  # nothing was acked
