@@ -269,9 +269,7 @@ async def test_second_signal_stops_at_once(
                     lines.append(text)
                     # one signal at a time: the OS merges signals that are
                     # pending together
-                    if text.startswith("batch"):
-                        process.send_signal(signal.SIGINT)
-                    elif "stopping gracefully" in text:
+                    if text.startswith("batch") or "stopping gracefully" in text:
                         process.send_signal(signal.SIGINT)
             await process.wait()
     assert "exited" in lines, lines
