@@ -289,10 +289,10 @@ class BatchConsumer(Generic[SettingsT]):
             await stack.aclose()
         except BaseExceptionGroup as group:
             # A worker's non-retryable error after start: raise it as itself.
-            if len(group.exceptions) == 1 and isinstance(
-                group.exceptions[0], AMQPBatchError
-            ):
-                raise group.exceptions[0] from None
+            (error, *others) = group.exceptions
+            if not others and isinstance(error, AMQPBatchError):
+                error.__suppress_context__ = True  # keep its own __cause__
+                raise error  # noqa: B904 - the group only wrapped it
             raise
 
 

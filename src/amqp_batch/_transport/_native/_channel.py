@@ -379,17 +379,9 @@ class Channel:
         """Mark closed, fail everything waiting, release the channel number."""
         self._state = _State.CLOSED
         self._error = error
-        failure = error or ChannelClosed(f"channel {self.channel_id} was closed")
-        calls, self._calls = self._calls, deque()
-        for call in calls:
-            if error is None and call.reply_types == (commands.Channel.CloseOk,):
-                call.waiter.set_result(None)
-            else:
-                call.waiter.set_error(failure)
-        pending, self._unconfirmed = self._unconfirmed, {}
-        self._unconfirmed_order.clear()
-        for publish in pending.values():
-            publish.waiter.set_error(failure)
+        self.replies_gone(
+            error or ChannelClosed(f"channel {self.channel_id} was closed")
+        )
         consumers, self._consumers = self._consumers, {}
         for sink in consumers.values():
             sink.close()
