@@ -7,10 +7,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
 from amqp_batch import BatchConsumerSettings, Message, MessageResult, batch_consumer
@@ -145,6 +146,34 @@ async def test_exception_in_body_still_drains(broker_url: str, queue: str) -> No
         assert await drain(channel, queue) == []
 
 
+async def run_consumer_process(
+    script: Path,
+    args: Sequence[str],
+    on_line: Callable[[str, list[str], anyio.abc.Process], None],
+    *,
+    timeout: float,
+) -> tuple[int, list[str]]:
+    """Run ``script`` with ``args`` in a real Python process; call ``on_line`` for
+    each line it prints (stdout and stderr), until it exits. Returns its exit code
+    and every line."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    lines: list[str] = []
+    async with await anyio.open_process(
+        [sys.executable, str(script), *args], env=env, stderr=subprocess.STDOUT
+    ) as process:
+        assert process.stdout is not None
+        buffer = b""
+        with anyio.fail_after(timeout):
+            async for chunk in process.stdout:
+                buffer += chunk
+                *complete, buffer = buffer.split(b"\n")
+                for line in complete:
+                    lines.append(line.decode())
+                    on_line(lines[-1], lines, process)
+            code = await process.wait()
+    return code, lines
+
+
 SCRIPT = textwrap.dedent(
     """
     import sys, anyio
@@ -180,29 +209,17 @@ async def test_sigterm_with_batches_in_flight(
     script.write_text(SCRIPT)
     async with admin_channel(broker_url) as channel:
         ids = await publish_ids(channel, range(100), routing_key=queue)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    lines: list[str] = []
-    async with await anyio.open_process(
-        [sys.executable, str(script), broker_url, queue, anyio_backend],
-        env=env,
-        stderr=subprocess.STDOUT,
-    ) as process:
-        assert process.stdout is not None
-        buffer = b""
-        with anyio.fail_after(20):
-            async for chunk in process.stdout:
-                buffer += chunk
-                *complete, buffer = buffer.split(b"\n")
-                for line in complete:
-                    text = line.decode()
-                    lines.append(text)
-                    if (
-                        text.startswith("batch")
-                        and sum(1 for x in lines if x.startswith("batch")) == 2
-                    ):
-                        process.send_signal(signal.SIGTERM)
-                        stopped_at = anyio.current_time()
-            code = await process.wait()
+    stopped_at = 0.0
+
+    def on_line(text: str, lines: list[str], process: anyio.abc.Process) -> None:
+        nonlocal stopped_at
+        if text.startswith("batch") and sum(x.startswith("batch") for x in lines) == 2:
+            process.send_signal(signal.SIGTERM)
+            stopped_at = anyio.current_time()
+
+    code, lines = await run_consumer_process(
+        script, [broker_url, queue, anyio_backend], on_line, timeout=20
+    )
     assert code == 0, lines
     assert anyio.current_time() - stopped_at < 5 + 1
     in_handler = [i for x in lines if x.startswith("batch ") for i in x.split()[1:]]
@@ -251,27 +268,16 @@ async def test_second_signal_stops_at_once(
     script.write_text(STUCK_SCRIPT)
     async with admin_channel(broker_url) as channel:
         ids = await publish_ids(channel, range(10), routing_key=queue)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    lines: list[str] = []
-    async with await anyio.open_process(
-        [sys.executable, str(script), broker_url, queue, anyio_backend],
-        env=env,
-        stderr=subprocess.STDOUT,
-    ) as process:
-        assert process.stdout is not None
-        buffer = b""
-        with anyio.fail_after(30):  # far below the 120 s shutdown_timeout
-            async for chunk in process.stdout:
-                buffer += chunk
-                *complete, buffer = buffer.split(b"\n")
-                for line in complete:
-                    text = line.decode()
-                    lines.append(text)
-                    # one signal at a time: the OS merges signals that are
-                    # pending together
-                    if text.startswith("batch") or "stopping gracefully" in text:
-                        process.send_signal(signal.SIGINT)
-            await process.wait()
+
+    def on_line(text: str, lines: list[str], process: anyio.abc.Process) -> None:
+        # one signal at a time: the OS merges signals that are pending together
+        if text.startswith("batch") or "stopping gracefully" in text:
+            process.send_signal(signal.SIGINT)
+
+    # far below the 120 s shutdown_timeout
+    _, lines = await run_consumer_process(
+        script, [broker_url, queue, anyio_backend], on_line, timeout=30
+    )
     assert "exited" in lines, lines
     assert any(line.startswith("batch") for line in lines)
     async with admin_channel(broker_url) as channel:
