@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import sys
@@ -58,11 +59,30 @@ def pytest_pycollect_makeitem(
     pytest.mark.anyio(obj)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tag tests that use the private node, so ``-m "not private_node"`` works."""
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        help="run only the minutes-long soak rows (marked soak); `nox -s soak`",
+    )
+
+
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Tag tests that use the private node, so ``-m "not private_node"`` works;
+    keep ``soak`` tests for ``--soak`` runs and only those (deselected, not
+    skipped, otherwise)."""
     for item in items:
         if "private_node" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.private_node)
+    soak = config.getoption("--soak")
+    keep = [
+        item for item in items if (item.get_closest_marker("soak") is not None) == soak
+    ]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
 
 
 @pytest.fixture(scope="module", params=["asyncio", "trio"])
@@ -118,3 +138,43 @@ def unique_name(request: pytest.FixtureRequest) -> str:
     """A name for a queue, exchange or connection that no other test uses."""
     test = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60].strip("-")
     return f"amqpbatch-test-{test}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+FIGURES_ENV = "AMQP_BATCH_FIGURES"
+
+
+class Figures:
+    """Measured figures of one test, for ``docs/reliability.md``.
+
+    ``figures.record("F1", recovery_s=0.41, duplicates=3)`` appends one JSON line
+    ``{"row": "F1", "test": <node id>, "backend": ..., ...}`` to the file named by
+    ``AMQP_BATCH_FIGURES`` when it is set (the report script sets it); otherwise it
+    only keeps the values on the object, so tests run the same either way.
+    """
+
+    def __init__(self, test: str, backend: str | None) -> None:
+        self.test = test
+        self.backend = backend
+        self.rows: list[dict[str, object]] = []
+
+    def record(self, row: str, **values: object) -> None:
+        entry: dict[str, object] = {
+            "row": row,
+            "test": self.test,
+            "backend": self.backend,
+            **values,
+        }
+        self.rows.append(entry)
+        path = os.environ.get(FIGURES_ENV)
+        if path:
+            with open(path, "a", encoding="utf-8") as out:
+                out.write(json.dumps(entry, default=str) + "\n")
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Figures:
+    """Record a fault row's figures (see :class:`Figures`)."""
+    backend = None
+    if "anyio_backend" in request.fixturenames:
+        backend = request.getfixturevalue("anyio_backend")
+    return Figures(request.node.nodeid, backend)
