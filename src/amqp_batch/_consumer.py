@@ -76,6 +76,18 @@ class BatchConsumer(Generic[SettingsT]):
     async def on_stop(self) -> None:
         """Runs once, after every worker has stopped (if :meth:`on_start` ran)."""
 
+    def on_worker_state_change(
+        self, health: WorkerHealth, previous: WorkerState
+    ) -> None:
+        """Called when a worker changes state (``health.state``, from ``previous``).
+
+        ``health`` is the worker's snapshot just after the change (its
+        ``reconnect_count`` and ``last_error`` are already updated when it enters
+        ``backing_off``). Called synchronously inside the worker, so it must be
+        quick and must not block; an exception it raises is logged and ignored.
+        Override it to log or export state changes; the default does nothing.
+        """
+
     # -- health --------------------------------------------------------------------
 
     @property
@@ -157,6 +169,7 @@ class BatchConsumer(Generic[SettingsT]):
                     transport,
                     self._stop_requested,
                     self._worker_consuming,
+                    on_state_change=self._worker_state_changed,
                 )
                 for index in range(settings.num_workers)
             ]
@@ -212,6 +225,12 @@ class BatchConsumer(Generic[SettingsT]):
         assert self._all_consuming is not None
         if all(w.state is WorkerState.CONSUMING for w in self._workers):
             self._all_consuming.set()
+
+    def _worker_state_changed(self, worker: Worker, previous: WorkerState) -> None:
+        try:
+            self.on_worker_state_change(worker.health(), previous)
+        except Exception:
+            logger.exception("on_worker_state_change raised; ignored")
 
     async def start(self) -> None:
         """Consume until stopped (aio-pika-batch's name for :meth:`serve`)."""

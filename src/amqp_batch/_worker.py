@@ -201,6 +201,7 @@ class Worker:
         on_consuming: Callable[[Worker], None],
         *,
         rng: random.Random | None = None,
+        on_state_change: Callable[[Worker, WorkerState], None] | None = None,
     ) -> None:
         self.index = index
         self._settings = settings
@@ -208,6 +209,7 @@ class Worker:
         self._transport = transport
         self._stop_requested = stop_requested
         self._on_consuming = on_consuming
+        self._on_state_change = on_state_change
         self._rng = rng or random.Random()
         self._policy = retry_policy(settings)
         self._exchanges, self._queues, self._bindings = topology(settings)
@@ -222,6 +224,13 @@ class Worker:
     def state(self) -> WorkerState:
         """The worker's current state."""
         return self._state
+
+    def _set_state(self, state: WorkerState) -> None:
+        """Move to ``state``; on a change, call ``on_state_change(self, previous)``
+        (synchronously, after the state is set)."""
+        previous, self._state = self._state, state
+        if previous is not state and self._on_state_change is not None:
+            self._on_state_change(self, previous)
 
     def health(self) -> WorkerHealth:
         """A snapshot of this worker."""
@@ -255,7 +264,7 @@ class Worker:
                     self.index + self._reconnect_count
                 )
                 self._url = parameters.redacted_url
-                self._state = WorkerState.CONNECTING
+                self._set_state(WorkerState.CONNECTING)
                 try:
                     await self._run_session(parameters)
                 except Exception as exc:
@@ -274,7 +283,7 @@ class Worker:
                 failures = 0 if self._consumed_last else failures + 1
                 await self._back_off(failures)
         finally:
-            self._state = WorkerState.STOPPED
+            self._set_state(WorkerState.STOPPED)
 
     def _is_retryable(self, error: TransportError) -> bool:
         if not error.retryable:
@@ -288,8 +297,8 @@ class Worker:
         )
 
     async def _back_off(self, failures: int) -> None:
-        self._state = WorkerState.BACKING_OFF
         self._reconnect_count += 1
+        self._set_state(WorkerState.BACKING_OFF)
         ceiling = min(
             self._settings.reconnect_backoff_cap,
             self._settings.reconnect_backoff_base * 2 ** min(failures, 32),
@@ -317,7 +326,7 @@ class Worker:
         )
         async with self._transport.open_session(spec) as session:
             self._consumed_last = True
-            self._state = WorkerState.CONSUMING
+            self._set_state(WorkerState.CONSUMING)
             self._on_consuming(self)
             await self._run_pipeline(session, publisher_parameters)
             cancelled_by_broker = session.consumer_cancelled_by_broker
@@ -413,7 +422,7 @@ class Worker:
         self, session: Session, receiver_scope: CancelScope, pipeline_scope: CancelScope
     ) -> None:
         await self._stop_requested.wait()
-        self._state = WorkerState.STOPPING
+        self._set_state(WorkerState.STOPPING)
         timeout = self._settings.shutdown_timeout
         pipeline_scope.deadline = min(pipeline_scope.deadline, current_time() + timeout)
         # Stop taking deliveries at once: what is prefetched but not in a batch
