@@ -129,23 +129,36 @@ class ConsumerSettings:
     and TLS.
     """
 
+    #: The queue to consume (declared on every session). Required.
     queue_name: str = attrs.field(validator=_non_empty)
+    #: Broker URL, ``amqp://`` or ``amqps://`` (see :func:`~amqp_batch.parse_url`).
     url: str = attrs.field(
         default="amqp://guest:guest@localhost:5672/",
         validator=_check_url,
         repr=_redact_repr,
     )
+    #: Unacknowledged deliveries each worker may hold (``basic.qos``).
     prefetch_count: int = attrs.field(default=10, validator=_at_least(1))
+    #: An exchange to declare and bind the queue to (``None``: consume the queue
+    #: only, e.g. fed through the default exchange).
     exchange_name: str | None = None
+    #: ``direct``, ``fanout``, ``topic``, ``headers`` or a plugin type ``x-...``.
     exchange_type: str = attrs.field(default="direct", validator=_exchange_type)
+    #: Binding key; ``None`` binds with the queue's name.
     routing_key: str | None = None
     queue_durable: bool = True
     exchange_durable: bool = True
+    #: Queue arguments (``x-dead-letter-exchange``, ``x-queue-type``, ...).
     queue_arguments: Mapping[str, Any] | None = attrs.field(
         default=None, converter=_to_arguments, eq=False
     )
+    #: Workers, each with its own connection, channel and consumer.
     num_workers: int = attrs.field(default=1, validator=_at_least(1))
+    #: REQUEUEs before a message is dead-lettered instead (it is handled
+    #: ``max_requeue_attempts + 1`` times in all).
     max_requeue_attempts: int = attrs.field(default=3, validator=_at_least(0))
+    #: Result for the messages a handler left without one (it raised, stopped
+    #: early or yielded a non-result). A :class:`MessageResult` or its name.
     unhandled_exception_action: MessageResult = attrs.field(
         default=MessageResult.REQUEUE, converter=_to_result
     )
@@ -160,11 +173,13 @@ class ConsumerSettings:
     )
     #: Reconnect backoff: sleep uniform(0, min(cap, base * 2**attempt)).
     reconnect_backoff_base: float = attrs.field(default=0.5, validator=_positive)
+    #: Upper bound of one reconnect backoff sleep, in seconds.
     reconnect_backoff_cap: float = attrs.field(default=30.0, validator=_positive)
     #: Dead-letter exchange: declared, set as the queue's ``x-dead-letter-exchange``
     #: and used by the library to dead-letter republished copies under their
     #: original routing key.
     dead_letter_exchange: str | None = None
+    #: Type of ``dead_letter_exchange`` when the library declares it.
     dead_letter_exchange_type: str = attrs.field(
         default="topic", validator=_exchange_type
     )

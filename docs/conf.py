@@ -1,0 +1,126 @@
+"""Sphinx configuration of the amqp-batch documentation site.
+
+Pages are Markdown (MyST); the reference is generated from the docstrings with
+autodoc. Built by ``nox -s docs`` with warnings as errors and nitpicky
+cross-references. No intersphinx: the build must work without network access
+beyond the package index, so references to the standard library and to anyio
+are listed in ``nitpick_ignore_regex`` below instead of linked.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any
+
+import attrs
+from sphinx.application import Sphinx
+
+import amqp_batch
+
+project = "amqp-batch"
+author = "amqp-batch developers"
+copyright = "amqp-batch developers"
+release = amqp_batch.__version__
+version = release
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+]
+
+source_suffix = {".md": "markdown"}
+root_doc = "index"
+exclude_patterns = ["_build", "diagrams/*.py", "README.md"]
+
+# -- MyST ---------------------------------------------------------------------------
+
+myst_enable_extensions = ["colon_fence", "deflist", "fieldlist"]
+# "design.md#shutdown"-style links to headings of other pages.
+myst_heading_anchors = 3
+
+# -- autodoc ------------------------------------------------------------------------
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_preserve_defaults = True
+# Long signatures (Publisher.publish) get one parameter per line.
+python_maximum_signature_line_length = 88
+# "MessageResult", not "amqp_batch._results.MessageResult", in signatures.
+python_use_unqualified_type_names = True
+add_module_names = False
+
+# -- nitpicky cross-references ------------------------------------------------------
+
+nitpicky = True
+nitpick_ignore_regex = [
+    # Standard library and third-party types in signatures (no intersphinx offline).
+    (
+        r"py:(class|obj|exc|data)",
+        r"(collections\.abc|contextlib|datetime|enum|os|ssl|types|typing)\..*",
+    ),
+    (r"py:(class|obj|exc)", r"(anyio|attr|attrs|pytest|_pytest)(\..*)?"),
+    (r"py:class", r"(TimeoutError|ValueError|Exception)"),
+]
+nitpick_ignore = [
+    # Private types that appear in public signatures. The transport protocols are
+    # described in transport.md; MemoryBroker implements them.
+    ("py:class", "amqp_batch._transport._base.Transport"),
+    ("py:class", "amqp_batch._transport._base.Session"),
+    ("py:class", "amqp_batch._transport._base.PublisherSession"),
+    ("py:class", "amqp_batch._transport._base.FieldTable"),
+    ("py:class", "amqp_batch._transport._memory._core.BrokerCore"),
+    ("py:class", "amqp_batch._transport._memory._model.Channel"),
+    ("py:class", "ObjectReceiveStream"),
+    ("py:obj", "amqp_batch._consumer.SettingsT"),
+    ("py:class", "amqp_batch._consumer.SettingsT"),
+    ("py:class", "amqp_batch._settings._S"),
+]
+
+# -- HTML ---------------------------------------------------------------------------
+
+html_theme = "furo"
+html_title = f"amqp-batch {release}"
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
+html_show_sourcelink = False
+
+
+# -- attrs defaults in signatures ---------------------------------------------------
+
+_ATTRS_DEFAULT = re.compile(r"attr_dict\['(\w+)'\]\.default")
+
+
+def _attrs_defaults(
+    app: Sphinx,
+    what: str,
+    name: str,
+    obj: Any,
+    options: Any,
+    signature: str | None,
+    return_annotation: str | None,
+) -> tuple[str | None, str | None] | None:
+    """Show an attrs class's real defaults instead of ``attr_dict['x'].default``.
+
+    ``autodoc_preserve_defaults`` reads defaults from the source, and the source of
+    an attrs-generated ``__init__`` names them indirectly.
+    """
+    if signature is None or not (isinstance(obj, type) and attrs.has(obj)):
+        return None
+    fields = attrs.fields_dict(obj)
+
+    def default(match: re.Match[str]) -> str:
+        value = fields[match.group(1)].default
+        if isinstance(value, enum.Enum):
+            return f"{type(value).__name__}.{value.name}"
+        if isinstance(value, (str, int, float, bool, type(None), tuple)):
+            return repr(value)
+        if attrs.has(type(value)) and value == type(value)():
+            return f"{type(value).__name__}()"
+        return "..."  # e.g. an attrs Factory
+
+    return _ATTRS_DEFAULT.sub(default, signature), return_annotation
+
+
+def setup(app: Sphinx) -> None:
+    app.connect("autodoc-process-signature", _attrs_defaults)
