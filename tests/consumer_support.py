@@ -11,7 +11,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.abc import ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from amqp_batch._transport._base import Delivery, Properties
 from amqp_batch._transport._native import Channel, connect
@@ -105,7 +106,7 @@ class FakeSession:
         self._tags = itertools.count(1)
 
     @property
-    def deliveries(self) -> ObjectReceiveStream[Delivery]:
+    def deliveries(self) -> MemoryObjectReceiveStream[Delivery]:
         return self._receiver
 
     @property

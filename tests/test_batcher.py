@@ -11,23 +11,104 @@ import trio
 import trio.testing
 
 from amqp_batch import MessageResult
+from amqp_batch._actors.acker import DeadLetter, Outcome
 from amqp_batch._actors.batcher import run_batcher
 from amqp_batch._actors.handler import collect_results
+from amqp_batch._actors.ledger import AckLedger
 from amqp_batch._message import Message
-from amqp_batch._transport._base import Delivery
+from amqp_batch._transport._base import Delivery, Properties
+
+
+def _delivery(
+    tag: int, size: int = 1, headers: dict[str, object] | None = None
+) -> Delivery:
+    return Delivery(
+        delivery_tag=tag,
+        redelivered=False,
+        exchange="",
+        routing_key="q",
+        consumer_tag="c",
+        body=b"x" * size,
+        properties=Properties(headers=headers),
+    )
 
 
 def _message(tag: int, size: int = 1) -> Message:
-    return Message(
-        Delivery(
-            delivery_tag=tag,
-            redelivered=False,
-            exchange="",
-            routing_key="q",
-            consumer_tag="c",
-            body=b"x" * size,
+    return Message(_delivery(tag, size))
+
+
+class _Run:
+    """What one batcher run produced."""
+
+    def __init__(self) -> None:
+        self.flushed: list[tuple[float, list[int]]] = []
+        self.dead: list[tuple[int, str]] = []
+        self.ledger = AckLedger()
+
+
+async def _run_batcher(
+    feed: list[tuple[float, Delivery]],
+    *,
+    batch_size: int,
+    batch_timeout: float,
+    max_batch_bytes: int | None = None,
+    buffer: int = 0,
+    stop_at: float | None = None,
+) -> _Run:
+    """Feed deliveries at virtual times; record each flushed batch as
+    (time, tags), and each dead-lettered delivery; ``stop_at`` cancels the intake
+    then."""
+    send, receive = anyio.create_memory_object_stream[Delivery](buffer)
+    out_send, out_receive = anyio.create_memory_object_stream[list[Message]](100)
+    acker_send, acker_receive = anyio.create_memory_object_stream[list[Outcome]](100)
+    start = anyio.current_time()
+    run = _Run()
+
+    async def producer() -> None:
+        async with send:
+            for at, delivery in feed:
+                await anyio.sleep_until(start + at)
+                await send.send(delivery)
+
+    async def dead_letters() -> None:
+        async with acker_receive:
+            async for outcomes in acker_receive:
+                for message, outcome in outcomes:
+                    assert isinstance(outcome, DeadLetter)
+                    run.dead.append((message.delivery_tag, outcome.reason))
+
+    async with receive, anyio.create_task_group() as group:
+        group.start_soon(producer)
+        group.start_soon(dead_letters)
+        intake = await group.start(
+            lambda task_status: run_batcher(
+                receive,
+                run.ledger,
+                out_send,
+                acker_send,
+                batch_size=batch_size,
+                batch_timeout=batch_timeout,
+                max_batch_bytes=max_batch_bytes,
+                task_status=task_status,
+            )
         )
-    )
+        if stop_at is not None:
+
+            async def stopper() -> None:
+                await anyio.sleep_until(start + stop_at)
+                intake.cancel()
+
+            group.start_soon(stopper)
+        async with out_receive:
+            async for batch in out_receive:
+                run.flushed.append(
+                    (
+                        round(anyio.current_time() - start, 3),
+                        [m.delivery_tag for m in batch],
+                    )
+                )
+        group.cancel_scope.cancel()
+    return run
 
 
 async def _batches(
@@ -37,38 +118,13 @@ async def _batches(
     batch_timeout: float,
     max_batch_bytes: int | None = None,
 ) -> list[tuple[float, list[int]]]:
-    """Feed messages at virtual times; return (time, tags) per flushed batch."""
-    send, receive = anyio.create_memory_object_stream[Message](0)
-    out_send, out_receive = anyio.create_memory_object_stream[list[Message]](100)
-    start = anyio.current_time()
-    flushed: list[tuple[float, list[int]]] = []
-
-    async def producer() -> None:
-        async with send:
-            for at, message in feed:
-                await anyio.sleep_until(start + at)
-                await send.send(message)
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(producer)
-        group.start_soon(
-            lambda: run_batcher(
-                receive,
-                out_send,
-                batch_size=batch_size,
-                batch_timeout=batch_timeout,
-                max_batch_bytes=max_batch_bytes,
-            )
-        )
-        async with out_receive:
-            async for batch in out_receive:
-                flushed.append(
-                    (
-                        round(anyio.current_time() - start, 3),
-                        [m.delivery_tag for m in batch],
-                    )
-                )
-    return flushed
+    run = await _run_batcher(
+        [(at, m.delivery) for at, m in feed],
+        batch_size=batch_size,
+        batch_timeout=batch_timeout,
+        max_batch_bytes=max_batch_bytes,
+    )
+    return run.flushed
 
 
 @pytest.mark.trio
@@ -95,6 +151,50 @@ async def test_bytes_flush(autojump_clock: trio.testing.MockClock) -> None:
         feed, batch_size=100, batch_timeout=10, max_batch_bytes=100
     )
     assert flushed == [(0.0, [1, 2, 3]), (0.0, [4, 5])]
+
+
+@pytest.mark.trio
+async def test_buffered_deliveries_fill_whole_batches(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Deliveries the session already holds are taken in one go: full batches,
+    every tag registered with the ledger in order."""
+    feed = [(0.0, _delivery(tag)) for tag in range(1, 11)]
+    run = await _run_batcher(feed, batch_size=4, batch_timeout=3600, buffer=100)
+    assert run.flushed == [(0.0, [1, 2, 3, 4]), (0.0, [5, 6, 7, 8]), (0.0, [9, 10])]
+    assert len(run.ledger) == 10
+
+
+@pytest.mark.trio
+async def test_invalid_retry_header_goes_to_the_acker_not_the_handler(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    feed = [
+        (0.0, _delivery(1, headers={"x-retry-count": "3"})),
+        (0.0, _delivery(2)),
+        (0.0, _delivery(3, headers={"x-retry-count": -1})),
+        (0.0, _delivery(4, headers={"x-retry-count": 2})),
+    ]
+    run = await _run_batcher(feed, batch_size=2, batch_timeout=3600)
+    assert run.flushed == [(0.0, [2, 4])]
+    assert [tag for tag, _ in run.dead] == [1, 3]
+    assert all(reason.startswith("invalid-retry-count") for _, reason in run.dead)
+    # Every tag is known to the ledger, the dead-lettered ones too.
+    assert len(run.ledger) == 4
+
+
+@pytest.mark.trio
+async def test_stopping_the_intake_flushes_the_batch_being_collected(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After ``Intake.cancel`` the batch in progress goes to the handler at once
+    and nothing more is taken (it stays in the session for the broker)."""
+    feed = [(0.0, _delivery(1)), (1.0, _delivery(2)), (5.0, _delivery(3))]
+    run = await _run_batcher(
+        feed, batch_size=10, batch_timeout=3600, buffer=10, stop_at=2.0
+    )
+    assert run.flushed == [(2.0, [1, 2])]
+    assert len(run.ledger) == 2
 
 
 pytestmark_anyio = pytest.mark.anyio

@@ -28,10 +28,9 @@ from anyio import (
 )
 
 from ._actors.acker import Acker, Outcome
-from ._actors.batcher import run_batcher
+from ._actors.batcher import Intake, run_batcher
 from ._actors.handler import run_handler_runner
 from ._actors.ledger import AckLedger
-from ._actors.receiver import run_receiver
 from ._exceptions import ChannelClosed, ConsumerCancelled, TransportError
 from ._message import Message
 from ._retry import RetryPolicy
@@ -348,14 +347,11 @@ class Worker:
     ) -> None:
         settings = self._settings
         ledger = AckLedger()
-        to_batcher, batcher_input = create_memory_object_stream[Message](0)
         to_handlers, handler_input = create_memory_object_stream[list[Message]](0)
         to_acker, acker_input = create_memory_object_stream[list[Outcome]](
             settings.max_concurrent_batches
         )
         ends: list[Any] = [
-            to_batcher,
-            batcher_input,
             to_handlers,
             handler_input,
             to_acker,
@@ -384,28 +380,24 @@ class Worker:
                                 _track(ends, handler_input.clone()),
                                 _track(ends, to_acker.clone()),
                             )
-                        pipeline.start_soon(
-                            lambda: run_batcher(
-                                batcher_input,
+                        intake = await pipeline.start(
+                            lambda task_status: run_batcher(
+                                session.deliveries,
+                                ledger,
                                 to_handlers,
+                                _track(ends, to_acker.clone()),
                                 batch_size=settings.batch_size,
                                 batch_timeout=settings.batch_timeout,
                                 max_batch_bytes=settings.max_batch_bytes,
+                                task_status=task_status,
                             )
-                        )
-                        receiver_scope = await pipeline.start(
-                            run_receiver,
-                            session.deliveries,
-                            ledger,
-                            to_batcher,
-                            _track(ends, to_acker.clone()),
                         )
                         handler_input.close()
                         to_acker.close()
                         supervisor.start_soon(
                             self._stop_when_requested,
                             session,
-                            receiver_scope,
+                            intake,
                             pipeline_scope,
                         )
                 if pipeline_scope.cancelled_caught:
@@ -421,7 +413,7 @@ class Worker:
                 end.close()
 
     async def _stop_when_requested(
-        self, session: Session, receiver_scope: CancelScope, pipeline_scope: CancelScope
+        self, session: Session, intake: Intake, pipeline_scope: CancelScope
     ) -> None:
         await self._stop_requested.wait()
         self._set_state(WorkerState.STOPPING)
@@ -429,7 +421,7 @@ class Worker:
         pipeline_scope.deadline = min(pipeline_scope.deadline, current_time() + timeout)
         # Stop taking deliveries at once: what is prefetched but not in a batch
         # stays unsettled and goes back to the queue when the channel closes.
-        receiver_scope.cancel()
+        intake.cancel()
         with move_on_after(timeout):
             await session.cancel()
 

@@ -1,51 +1,131 @@
-"""Batcher: groups messages by size, bytes and a deadline. No timer tasks."""
+"""Batcher: takes the session's deliveries and groups them into batches.
+
+It is the pipeline's intake: it registers every delivery with the ledger (in tag
+order), reads its retry count, and groups messages by size, bytes and a deadline
+(no timer tasks). Deliveries already buffered by the session are taken without a
+task switch each, so a full batch costs one switch, not one per message.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 
-from anyio import EndOfStream, current_time, move_on_at
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio import (
+    TASK_STATUS_IGNORED,
+    CancelScope,
+    EndOfStream,
+    WouldBlock,
+    current_time,
+    move_on_at,
+)
+from anyio.abc import ObjectSendStream, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .._message import Message
+from .._retry import InvalidRetryCount, parse_retry_count
+from .._transport._base import Delivery
+from .acker import DeadLetter, Outcome
+from .ledger import AckLedger
 
-__all__ = ["run_batcher"]
+__all__ = ["Intake", "run_batcher"]
+
+logger = logging.getLogger("amqp_batch.batcher")
+
+
+class Intake:
+    """The batcher's off switch, reported through ``task_status``.
+
+    :meth:`cancel` stops taking deliveries at once. The batch being collected is
+    still flushed; what the session has buffered stays unsettled and goes back
+    to the queue when the channel closes.
+    """
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self._scope: CancelScope | None = None
+
+    def cancel(self) -> None:
+        """Stop taking deliveries (idempotent)."""
+        self.stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
 
 
 async def run_batcher(
-    messages: ObjectReceiveStream[Message],
+    deliveries: MemoryObjectReceiveStream[Delivery],
+    ledger: AckLedger,
     to_handler: ObjectSendStream[list[Message]],
+    to_acker: ObjectSendStream[list[Outcome]],
     *,
     batch_size: int,
     batch_timeout: float,
     max_batch_bytes: int | None = None,
+    task_status: TaskStatus[Intake] = TASK_STATUS_IGNORED,
 ) -> None:
     """Flush a batch at ``batch_size`` messages, ``max_batch_bytes`` bytes, or
-    ``batch_timeout`` seconds after its first message, whichever comes first.
+    ``batch_timeout`` seconds after its first delivery, whichever comes first.
 
-    The deadline is a ``move_on_at`` around the receive inside this one loop.
-    When ``messages`` ends (shutdown), the batch being collected is flushed at once
-    and ``to_handler`` is closed.
+    Every delivery is registered with ``ledger`` before it goes anywhere (a tag the
+    ledger does not know is never covered by a multiple-ack). A delivery whose
+    ``x-retry-count`` is not a plain non-negative integer never reaches the
+    handler: it goes to the acker to be dead-lettered. When ``deliveries`` ends or
+    the :class:`Intake` reported through ``task_status`` is cancelled, the batch
+    being collected is flushed at once and ``to_handler`` is closed (the
+    end-of-input signal downstream).
     """
     byte_limit = math.inf if max_batch_bytes is None else max_batch_bytes
-    async with messages, to_handler:
-        while True:
-            try:
-                first = await messages.receive()
-            except EndOfStream:
-                return
-            batch = [first]
-            batch_bytes = len(first.body)
-            ended = False
-            with move_on_at(current_time() + batch_timeout):
-                while len(batch) < batch_size and batch_bytes < byte_limit:
-                    try:
-                        message = await messages.receive()
-                    except EndOfStream:
-                        ended = True
-                        break
-                    batch.append(message)
-                    batch_bytes += len(message.body)
-            await to_handler.send(batch)
-            if ended:
-                return
+    intake = Intake()
+    register = ledger.register
+    async with to_handler, to_acker:
+        task_status.started(intake)
+        ended = False
+        while not (ended or intake.stopped):
+            batch: list[Message] = []
+            invalid: list[Outcome] = []
+            batch_bytes = 0
+            with CancelScope() as scope:
+                intake._scope = scope
+                try:
+                    delivery = await deliveries.receive()
+                    with move_on_at(current_time() + batch_timeout):
+                        while True:
+                            register(delivery.delivery_tag)
+                            try:
+                                retry_count = parse_retry_count(
+                                    delivery.properties.headers
+                                )
+                            except InvalidRetryCount as exc:
+                                invalid.append(_dead_letter(delivery, exc))
+                                if not batch:
+                                    break  # flush it now, not at the deadline
+                            else:
+                                batch.append(Message(delivery, retry_count=retry_count))
+                                batch_bytes += len(delivery.body)
+                                if (
+                                    len(batch) >= batch_size
+                                    or batch_bytes >= byte_limit
+                                ):
+                                    break
+                            try:
+                                delivery = deliveries.receive_nowait()
+                            except WouldBlock:
+                                delivery = await deliveries.receive()
+                except EndOfStream:
+                    ended = True
+            intake._scope = None
+            # Sent outside the cancel scope: a cancelled send could not tell
+            # whether the item was taken.
+            if invalid:
+                await to_acker.send(invalid)
+            if batch:
+                await to_handler.send(batch)
+
+
+def _dead_letter(delivery: Delivery, exc: InvalidRetryCount) -> Outcome:
+    logger.warning(
+        "delivery %d has an invalid retry header (%s); dead-lettering it",
+        delivery.delivery_tag,
+        exc,
+    )
+    return (Message(delivery), DeadLetter(f"invalid-retry-count: {exc}"))

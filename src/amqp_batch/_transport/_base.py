@@ -21,7 +21,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 import attrs
-from anyio.abc import ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._url import ConnectionParameters
 
@@ -133,7 +133,7 @@ class Session(Protocol):
     """A consuming session: one connection, one channel, one consumer."""
 
     @property
-    def deliveries(self) -> ObjectReceiveStream[Delivery]:
+    def deliveries(self) -> MemoryObjectReceiveStream[Delivery]:
         """Deliveries in arrival order. Ends (``EndOfStream``) after
         :meth:`cancel` completes or when the broker cancels the consumer."""
         ...

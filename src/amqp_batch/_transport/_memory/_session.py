@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..._exceptions import ChannelClosed
 from .._base import (
@@ -41,7 +41,7 @@ class MemorySession:
         broker: MemoryBroker,
         channel: Channel,
         consumer: Consumer,
-        deliveries: ObjectReceiveStream[Delivery],
+        deliveries: MemoryObjectReceiveStream[Delivery],
     ) -> None:
         self._broker = broker
         self._channel = channel
@@ -60,7 +60,7 @@ class MemorySession:
         return self._consumer.tag
 
     @property
-    def deliveries(self) -> ObjectReceiveStream[Delivery]:
+    def deliveries(self) -> MemoryObjectReceiveStream[Delivery]:
         """Deliveries in arrival order; ends after cancel or a broker cancel."""
         return self._deliveries
 

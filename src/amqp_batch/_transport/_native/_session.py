@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import anyio
-from anyio.abc import ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..._exceptions import ChannelClosed, TransportError
 from .._base import (
@@ -40,7 +40,7 @@ class NativeSession:
         self,
         channel: Channel,
         consumer_tag: str,
-        deliveries: ObjectReceiveStream[Delivery],
+        deliveries: MemoryObjectReceiveStream[Delivery],
     ) -> None:
         self._channel = channel
         self.consumer_tag = consumer_tag
@@ -50,7 +50,7 @@ class NativeSession:
         return f"<NativeSession consumer={self.consumer_tag} {self._channel!r}>"
 
     @property
-    def deliveries(self) -> ObjectReceiveStream[Delivery]:
+    def deliveries(self) -> MemoryObjectReceiveStream[Delivery]:
         """Deliveries in arrival order; ends after cancel or a broker cancel."""
         return self._deliveries
 
