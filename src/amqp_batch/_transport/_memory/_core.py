@@ -25,7 +25,6 @@ from ..._exceptions import (
     TransportError,
 )
 from .._base import (
-    EMPTY_PROPERTIES,
     BindingSpec,
     Delivery,
     ExchangeSpec,
@@ -50,6 +49,7 @@ from ._model import (
     Unacked,
 )
 from ._routing import EXCHANGE_TYPES, matches
+from ._wire import through_the_wire
 
 __all__ = ["BrokerCore", "Settle"]
 
@@ -264,9 +264,7 @@ class BrokerCore:
         """Route and enqueue one client publish; raise as a confirm would."""
         if not isinstance(body, bytes | bytearray | memoryview):
             raise TypeError(f"body must be bytes, not {type(body).__name__}")
-        properties = properties or EMPTY_PROPERTIES
-        if properties.headers is not None:
-            properties = attrs.evolve(properties, headers=dict(properties.headers))
+        properties = through_the_wire(properties)
         expiration = properties.expiration
         if expiration is not None and not (
             expiration.isdigit() and expiration.isascii()
