@@ -1,0 +1,183 @@
+"""The FastAPI, trio-nursery and configuration examples, against the broker."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from amqp_batch import BatchConsumerSettings
+from consumer_support import (
+    admin_channel,
+    cleanup,
+    drain,
+    ids_of,
+    publish_ids,
+    take,
+    unique_name,
+)
+
+pytestmark = pytest.mark.anyio
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` (the examples are not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        f"example_{name}", EXAMPLES / f"{name}.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def run_example(
+    name: str, environ: dict[str, str], args: Sequence[str] = ()
+) -> tuple[int, list[str]]:
+    """Run ``examples/<name>`` in a subprocess; its exit code and output lines."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **environ)
+    with anyio.fail_after(60):
+        result = await anyio.run_process(
+            [sys.executable, str(EXAMPLES / name), *args],
+            env=env,
+            check=False,
+            stderr=subprocess.STDOUT,
+        )
+    return result.returncode, result.stdout.decode().splitlines()
+
+
+async def wait(event: anyio.Event) -> None:
+    with anyio.fail_after(20):
+        await event.wait()
+
+
+# -- examples/fastapi_app.py -------------------------------------------------------
+# FastAPI and Starlette are anyio code, and so are httpx's ASGITransport and
+# asgi-lifespan: the app runs (and is tested here) on asyncio and on trio. Only
+# uvicorn, the server its docstring names, is asyncio-only.
+
+
+async def test_fastapi_endpoints_answer_while_a_batch_is_in_progress(
+    broker_url: str,
+) -> None:
+    fastapi_app = load_example("fastapi_app")
+    queue, dlx, dlq = unique_name("api"), unique_name("dlx"), unique_name("dlq")
+    saved: list[list[str]] = []
+    entered, release, all_saved = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def save(orders: Sequence[Any]) -> None:
+        saved.append([order.id for order in orders])
+        if len(saved) == 1:
+            entered.set()
+            await release.wait()  # the first batch stays in the handler
+        if sum(map(len, saved)) == 4:
+            all_saved.set()
+
+    settings = BatchConsumerSettings(
+        url=broker_url,
+        queue_name=queue,
+        batch_size=3,
+        batch_timeout=0.2,
+        prefetch_count=10,
+        dead_letter_exchange=dlx,
+        dead_letter_queue=dlq,
+        connection_name=queue,
+    )
+    app = fastapi_app.create_app(settings, save=save)
+    try:
+        async with (
+            LifespanManager(app) as manager,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=manager.app),
+                base_url="http://orders.test",
+            ) as client,
+        ):
+            consumer = app.state.service["consumer"]
+            for n in range(3):
+                response = await client.post(
+                    "/orders", json={"id": f"o{n}", "item": "book"}
+                )
+                assert response.status_code == 202
+                assert response.json() == {"queued": f"o{n}"}
+            await wait(entered)
+
+            # The first batch is blocked in the handler; the endpoints answer.
+            response = await client.get("/health")
+            assert response.status_code == 200
+            assert response.json() == {
+                "healthy": True,
+                "workers": ["consuming"],
+                "acked": 0,
+                "batches": 0,
+                "processed": 0,
+                "invalid": 0,
+                "in_progress": 3,
+            }
+            response = await client.post(
+                "/orders", json={"id": "o3", "item": "pen", "quantity": 2}
+            )
+            assert response.status_code == 202
+            response = await client.post("/orders", json={"item": "no id"})
+            assert response.status_code == 422  # never published
+            async with admin_channel(broker_url) as channel:  # another producer
+                await publish_ids(channel, ["not-json"], routing_key=queue)
+
+            release.set()
+            await wait(all_saved)
+        # Leaving the lifespan drained the consumer: everything is settled.
+        dead = await take(broker_url, dlq, 1)
+        async with admin_channel(broker_url) as channel:
+            left = await drain(channel, queue)
+    finally:
+        await cleanup(broker_url, queues=[queue, dlq], exchanges=[dlx])
+    assert saved == [["o0", "o1", "o2"], ["o3"]]
+    assert consumer.health()[0].results == {"ack": 4, "nack": 1, "dead_lettered": 1}
+    assert ids_of(dead) == ["not-json"]
+    assert left == []
+    counts = app.state.counts
+    assert (counts.batches, counts.processed, counts.invalid) == (2, 4, 1)
+    assert not consumer.is_running
+
+
+# -- examples/trio_nursery.py ------------------------------------------------------
+# A trio program (it calls trio.run itself); the test's own backend only runs
+# the subprocess.
+
+
+async def test_trio_nursery(broker_url: str) -> None:
+    queue = unique_name("trio")
+    try:
+        code, lines = await run_example(
+            "trio_nursery.py", {"AMQP_BATCH_URL": broker_url, "EXAMPLE_QUEUE": queue}
+        )
+        dead = await take(broker_url, f"{queue}-dead", 1)
+        async with admin_channel(broker_url) as channel:
+            left = await drain(channel, queue)
+    finally:
+        await cleanup(
+            broker_url, queues=[queue, f"{queue}-dead"], exchanges=[f"{queue}-dlx"]
+        )
+    assert code == 0, lines
+    images = [str(n) for n in range(1, 13)]
+    assert lines[-4:] == [
+        f"acked {','.join(images)}",
+        "dead-lettered not-an-image",
+        "results {'ack': 12, 'dead_lettered': 1, 'nack': 1}",
+        "stopped",
+    ]
+    assert lines[0].startswith("progress consuming")
+    assert ids_of(dead) == ["not-an-image"]
+    assert left == []
