@@ -1,39 +1,78 @@
-"""The ``amqp-batch`` command: ``demo`` and ``--version``.
+"""``amqp-batch demo``: the library end to end in a few seconds.
 
-``amqp-batch demo`` declares a demo queue with a dead-letter exchange, publishes
-sample messages, consumes them in batches with a handler that ACKs most, NACKs
-some and REQUEUEs others, and prints progress and the final counts. It uses the
-broker at ``AMQP_BATCH_URL`` (default: localhost); when none answers it says so and
-runs the same demo on the in-memory :class:`~amqp_batch.testing.MemoryBroker`.
+It declares a demo queue with a dead-letter exchange and queue, publishes sample
+messages, consumes them in batches with a handler that ACKs most, NACKs some and
+REQUEUEs others, shows progress, and prints the final counts per result and in the
+dead-letter queue. It uses the broker at ``--url`` / ``AMQP_BATCH_URL`` (default:
+localhost); when none answers it says so and runs the same demo on the in-memory
+:class:`~amqp_batch.testing.MemoryBroker`.
+
+Progress: on a terminal, a bar redrawn after every batch; otherwise one line per
+quarter of the messages settled, so logs stay short.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 
 import anyio
 
-from ._consumer import batch_consumer
-from ._exceptions import AMQPBatchError, ConnectionRefused
-from ._message import Message
-from ._publisher import Publisher
-from ._results import MessageResult
-from ._settings import BatchConsumerSettings
-from ._transport._base import Transport
-from ._transport._native import NativeTransport, open_publisher
-from ._transport._url import parse_url
-from ._version import __version__
+from .._consumer import batch_consumer
+from .._exceptions import ConnectionRefused
+from .._message import Message
+from .._publisher import Publisher
+from .._results import MessageResult
+from .._settings import BatchConsumerSettings
+from .._transport._base import Transport
+from .._transport._native import NativeTransport, open_publisher
+from .._transport._url import parse_url
+from .._version import __version__
+from ._common import CLIError, describe
 
-__all__ = ["main"]
+__all__ = [
+    "DEFAULT_URL",
+    "DEMO_QUEUE",
+    "add_demo_arguments",
+    "demo_command",
+    "run_demo",
+]
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 DEMO_QUEUE = "amqp-batch.demo"
-DEMO_DLX = "amqp-batch.demo.dlx"
-DEMO_DLQ = "amqp-batch.demo.dlq"
+#: The demo's REQUEUE limit: a REQUEUEd message is handled three times, then
+#: dead-lettered.
+DEMO_RETRIES = 2
+#: Seconds the whole demo may take once the messages are published.
+DEMO_TIMEOUT = 120
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``demo`` subcommand's arguments."""
+    parser.add_argument(
+        "--url",
+        metavar="URL",
+        default=None,
+        help=f"broker URL [env AMQP_BATCH_URL; default {DEFAULT_URL}]",
+    )
+    parser.add_argument(
+        "-n",
+        "--messages",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="how many messages to publish [default 2000]",
+    )
+    parser.add_argument(
+        "--queue",
+        default=DEMO_QUEUE,
+        metavar="NAME",
+        help=f"the demo queue; NAME.dlx and NAME.dlq are its dead-letter exchange "
+        f"and queue; all three are deleted at the start and the end "
+        f"[default {DEMO_QUEUE}]",
+    )
 
 
 def _fate(number: int) -> MessageResult:
@@ -49,13 +88,15 @@ async def _pick_transport(url: str) -> tuple[Transport, str]:
     """The native transport if a broker answers at ``url``, else MemoryBroker."""
     parameters = parse_url(url)
     try:
-        with anyio.fail_after(5):
+        with anyio.fail_after(parameters.connection_timeout or 10):
             async with open_publisher(parameters):
                 pass
-    except (ConnectionRefused, TimeoutError):
-        from .testing import MemoryBroker
+    except (ConnectionRefused, TimeoutError) as exc:
+        from ..testing import MemoryBroker
 
-        return MemoryBroker(), "in-memory broker (MemoryBroker; no RabbitMQ answered)"
+        reason = "no answer" if isinstance(exc, TimeoutError) else describe(exc)
+        print(f"no RabbitMQ answered at {parameters.redacted_url} ({reason})")
+        return MemoryBroker(), "the IN-MEMORY broker (MemoryBroker), not RabbitMQ"
     return NativeTransport(), f"RabbitMQ at {parameters.redacted_url}"
 
 
@@ -64,109 +105,106 @@ def _progress(done: int, total: int, width: int = 30) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
-async def run_demo(url: str, count: int, *, interactive: bool) -> Counter[str]:
-    """Run the demo; returns the handler's results per kind and the DLQ size."""
+async def _delete_topology(url: str, queue: str) -> None:
+    async with open_publisher(parse_url(url)) as publisher:
+        await publisher.channel.queue_delete(queue)
+        await publisher.channel.queue_delete(f"{queue}.dlq")
+        await publisher.channel.exchange_delete(f"{queue}.dlx")
+
+
+async def run_demo(
+    url: str, count: int, *, interactive: bool, queue: str = DEMO_QUEUE
+) -> Counter[str]:
+    """Run the demo. Returns the handler's results per kind (``ACK``, ``NACK``,
+    ``REQUEUE``), ``final`` (messages that reached their last result),
+    ``dead_letter_queue`` (its size at the end) and ``in_memory`` (1 if the demo
+    ran on the in-memory broker)."""
     transport, where = await _pick_transport(url)
     print(f"amqp-batch {__version__} demo on {where}")
+    from ..testing import MemoryBroker
+
+    memory = transport if isinstance(transport, MemoryBroker) else None
+    if memory is None:
+        await _delete_topology(url, queue)  # leftovers of an interrupted run
+    dlq = f"{queue}.dlq"
     settings = BatchConsumerSettings(
         url=url,
-        queue_name=DEMO_QUEUE,
+        queue_name=queue,
         queue_durable=False,
-        dead_letter_exchange=DEMO_DLX,
-        dead_letter_queue=DEMO_DLQ,
+        dead_letter_exchange=f"{queue}.dlx",
+        dead_letter_queue=dlq,
         batch_size=100,
         batch_timeout=0.2,
         prefetch_count=500,
-        max_requeue_attempts=2,
+        max_requeue_attempts=DEMO_RETRIES,
     )
     counts: Counter[str] = Counter()
     settled = anyio.Event()
-    # every message ends acked or dead-lettered exactly once:
+    quarters_shown = 0
+    # Every message ends acked or dead-lettered exactly once:
     # ACK -> acked; NACK -> DLQ; REQUEUE -> retried twice, then DLQ.
-    expected_final = count
 
     async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        nonlocal quarters_shown
         for message in messages:
             result = _fate(int(message.body))
             counts[result.name] += 1
-            if (
-                result is MessageResult.ACK
-                or result is MessageResult.NACK
-                or (result is MessageResult.REQUEUE and message.retry_count >= 2)
+            if result is not MessageResult.REQUEUE or (
+                message.retry_count >= DEMO_RETRIES
             ):
                 counts["final"] += 1
             yield result
+        done = counts["final"]
         if interactive:
-            print(f"\r{_progress(counts['final'], expected_final)}", end="", flush=True)
-        if counts["final"] >= expected_final:
+            print(f"\r{_progress(done, count)}", end="", flush=True)
+        elif 4 * done // max(count, 1) > quarters_shown:
+            quarters_shown = 4 * done // max(count, 1)
+            print(f"progress: {done}/{count} messages settled", flush=True)
+        if done >= count:
             settled.set()
 
-    async with batch_consumer(settings, handle, transport=transport):
-        async with Publisher(url, transport=transport) as publisher:
-            for number in range(1, count + 1):
-                await publisher.publish(str(number).encode(), routing_key=DEMO_QUEUE)
-        with anyio.fail_after(120):
-            await settled.wait()
+    try:
+        async with batch_consumer(settings, handle, transport=transport):
+            async with Publisher(url, transport=transport) as publisher:
+                for number in range(1, count + 1):
+                    await publisher.publish(str(number).encode(), routing_key=queue)
+            with anyio.fail_after(DEMO_TIMEOUT):
+                await settled.wait()
+    except TimeoutError:
+        raise CLIError(
+            f"the demo did not finish within {DEMO_TIMEOUT} s "
+            f"({counts['final']}/{count} settled)"
+        ) from None
     if interactive:
         print()
-    counts["dead_letter_queue"] = await _dlq_depth(transport, url)
+    if memory is not None:
+        counts["dead_letter_queue"] = memory.message_count(dlq)
+        counts["in_memory"] = 1
+    else:
+        async with open_publisher(parse_url(url)) as admin:
+            info = await admin.channel.queue_declare(dlq, passive=True)
+            counts["dead_letter_queue"] = info.message_count
+        await _delete_topology(url, queue)
     return counts
 
 
-async def _dlq_depth(transport: Transport, url: str) -> int:
-    from .testing import MemoryBroker
-
-    if isinstance(transport, MemoryBroker):
-        return transport.message_count(DEMO_DLQ)
-    async with open_publisher(parse_url(url)) as publisher:
-        info = await publisher.channel.queue_declare(DEMO_DLQ, passive=True)
-        await publisher.channel.queue_purge(DEMO_DLQ)
-        await publisher.channel.queue_delete(DEMO_QUEUE)
-        return info.message_count
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="amqp-batch",
-        description="RabbitMQ batch consumer for anyio (asyncio and trio).",
-    )
-    parser.add_argument("--version", action="version", version=__version__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser(
-        "demo",
-        help="publish sample messages and consume them in batches",
-        description=(
-            "Declare a demo queue with a dead-letter queue, publish sample "
-            "messages and consume them with a handler that ACKs, NACKs and "
-            "REQUEUEs some. Uses AMQP_BATCH_URL (default localhost); falls back to "
-            "the in-memory broker when no RabbitMQ answers."
-        ),
-    )
-    demo.add_argument("--messages", type=int, default=2000, help="how many to publish")
-    demo.add_argument(
-        "--backend",
-        choices=("asyncio", "trio"),
-        default="asyncio",
-        help="the event loop to run on",
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``amqp-batch`` console script."""
-    args = _parser().parse_args(argv)
-    url = os.environ.get("AMQP_BATCH_URL", DEFAULT_URL)
+def demo_command(args: argparse.Namespace, *, interactive: bool) -> int:
+    """``amqp-batch demo``: print the final counts; the exit code."""
+    url = args.url or os.environ.get("AMQP_BATCH_URL") or DEFAULT_URL
+    if args.messages < 1:
+        raise CLIError("--messages must be at least 1")
     try:
-        counts = anyio.run(
-            lambda: run_demo(url, args.messages, interactive=sys.stdout.isatty()),
-            backend=args.backend,
-        )
-    except (AMQPBatchError, ValueError) as exc:
-        print(f"amqp-batch: error: {exc}", file=sys.stderr)
-        return 2
+        parse_url(url)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    counts: Counter[str] = anyio.run(
+        lambda: run_demo(url, args.messages, interactive=interactive, queue=args.queue),
+        backend=args.backend,
+    )
+    where = " [in-memory broker]" if counts["in_memory"] else ""
     print(
         f"handled: ACK {counts['ACK']}, NACK {counts['NACK']}, "
         f"REQUEUE {counts['REQUEUE']}; settled {counts['final']}/{args.messages}; "
-        f"dead-letter queue: {counts['dead_letter_queue']}"
+        f"dead-letter queue: {counts['dead_letter_queue']}{where}"
     )
     return 0

@@ -1,0 +1,609 @@
+"""``amqp-batch run MODULE:TARGET``: consume a queue with a handler or a consumer
+class, settings from flags, the environment and a ``.env`` file."""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import logging
+import os
+import ssl
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import attrs
+
+from .._consumer import BatchConsumer, _FunctionConsumer
+from .._exceptions import AMQPBatchError, TransportError
+from .._message import Message
+from .._settings import BatchConsumerSettings, _read_env_file
+from .._transport._native import NativeTransport
+from .._version import __version__
+from .._worker import WorkerHealth, WorkerState
+from ._common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CLIError, describe
+from ._target import Target, load_target
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["ENV_PREFIX", "add_run_arguments", "run_command"]
+
+logger = logging.getLogger("amqp_batch.cli")
+
+#: Prefix of the environment variables (and ``.env`` keys) ``run`` reads.
+ENV_PREFIX = "AMQP_BATCH_"
+#: Result counts the summary shows, in this order (``WorkerHealth.results`` keys).
+RESULT_KEYS = ("ack", "nack", "requeue", "requeue_immediate", "dead_lettered")
+
+_C = TypeVar("_C", bound="BatchConsumer[Any]")
+_FIELDS = {field.name: field for field in attrs.fields(BatchConsumerSettings)}
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _default_text(field: str) -> str:
+    default = _FIELDS[field].default
+    if default is None:
+        return "none"
+    if isinstance(default, tuple):
+        return "none" if not default else ", ".join(default)
+    if hasattr(default, "name"):  # an enum member
+        return str(default.name).lower()
+    return str(default)
+
+
+def _setting(
+    group: argparse._ArgumentGroup,
+    *flags: str,
+    field: str,
+    help: str,
+    **options: Any,
+) -> None:
+    """A flag for settings field ``field``: absent from the namespace unless given,
+    so the environment and ``.env`` apply when it is not."""
+    env = f"{ENV_PREFIX}{field.upper()}"
+    group.add_argument(
+        *flags,
+        dest=field,
+        default=argparse.SUPPRESS,
+        help=f"{help} [env {env}; default {_default_text(field)}]",
+        **options,
+    )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``run`` subcommand's arguments."""
+    parser.add_argument(
+        "target",
+        metavar="MODULE:TARGET",
+        help=(
+            "what consumes: a handler (an async generator yielding one "
+            "MessageResult per message, or an async function returning them) or a "
+            "BatchConsumer / Consumer subclass, as module:name (the current "
+            "directory is importable) or path/to/file.py:name"
+        ),
+    )
+    connection = parser.add_argument_group("broker")
+    _setting(
+        connection,
+        "--url",
+        field="url",
+        metavar="URL",
+        help="broker URL, amqp:// or amqps:// (the password is never logged)",
+    )
+    _setting(
+        connection,
+        "--failover-url",
+        field="failover_urls",
+        metavar="URL",
+        action="append",
+        help="another broker URL; reconnects rotate through them (repeatable; the "
+        "environment variable takes a comma-separated list)",
+    )
+    _setting(
+        connection,
+        "--heartbeat",
+        field="heartbeat",
+        type=int,
+        metavar="SECONDS",
+        help="AMQP heartbeat, 0 disables (none: the URL's, default 60)",
+    )
+    _setting(
+        connection,
+        "--connection-name",
+        field="connection_name",
+        metavar="NAME",
+        help="prefix of the connection names the broker shows",
+    )
+    connection.add_argument(
+        "--ca-file",
+        metavar="PATH",
+        help="CA bundle (PEM) to verify an amqps:// broker with, instead of the "
+        "system's CAs",
+    )
+
+    topology = parser.add_argument_group("queue and exchanges (declared on start)")
+    _setting(
+        topology,
+        "-q",
+        "--queue",
+        field="queue_name",
+        metavar="NAME",
+        help="the queue to consume (required: here, in the environment or in .env)",
+    )
+    _setting(
+        topology,
+        "--exchange",
+        field="exchange_name",
+        metavar="NAME",
+        help="an exchange to declare and bind the queue to",
+    )
+    _setting(
+        topology,
+        "--exchange-type",
+        field="exchange_type",
+        metavar="TYPE",
+        help="direct, fanout, topic, headers or a plugin's x-... type",
+    )
+    _setting(
+        topology,
+        "--routing-key",
+        field="routing_key",
+        metavar="KEY",
+        help="binding key of the queue to --exchange (none: the queue's name)",
+    )
+    _setting(
+        topology,
+        "--queue-durable",
+        field="queue_durable",
+        action=argparse.BooleanOptionalAction,
+        help="declare the queues durable",
+    )
+    _setting(
+        topology,
+        "--exchange-durable",
+        field="exchange_durable",
+        action=argparse.BooleanOptionalAction,
+        help="declare the exchanges durable",
+    )
+    _setting(
+        topology,
+        "--queue-arguments",
+        field="queue_arguments",
+        type=_json_object,
+        metavar="JSON",
+        help='queue arguments as a JSON object, e.g. \'{"x-queue-type": "quorum"}\'',
+    )
+    _setting(
+        topology,
+        "--dead-letter-exchange",
+        field="dead_letter_exchange",
+        metavar="NAME",
+        help="declared and set as the queue's dead-letter exchange; NACKed and "
+        "exhausted messages go there under their original routing key",
+    )
+    _setting(
+        topology,
+        "--dead-letter-exchange-type",
+        field="dead_letter_exchange_type",
+        metavar="TYPE",
+        help="type of --dead-letter-exchange",
+    )
+    _setting(
+        topology,
+        "--dead-letter-queue",
+        field="dead_letter_queue",
+        metavar="NAME",
+        help="a queue declared and bound to --dead-letter-exchange (all keys)",
+    )
+
+    batching = parser.add_argument_group("batching and workers")
+    _setting(
+        batching,
+        "-b",
+        "--batch-size",
+        field="batch_size",
+        type=int,
+        metavar="N",
+        help="hand a batch to the handler once it holds N messages",
+    )
+    _setting(
+        batching,
+        "-t",
+        "--batch-timeout",
+        field="batch_timeout",
+        type=float,
+        metavar="SECONDS",
+        help="... or this long after its first message arrived",
+    )
+    _setting(
+        batching,
+        "--max-batch-bytes",
+        field="max_batch_bytes",
+        type=int,
+        metavar="N",
+        help="... or once its bodies add up to N bytes",
+    )
+    _setting(
+        batching,
+        "-p",
+        "--prefetch",
+        field="prefetch_count",
+        type=int,
+        metavar="N",
+        help="unacknowledged messages per worker (at least --batch-size)",
+    )
+    _setting(
+        batching,
+        "-w",
+        "--workers",
+        field="num_workers",
+        type=int,
+        metavar="N",
+        help="workers, each with its own connection",
+    )
+    _setting(
+        batching,
+        "--max-concurrent-batches",
+        field="max_concurrent_batches",
+        type=int,
+        metavar="N",
+        help="batches of one worker in the handler at once",
+    )
+
+    results = parser.add_argument_group("results, retries and shutdown")
+    _setting(
+        results,
+        "--max-retries",
+        field="max_requeue_attempts",
+        type=int,
+        metavar="N",
+        help="REQUEUEs of a message before it is dead-lettered",
+    )
+    _setting(
+        results,
+        "--unhandled-exception-action",
+        field="unhandled_exception_action",
+        choices=("ack", "nack", "requeue", "requeue_immediate"),
+        help="result for the messages of a batch whose handler raised",
+    )
+    _setting(
+        results,
+        "--shutdown-timeout",
+        field="shutdown_timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long a graceful stop may take before the handler is cancelled "
+        "(its unsettled messages go back to the queue)",
+    )
+    _setting(
+        results,
+        "--backoff-base",
+        field="reconnect_backoff_base",
+        type=float,
+        metavar="SECONDS",
+        help="reconnect backoff: first ceiling, doubled per failure",
+    )
+    _setting(
+        results,
+        "--backoff-cap",
+        field="reconnect_backoff_cap",
+        type=float,
+        metavar="SECONDS",
+        help="reconnect backoff: largest ceiling",
+    )
+
+    command = parser.add_argument_group("this command")
+    env_file = command.add_mutually_exclusive_group()
+    env_file.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="read AMQP_BATCH_* settings from this file of KEY=VALUE lines "
+        "(default: .env in the current directory, if there is one)",
+    )
+    env_file.add_argument(
+        "--no-env-file", action="store_true", help="do not read any .env file"
+    )
+    command.add_argument(
+        "--summary-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="log a summary (batches, results per kind, reconnects) this often; "
+        "0 only at the end [default 30]",
+    )
+    command.add_argument(
+        "--check",
+        action="store_true",
+        help="load the target, resolve the settings and connect once; print the "
+        "settings and exit without consuming",
+    )
+
+
+# -- settings -------------------------------------------------------------------------
+
+
+def _env_file(args: argparse.Namespace) -> Path | None:
+    if args.no_env_file:
+        return None
+    if args.env_file is not None:
+        path = Path(args.env_file)
+        if not path.is_file():
+            raise CLIError(f"--env-file {args.env_file!r}: no such file")
+        return path
+    default = Path(".env")
+    return default if default.is_file() else None
+
+
+def build_settings(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> BatchConsumerSettings:
+    """Settings from the flags given in ``args``, then ``AMQP_BATCH_*`` variables
+    in ``environ`` (default ``os.environ``), then the ``.env`` file, then the
+    defaults: the first that sets a field wins."""
+    environ = os.environ if environ is None else environ
+    overrides: dict[str, Any] = {
+        name: getattr(args, name) for name in _FIELDS if hasattr(args, name)
+    }
+    if "failover_urls" in overrides:
+        overrides["failover_urls"] = tuple(overrides["failover_urls"])
+    if args.ca_file is not None:
+        try:
+            overrides["ssl_context"] = ssl.create_default_context(cafile=args.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise CLIError(f"--ca-file {args.ca_file!r}: {describe(exc)}") from None
+    env_file = _env_file(args)
+    if "queue_name" not in overrides:
+        seen = dict(_read_env_file(env_file)) if env_file is not None else {}
+        seen.update(environ)
+        if not seen.get(f"{ENV_PREFIX}QUEUE_NAME"):
+            raise CLIError(
+                f"no queue to consume: pass --queue NAME or set "
+                f"{ENV_PREFIX}QUEUE_NAME (environment or .env)"
+            )
+    try:
+        return BatchConsumerSettings.from_env(
+            ENV_PREFIX, env_file=env_file, environ=environ, **overrides
+        )
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"invalid settings: {exc}") from None
+
+
+def settings_lines(settings: BatchConsumerSettings) -> list[str]:
+    """``name = value`` per settings field, passwords redacted."""
+    lines = []
+    for field in attrs.fields(type(settings)):
+        value = getattr(settings, field.name)
+        if isinstance(value, Mapping):
+            value = dict(value)
+        elif isinstance(value, enum.Enum):
+            value = value.value
+        text = field.repr(value) if callable(field.repr) else repr(value)
+        lines.append(f"{field.name} = {text}")
+    return lines
+
+
+# -- observing the consumer -----------------------------------------------------------
+
+
+class Monitor:
+    """Logs worker state changes, counts batches, and writes summaries."""
+
+    def __init__(self, settings: BatchConsumerSettings) -> None:
+        self.settings = settings
+        self.batches = 0
+        self.seen_consuming = False
+        self._started = time.monotonic()
+
+    def state_changed(self, health: WorkerHealth, previous: WorkerState) -> None:
+        """One log line per worker state change."""
+        state = health.state
+        detail = ""
+        level = logging.INFO
+        if state is WorkerState.CONNECTING:
+            detail = f" to {health.url}"
+        elif state is WorkerState.CONSUMING:
+            self.seen_consuming = True
+            detail = f" queue {self.settings.queue_name!r} at {health.url}"
+        elif state is WorkerState.BACKING_OFF:
+            level = logging.WARNING
+            detail = f" (reconnect {health.reconnect_count}; {health.last_error})"
+        logger.log(
+            level,
+            "worker %d: %s -> %s%s",
+            health.index,
+            previous.value,
+            state.value,
+            detail,
+        )
+
+    def counting(
+        self, handler: Callable[[Sequence[Message]], Any]
+    ) -> Callable[[Sequence[Message]], Any]:
+        """``handler``, counting the batches it is called with."""
+
+        def counted(messages: Sequence[Message]) -> Any:
+            self.batches += 1
+            return handler(messages)
+
+        return counted
+
+    def summary(self, consumer: BatchConsumer[Any]) -> str:
+        """``batches=… ack=… … reconnects=… consuming=n/N`` for ``consumer``."""
+        healths = consumer.health()
+        totals: Counter[str] = Counter()
+        for health in healths:
+            totals.update(health.results)
+        consuming = sum(h.state is WorkerState.CONSUMING for h in healths)
+        parts = [f"batches={self.batches}"]
+        parts += [f"{key}={totals[key]}" for key in RESULT_KEYS]
+        parts.append(f"reconnects={sum(h.reconnect_count for h in healths)}")
+        parts.append(f"consuming={consuming}/{self.settings.num_workers}")
+        return " ".join(parts)
+
+    async def report_every(self, consumer: BatchConsumer[Any], interval: float) -> None:
+        """Log a summary every ``interval`` seconds, forever."""
+        while True:
+            await anyio.sleep(interval)
+            logger.info("summary: %s", self.summary(consumer))
+
+    def final(self, consumer: BatchConsumer[Any]) -> None:
+        """Log the summary at exit."""
+        elapsed = time.monotonic() - self._started
+        logger.info("stopped after %.1f s: %s", elapsed, self.summary(consumer))
+
+
+def _observed(base: type[_C], monitor: Monitor) -> type[_C]:
+    """A subclass of ``base`` reporting to ``monitor`` (``base``'s own hooks run)."""
+
+    class Observed(base):  # type: ignore[valid-type,misc]
+        def on_worker_state_change(
+            self, health: WorkerHealth, previous: WorkerState
+        ) -> None:
+            try:
+                super().on_worker_state_change(health, previous)
+            finally:
+                monitor.state_changed(health, previous)
+
+        def _handler(self) -> Callable[[Sequence[Message]], Any]:
+            return monitor.counting(super()._handler())
+
+    Observed.__name__ = base.__name__
+    Observed.__qualname__ = base.__qualname__
+    Observed.__module__ = base.__module__
+    return Observed
+
+
+def make_consumer(
+    target: Target, settings: BatchConsumerSettings, monitor: Monitor
+) -> BatchConsumer[Any]:
+    """The consumer for ``target``: a handler in a function consumer, or the
+    consumer class instantiated with ``settings``."""
+    if target.handler is not None:
+        function_consumer = _observed(_FunctionConsumer, monitor)
+        return function_consumer(settings, target.handler, transport=NativeTransport())
+    assert target.consumer_class is not None
+    consumer_class = _observed(target.consumer_class, monitor)
+    try:
+        return consumer_class(settings)
+    except Exception as exc:
+        raise CLIError(
+            f"target {target.spec!r}: cannot create "
+            f"{target.consumer_class.__name__}(settings): {describe(exc)}"
+        ) from None
+
+
+# -- running --------------------------------------------------------------------------
+
+
+async def check_broker(settings: BatchConsumerSettings) -> str:
+    """Connect once to the first URL of ``settings`` that answers; its redacted
+    URL. :class:`CLIError` if none answers or the broker refuses the login."""
+    transport = NativeTransport()
+    failures: list[str] = []
+    for index in range(len(settings.urls)):
+        parameters = attrs.evolve(
+            settings.connection_parameters(index), connection_name="amqp-batch-check"
+        )
+        timeout = parameters.connection_timeout
+        deadline = timeout + 5 if timeout else None
+        try:
+            with anyio.fail_after(deadline):
+                async with transport.open_publisher(parameters):
+                    pass
+        except TransportError as exc:
+            if not exc.retryable:  # bad credentials, unknown vhost: final
+                raise CLIError(f"{parameters.redacted_url}: {describe(exc)}") from None
+            failures.append(describe(exc))
+        except TimeoutError:
+            failures.append(f"{parameters.redacted_url}: no answer in {deadline} s")
+        else:
+            return parameters.redacted_url
+    raise CLIError(f"no broker answered: {'; '.join(failures)}")
+
+
+def _library_error(exc: BaseException) -> AMQPBatchError | None:
+    """The library error ``exc`` stands for (unwrapping task-group exception groups
+    whose other members are cancellations), else None."""
+    if isinstance(exc, AMQPBatchError):
+        return exc
+    if not isinstance(exc, BaseExceptionGroup):
+        return None
+    found: AMQPBatchError | None = None
+    cancelled = anyio.get_cancelled_exc_class()
+    for member in exc.exceptions:
+        error = _library_error(member)
+        if error is not None:
+            found = found or error
+        elif not isinstance(member, cancelled):
+            return None
+    return found
+
+
+async def serve(
+    target: Target, settings: BatchConsumerSettings, args: argparse.Namespace
+) -> int:
+    """Check the broker, then consume until SIGINT/SIGTERM (or print the settings
+    with ``--check``); the exit code."""
+    monitor = Monitor(settings)
+    consumer = make_consumer(target, settings, monitor)
+    where = await check_broker(settings)
+    if args.check:
+        print(f"target: {target.spec} ({target.kind})")
+        print(f"broker: {where} answered")
+        print("settings:")
+        for line in settings_lines(settings):
+            print(f"  {line}")
+        return EXIT_OK
+    logger.info(
+        "amqp-batch %s: consuming queue %r at %s with %s (%s), %d worker(s), "
+        "batch_size %d, batch_timeout %s s, on %s; SIGINT or SIGTERM stops",
+        __version__,
+        settings.queue_name,
+        where,
+        target.spec,
+        target.kind,
+        settings.num_workers,
+        settings.batch_size,
+        settings.batch_timeout,
+        args.backend,
+    )
+    try:
+        async with anyio.create_task_group() as group:
+            if args.summary_interval > 0:
+                group.start_soon(monitor.report_every, consumer, args.summary_interval)
+            await consumer.run()
+            group.cancel_scope.cancel()
+    except (Exception, BaseExceptionGroup) as exc:
+        error = _library_error(exc)
+        if error is None:
+            raise
+        monitor.final(consumer)
+        raise CLIError(
+            describe(error),
+            exit_code=EXIT_FAILED if monitor.seen_consuming else EXIT_USAGE,
+        ) from None
+    monitor.final(consumer)
+    return EXIT_OK
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``amqp-batch run``: the exit code (raises :class:`CLIError`)."""
+    target = load_target(args.target)
+    settings = build_settings(args)
+    code: int = anyio.run(serve, target, settings, args, backend=args.backend)
+    return code
