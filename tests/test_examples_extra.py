@@ -181,3 +181,73 @@ async def test_trio_nursery(broker_url: str) -> None:
     assert lines[0].startswith("progress consuming")
     assert ids_of(dead) == ["not-an-image"]
     assert left == []
+
+
+# -- examples/config_from_env.py ---------------------------------------------------
+
+
+async def test_config_from_env(
+    broker_url: str, anyio_backend: str, tmp_path: Path
+) -> None:
+    queue = unique_name("env")
+    env_file = tmp_path / "settings.env"
+    env_file.write_text(
+        "# local development values\n"
+        "AMQP_BATCH_QUEUE_NAME=from-the-file\n"
+        "AMQP_BATCH_BATCH_SIZE=2\n"
+        "export AMQP_BATCH_BATCH_TIMEOUT=0.1\n"
+        'AMQP_BATCH_QUEUE_ARGUMENTS={"x-max-length": 1000}\n'
+        "AMQP_BATCH_UNHANDLED_EXCEPTION_ACTION=nack\n"
+    )
+    environ = {
+        "EXAMPLE_ENV_FILE": str(env_file),
+        "EXAMPLE_BACKEND": anyio_backend,
+        "AMQP_BATCH_URL": broker_url,
+        "AMQP_BATCH_QUEUE_NAME": queue,  # the environment wins over the file
+        "AMQP_BATCH_PREFETCH_COUNT": "20",
+    }
+    try:
+        code, lines = await run_example("config_from_env.py", environ)
+        async with admin_channel(broker_url) as channel:
+            # Declared with the file's argument: the same declaration is accepted.
+            await channel.queue_declare(
+                queue, durable=True, arguments={"x-max-length": 1000}
+            )
+            left = await drain(channel, queue)
+    finally:
+        await cleanup(broker_url, queues=[queue])
+    assert code == 0, lines
+    settings_line, handled_line = lines[0], lines[-1]
+    assert settings_line.startswith("BatchConsumerSettings(")
+    for shown in (
+        f"queue_name='{queue}'",
+        "prefetch_count=20",
+        "batch_size=2",
+        "batch_timeout=0.1",
+        "'x-max-length': 1000",
+        "MessageResult.NACK",
+        "connection_name='config-example'",
+    ):
+        assert shown in settings_line
+    password = httpx.URL(broker_url).password
+    assert password
+    assert f":{password}@" not in settings_line
+    assert ":***@" in settings_line
+    assert handled_line == "handled one two three"
+    assert left == []
+
+
+async def test_config_from_env_bad_value_names_the_variable() -> None:
+    """It stops before connecting anywhere."""
+    code, lines = await run_example(
+        "config_from_env.py",
+        {
+            "EXAMPLE_ENV_FILE": "/nonexistent/.env",
+            "AMQP_BATCH_URL": "amqp://app:secret@127.0.0.1:1/",
+            "AMQP_BATCH_QUEUE_NAME": unique_name("env"),
+            "AMQP_BATCH_BATCH_SIZE": "lots",
+        },
+    )
+    assert code == 1
+    assert lines[-1].startswith("bad configuration: AMQP_BATCH_BATCH_SIZE: ")
+    assert not any("secret" in line for line in lines)
