@@ -14,6 +14,7 @@ from pamqp.heartbeat import Heartbeat
 from amqp_batch import ProtocolError
 from amqp_batch._transport._base import Properties
 from amqp_batch._transport._native._framing import (
+    ContentHeaderFrame,
     FrameParser,
     PendingContent,
     marshal_publish,
@@ -46,7 +47,7 @@ def _reassemble(frames: list[tuple[int, object]]) -> list[tuple[int, bytes]]:
         done = None
         if isinstance(value, commands.Basic.Deliver):
             pending = PendingContent(value)
-        elif isinstance(value, header.ContentHeader):
+        elif isinstance(value, ContentHeaderFrame):
             assert pending is not None
             done = pending.add_header(value)
         elif isinstance(value, ContentBody):
@@ -130,7 +131,7 @@ def test_oversized_frame_is_refused() -> None:
 
 def test_body_longer_than_announced_is_refused() -> None:
     pending = PendingContent(commands.Basic.Deliver("c", 1, False, "", "q"))
-    pending.add_header(header.ContentHeader(0, 3, commands.Basic.Properties()))
+    pending.add_header(ContentHeaderFrame(3, Properties()))
     with pytest.raises(ProtocolError, match="more bytes"):
         pending.add_body(ContentBody(b"abcd"))
 
@@ -152,17 +153,110 @@ def test_properties_round_trip() -> None:
         user_id="guest",
         app_id="tests",
     )
-    encoded = properties_to_pamqp(ours).marshal()
-    decoded = commands.Basic.Properties()
-    flags = int.from_bytes(encoded[:2], "big")
-    decoded.unmarshal(flags, encoded[2:])
-    back = properties_from_pamqp(decoded)
+    back = _decode_via_parser(properties_to_pamqp(ours))
     assert back.headers == ours.headers
     assert back.timestamp is not None
     assert back.timestamp.replace(tzinfo=datetime.timezone.utc) == stamp
     assert attrs_without(back, "headers", "timestamp") == attrs_without(
         ours, "headers", "timestamp"
     )
+
+
+def _decode_via_parser(props: commands.Basic.Properties) -> Properties:
+    """Marshal a content header with pamqp and decode it with our parser."""
+    frames = FrameParser().feed(frame.marshal(header.ContentHeader(0, 5, props), 1))
+    assert len(frames) == 1
+    decoded = frames[0][1]
+    assert isinstance(decoded, ContentHeaderFrame)
+    assert decoded.body_size == 5
+    return decoded.properties
+
+
+_short = st.text(max_size=20)
+_pamqp_properties = st.builds(
+    commands.Basic.Properties,
+    content_type=st.none() | _short,
+    content_encoding=st.none() | _short,
+    headers=st.none()
+    | st.dictionaries(
+        st.text(min_size=1, max_size=8),
+        st.integers(-(2**31), 2**31 - 1) | st.text(max_size=10) | st.booleans(),
+        max_size=4,
+    ),
+    delivery_mode=st.none() | st.sampled_from([1, 2]),
+    priority=st.none() | st.integers(0, 9),
+    correlation_id=st.none() | _short,
+    reply_to=st.none() | _short,
+    expiration=st.none() | st.integers(0, 10**6).map(str),
+    message_id=st.none() | _short,
+    timestamp=st.none()
+    | st.integers(0, 2**32 - 1).map(
+        lambda s: datetime.datetime.fromtimestamp(s, tz=datetime.timezone.utc)
+    ),
+    message_type=st.none() | _short,
+    user_id=st.none() | _short,
+    app_id=st.none() | _short,
+)
+
+
+@given(_pamqp_properties)
+def test_fast_header_decoder_agrees_with_pamqp(
+    props: commands.Basic.Properties,
+) -> None:
+    """Our content-header decoder gives what pamqp's generic one gives."""
+    encoded = props.marshal()
+    reference = commands.Basic.Properties()
+    reference.unmarshal(int.from_bytes(encoded[:2], "big"), encoded[2:])
+    assert _decode_via_parser(props) == properties_from_pamqp(reference)
+
+
+@given(
+    consumer_tag=st.text(max_size=30),
+    tag=st.integers(1, 2**63 - 1),
+    redelivered=st.booleans(),
+    exchange=st.from_regex(r"[A-Za-z0-9_.:\-]{0,30}", fullmatch=True),
+    routing_key=st.text(max_size=30),
+)
+def test_fast_deliver_decoder_agrees_with_pamqp(
+    consumer_tag: str, tag: int, redelivered: bool, exchange: str, routing_key: str
+) -> None:
+    method = commands.Basic.Deliver(
+        consumer_tag, tag, redelivered, exchange, routing_key
+    )
+    ((channel, decoded),) = FrameParser().feed(frame.marshal(method, 9))
+    assert channel == 9
+    assert isinstance(decoded, commands.Basic.Deliver)
+    assert (
+        decoded.consumer_tag,
+        decoded.delivery_tag,
+        decoded.redelivered,
+        decoded.exchange,
+        decoded.routing_key,
+    ) == (consumer_tag, tag, redelivered, exchange, routing_key)
+
+
+def test_text_that_is_not_utf8_does_not_fail_the_connection() -> None:
+    """RabbitMQ passes shortstr bytes through unchecked: one message with a
+    non-UTF-8 message id must not kill the connection (it decodes with U+FFFD)."""
+    raw = commands.Basic.Properties(message_id="ab").marshal()
+    raw = raw.replace(b"\x02ab", b"\x02\xffb")
+    payload = b"\x00\x3c\x00\x00" + (3).to_bytes(8, "big") + raw
+    data = b"\x02\x00\x01" + len(payload).to_bytes(4, "big") + payload + b"\xce"
+    ((_, decoded),) = FrameParser().feed(data)
+    assert isinstance(decoded, ContentHeaderFrame)
+    assert decoded.properties.message_id == "\ufffdb"
+
+
+@pytest.mark.parametrize("cut", [1, 5, 12, 15])
+def test_truncated_header_and_deliver_are_protocol_errors(cut: int) -> None:
+    props = commands.Basic.Properties(message_id="abc", content_type="x/y")
+    good_header = frame.marshal(header.ContentHeader(0, 1, props), 1)
+    deliver = frame.marshal(commands.Basic.Deliver("ctag", 1, False, "ex", "rk"), 1)
+    for good in (good_header, deliver):
+        payload = good[7:-1][:-cut]
+        bad = good[:3] + len(payload).to_bytes(4, "big") + payload + b"\xce"
+        with pytest.raises(ProtocolError, match="malformed"):
+            FrameParser().feed(bad)
 
 
 def attrs_without(props: Properties, *names: str) -> dict[str, object]:

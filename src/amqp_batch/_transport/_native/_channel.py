@@ -21,7 +21,6 @@ from anyio.streams.memory import MemoryObjectSendStream
 from pamqp import commands
 from pamqp.base import Frame as MethodFrame
 from pamqp.body import ContentBody
-from pamqp.header import ContentHeader
 
 from ..._exceptions import (
     ChannelClosed,
@@ -32,6 +31,7 @@ from ..._exceptions import (
 )
 from .._base import Delivery, FieldTable, Properties
 from ._framing import (
+    ContentHeaderFrame,
     IncomingContent,
     PendingContent,
     marshal_method,
@@ -190,7 +190,7 @@ class Channel:
         """Process one incoming frame. Never blocks."""
         if isinstance(frame, ContentBody):
             self._content_body(frame)
-        elif isinstance(frame, ContentHeader):
+        elif isinstance(frame, ContentHeaderFrame):
             self._content_header(frame)
         elif isinstance(frame, commands.Basic.Deliver | commands.Basic.Return):
             self._start_content(frame)
@@ -232,7 +232,7 @@ class Channel:
             raise ProtocolError("a new message started before the last one ended")
         self._content = PendingContent(method)
 
-    def _content_header(self, frame: ContentHeader) -> None:
+    def _content_header(self, frame: ContentHeaderFrame) -> None:
         if self._content is None:
             raise ProtocolError("content header without a method")
         message = self._content.add_header(frame)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import attrs
-from pamqp import commands, frame, header
+from pamqp import commands, decode, frame, header
 from pamqp import constants as amqp_constants
 from pamqp.base import Frame as MethodFrame
 from pamqp.body import ContentBody
@@ -25,6 +25,7 @@ from ..._exceptions import ProtocolError
 from .._base import FieldTable, Properties
 
 __all__ = [
+    "ContentHeaderFrame",
     "FrameParser",
     "IncomingContent",
     "PendingContent",
@@ -49,7 +50,17 @@ _FRAME_TYPES = frozenset(
 #: frame_max counts the 8 bytes of frame overhead (7 header + 1 end octet).
 FRAME_OVERHEAD = 8
 
-IncomingFrame = MethodFrame | header.ContentHeader | ContentBody | Heartbeat
+
+@attrs.define(slots=True)
+class ContentHeaderFrame:
+    """A decoded content header: the body's size and the message's properties."""
+
+    name: ClassVar[str] = "ContentHeader"
+    body_size: int
+    properties: Properties
+
+
+IncomingFrame = MethodFrame | ContentHeaderFrame | ContentBody | Heartbeat
 
 
 class FrameParser:
@@ -91,9 +102,12 @@ class FrameParser:
             if frame_type == _FRAME_BODY:
                 append((channel, ContentBody(buffer[payload_start:frame_end])))
             elif frame_type == _FRAME_METHOD:
-                append((channel, _decode_method(buffer[payload_start:frame_end])))
+                if buffer[payload_start : payload_start + 4] == _DELIVER_INDEX:
+                    append((channel, _decode_deliver(buffer, payload_start, frame_end)))
+                else:
+                    append((channel, _decode_method(buffer[payload_start:frame_end])))
             elif frame_type == _FRAME_HEADER_TYPE:
-                append((channel, _decode_header(buffer[payload_start:frame_end])))
+                append((channel, _decode_header(buffer, payload_start, frame_end)))
             elif frame_type == _FRAME_HEARTBEAT:
                 append((channel, Heartbeat()))
             else:
@@ -137,14 +151,131 @@ def _decode_method(payload: bytes) -> MethodFrame:
     return method
 
 
-def _decode_header(payload: bytes) -> header.ContentHeader:
-    """Decode a content header frame's payload with pamqp."""
-    content_header = header.ContentHeader()
+_DELIVER_INDEX = _METHOD_INDEX.pack(commands.Basic.Deliver.index)
+_U64 = struct.Struct(">Q")
+_HEADER_START = struct.Struct(">HHQH")  # class-id, weight, body size, flags
+_new_deliver = commands.Basic.Deliver.__new__
+_Deliver = commands.Basic.Deliver
+
+
+def _short_str(data: bytes, offset: int) -> tuple[str, int]:
+    """A shortstr at ``offset``: the text and the offset after it (the caller
+    checks that it ends inside the frame).
+
+    Not UTF-8 (RabbitMQ passes any bytes through) decodes with U+FFFD instead of
+    failing the whole connection on one message.
+    """
+    end = offset + 1 + data[offset]
+    if end > len(data):
+        raise ValueError("short string runs past the data")
+    return data[offset + 1 : end].decode("utf-8", "replace"), end
+
+
+def _decode_deliver(data: bytes, start: int, end: int) -> commands.Basic.Deliver:
+    """Decode ``basic.deliver`` (the hot path) without pamqp's generic decoder.
+
+    The result is a real :class:`pamqp.commands.Basic.Deliver`; the fields are the
+    same as pamqp's except that text that is not UTF-8 is decoded with U+FFFD.
+    """
     try:
-        content_header.unmarshal(payload)
-    except (struct.error, ValueError, UnmarshalingException) as exc:
+        consumer_tag, offset = _short_str(data, start + 4)
+        (delivery_tag,) = _U64.unpack_from(data, offset)
+        redelivered = bool(data[offset + 8] & 1)
+        exchange, offset = _short_str(data, offset + 9)
+        routing_key, offset = _short_str(data, offset)
+    except (IndexError, ValueError, struct.error) as exc:
+        raise ProtocolError(f"malformed method frame: {exc}") from exc
+    if offset != end:
+        raise ProtocolError("malformed method frame: basic.deliver length")
+    method = _new_deliver(_Deliver)
+    method.consumer_tag = consumer_tag
+    method.delivery_tag = delivery_tag
+    method.redelivered = redelivered
+    method.exchange = exchange
+    method.routing_key = routing_key
+    return method
+
+
+_EMPTY_PROPERTIES = Properties()
+#: headers, correlation-id, message-id, timestamp: usually unique per message (and
+#: headers are a mutable dict), so such properties are never shared.
+_PER_MESSAGE_FLAGS = 0x2000 | 0x0400 | 0x0080 | 0x0040
+_SHARED_PROPERTIES_MAX = 256
+_shared_properties: dict[bytes, Properties] = {}
+
+
+def _decode_header(data: bytes, start: int, end: int) -> ContentHeaderFrame:
+    """Decode a content header frame straight into :class:`Properties`."""
+    try:
+        _, _, body_size, flags = _HEADER_START.unpack_from(data, start)
+        if not flags:
+            return ContentHeaderFrame(body_size, _EMPTY_PROPERTIES)
+        if not flags & _PER_MESSAGE_FLAGS:
+            # Properties that do not vary per message (delivery mode, content
+            # type, app id...) repeat: decode each distinct encoding once.
+            key = data[start + 12 : end]
+            cached = _shared_properties.get(key)
+            if cached is None:
+                cached, offset = _decode_properties(flags, data, start + 14, end)
+                if offset != end:
+                    raise ProtocolError("malformed content header: properties length")
+                if len(_shared_properties) >= _SHARED_PROPERTIES_MAX:
+                    _shared_properties.clear()
+                _shared_properties[key] = cached
+            return ContentHeaderFrame(body_size, cached)
+        properties, offset = _decode_properties(flags, data, start + 14, end)
+    except (IndexError, ValueError, struct.error) as exc:
         raise ProtocolError(f"malformed content header: {exc}") from exc
-    return content_header
+    if offset != end:
+        raise ProtocolError("malformed content header: properties length")
+    return ContentHeaderFrame(body_size, properties)
+
+
+def _decode_properties(
+    flags: int, data: bytes, offset: int, end: int
+) -> tuple[Properties, int]:
+    """Decode the basic properties ``flags`` announces, from ``offset`` to
+    ``end``; returns them and the offset after the last one."""
+    if flags & 1:
+        raise ValueError("property flags continue past 16 bits")
+    values: dict[str, Any] = {}
+    for name, bit, kind in _PROPERTY_LAYOUT:
+        if not flags & bit:
+            continue
+        if kind == "s":
+            values[name], offset = _short_str(data, offset)
+        elif kind == "o":
+            values[name] = data[offset]
+            offset += 1
+        elif kind == "t":
+            consumed, table = decode.field_table(data[offset:end])
+            values[name] = table
+            offset += consumed
+        else:  # timestamp
+            consumed, stamp = decode.timestamp(data[offset : offset + 8])
+            values[name] = stamp
+            offset += consumed
+    values.pop("cluster_id", None)  # deprecated; not part of the contract
+    return Properties(**values), offset
+
+
+#: (field, flag bit, kind): s = shortstr, o = octet, t = table, d = timestamp.
+_PROPERTY_LAYOUT = (
+    ("content_type", 0x8000, "s"),
+    ("content_encoding", 0x4000, "s"),
+    ("headers", 0x2000, "t"),
+    ("delivery_mode", 0x1000, "o"),
+    ("priority", 0x0800, "o"),
+    ("correlation_id", 0x0400, "s"),
+    ("reply_to", 0x0200, "s"),
+    ("expiration", 0x0100, "s"),
+    ("message_id", 0x0080, "s"),
+    ("timestamp", 0x0040, "d"),
+    ("type", 0x0020, "s"),
+    ("user_id", 0x0010, "s"),
+    ("app_id", 0x0008, "s"),
+    ("cluster_id", 0x0004, "s"),
+)
 
 
 def marshal_method(method: MethodFrame, channel: int) -> bytes:
@@ -208,13 +339,11 @@ class PendingContent:
     chunks: list[bytes] = attrs.field(factory=list)
     received: int = 0
 
-    def add_header(
-        self, content_header: header.ContentHeader
-    ) -> IncomingContent | None:
+    def add_header(self, content_header: ContentHeaderFrame) -> IncomingContent | None:
         """Record the header; returns the message if it has no body."""
         if self.properties is not None:
             raise ProtocolError("a second content header arrived for one message")
-        self.properties = properties_from_pamqp(content_header.properties)
+        self.properties = content_header.properties
         self.body_size = content_header.body_size
         if self.body_size == 0:
             return IncomingContent(self.method, self.properties, b"")
