@@ -19,10 +19,19 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.error_on_missing_interpreters = True
 
-# Paths that exist in this checkout, among those we lint.
+# Paths that exist in this checkout, among those we lint. Only the Python of
+# docs/: ruff would also format the code blocks of every Markdown page there.
 LINT_PATHS = [
     name
-    for name in ("src", "tests", "bench", "examples", "docs", "noxfile.py")
+    for name in (
+        "src",
+        "tests",
+        "bench",
+        "examples",
+        "docs/conf.py",
+        "docs/diagrams",
+        "noxfile.py",
+    )
     if (ROOT / name).exists()
 ]
 

@@ -27,15 +27,16 @@ version = release
 extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
+    "sphinx_design",
 ]
 
 source_suffix = {".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build", "diagrams/*.py", "README.md"]
+exclude_patterns = ["_build"]
 
 # -- MyST ---------------------------------------------------------------------------
 
-myst_enable_extensions = ["colon_fence", "deflist", "fieldlist"]
+myst_enable_extensions = ["colon_fence", "deflist", "fieldlist", "tasklist"]
 # "design.md#shutdown"-style links to headings of other pages.
 myst_heading_anchors = 3
 

@@ -125,7 +125,7 @@ ACKER_Y = 286  # top of the acker box
 
 
 def actors() -> str:
-    """Receiver -> batcher -> handler -> acker per worker, supervised."""
+    """Session -> batcher (intake) -> handler -> acker per worker, supervised."""
     svg = Svg(1040, 620, "amqp-batch: the actors of one consumer")
     _broker(svg)
     _consumer_and_worker(svg)
@@ -193,17 +193,10 @@ def _pipeline(svg: Svg) -> None:
     )
     actor(
         svg,
-        436,
-        row,
-        "receiver",
-        ["Delivery → Message", "registers the tag", "checks x-retry-count"],
-    )
-    actor(
-        svg,
-        618,
+        500,
         row,
         "batcher",
-        ["flush on batch_size,", "batch_timeout or", "max_batch_bytes"],
+        ["the intake: tags, retry", "count; flush on size,", "timeout or bytes"],
     )
     actor(
         svg,
@@ -225,9 +218,11 @@ def _pipeline(svg: Svg) -> None:
     )
 
     mid = row + 46
-    for start, label in ((384, "buffer 0"), (566, "buffer 0"), (748, "buffer 0")):
-        svg.arrow([(start, mid), (start + 52, mid)])
-        svg.text(start + 26, mid - 8, label, size=10, anchor="middle", color=MUTED)
+    svg.arrow([(384, mid), (500, mid)])
+    svg.text(442, mid - 8, "taken in bulk,", size=10, anchor="middle", color=MUTED)
+    svg.text(442, mid + 16, "no switch each", size=10, anchor="middle", color=MUTED)
+    svg.arrow([(630, mid), (800, mid)])
+    svg.text(715, mid - 8, "batches, buffer 0", size=10, anchor="middle", color=MUTED)
     svg.arrow([(865, row + 92), (865, acker_y)])
     svg.text(858, row + 112, "results", size=11, color=MUTED, anchor="end")
     svg.text(
@@ -239,16 +234,16 @@ def _pipeline(svg: Svg) -> None:
         anchor="end",
     )
 
-    # Bad retry header: straight from the receiver to the acker.
+    # Bad retry header: straight from the batcher to the acker.
     svg.arrow(
-        [(501, row + 92), (501, acker_y + 46), (800, acker_y + 46)],
+        [(565, row + 92), (565, acker_y + 46), (800, acker_y + 46)],
         dashed=True,
         color=MUTED,
     )
     svg.text(
-        512,
+        574,
         acker_y + 38,
-        "bad x-retry-count: never reaches the handler",
+        "bad x-retry-count: never handled",
         size=11,
         color=MUTED,
     )
@@ -320,12 +315,11 @@ def shutdown() -> str:
     """The graceful stop, as a sequence over the actors of one worker."""
     lanes = {
         "caller": ("stop / SIGTERM", 96),
-        "consumer": ("consumer", 220),
-        "worker": ("worker", 340),
-        "receiver": ("receiver", 460),
-        "batcher": ("batcher", 580),
-        "handler": ("handler", 700),
-        "acker": ("acker", 820),
+        "consumer": ("consumer", 236),
+        "worker": ("worker", 376),
+        "batcher": ("batcher", 516),
+        "handler": ("handler", 656),
+        "acker": ("acker", 796),
         "broker": ("RabbitMQ", 950),
     }
     top, bottom = 70, 640
@@ -382,10 +376,9 @@ def shutdown() -> str:
 
     step(104, "caller", "consumer", "stop requested", number="1")
     step(134, "consumer", "worker", "stop event")
-    step(164, "worker", "receiver", "cancel", number="2")
+    step(164, "worker", "batcher", "stop intake", number="2")
     step(194, "worker", "broker", "basic.cancel → cancel-ok: no new deliveries")
-    step(234, "receiver", "batcher", "stream closed", number="3")
-    step(264, "batcher", "handler", "flush partial batch")
+    step(250, "batcher", "handler", "flush partial batch", number="3")
     note(300, "handler", ["batches in the", "handler finish"])
     step(350, "handler", "acker", "results", number="4")
     step(390, "acker", "broker", "settle, confirms", number="5")
@@ -410,7 +403,7 @@ def shutdown() -> str:
 
     # The deadline.
     svg.parts.append(
-        f"<rect x='636' y='212' width='374' height='196' rx='6' fill='none' "
+        f"<rect x='470' y='220' width='540' height='188' rx='6' fill='none' "
         f"stroke='{DANGER}' stroke-width='1.5' stroke-dasharray='7 4'/>"
     )
     svg.lines(
