@@ -4,19 +4,35 @@ It turns each message's result into a wire action (republishing or dead-letterin
 through the publisher connection first where the result needs it), records it in
 the session's :class:`AckLedger`, and sends the frames the ledger releases: ACK
 runs coalesced into one ``ack(multiple=True)``, everything else at its place.
+
+Republishes run in a pool of tasks that lives as long as the acker. A batch's
+frames are normally sent once its copies are confirmed (so they coalesce as if
+nothing had been published). If the copies are not confirmed within
+:data:`PUBLISH_GRACE` seconds (a memory alarm blocks the publisher connection),
+the acker stops waiting: it goes on with later batches and sends every settlement
+that does not depend on a pending copy at once (single frames past the pending
+tags); each original is acked only when its own copy is confirmed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from functools import partial
 
 import attrs
-from anyio import create_task_group
-from anyio.abc import ObjectReceiveStream
+from anyio import (
+    Event,
+    Lock,
+    create_memory_object_stream,
+    create_task_group,
+    move_on_after,
+)
+from anyio.abc import ObjectReceiveStream, TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._exceptions import MessageNacked, MessageReturned
 from .._message import Message
@@ -30,13 +46,23 @@ from .._retry import (
 from .._transport._base import PublisherSession, Session
 from .ledger import AckLedger, Action
 
-__all__ = ["MAX_PUBLISHES_IN_FLIGHT", "Acker", "DeadLetter", "Disposition", "Outcome"]
+__all__ = [
+    "MAX_PUBLISHES_IN_FLIGHT",
+    "PUBLISH_GRACE",
+    "Acker",
+    "DeadLetter",
+    "Disposition",
+    "Outcome",
+]
 
 logger = logging.getLogger("amqp_batch.acker")
 
-#: Publishes (REQUEUE copies, library dead-letters) of one batch in flight at once:
-#: the size of the batch's task pool, whatever the batch size.
+#: Publishes (REQUEUE copies, library dead-letters) in flight at once: the most
+#: tasks the acker's publish pool grows to, whatever the batch size.
 MAX_PUBLISHES_IN_FLIGHT = 64
+#: Seconds the acker waits for a batch's copies to be confirmed before it stops
+#: holding back the batch's other settlements (and later batches) for them.
+PUBLISH_GRACE = 0.25
 
 
 @attrs.frozen
@@ -48,6 +74,24 @@ class DeadLetter:
 
 Disposition = MessageResult | DeadLetter
 Outcome = tuple[Message, Disposition]
+
+
+class _Countdown:
+    """Sets :attr:`event` once :meth:`count_down` was called ``count`` times."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.event = Event()
+
+    def count_down(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self.event.set()
+
+
+_Job = tuple[
+    PublisherSession, int, Callable[[PublisherSession], Awaitable[Action]], _Countdown
+]
 
 
 class Acker:
@@ -68,6 +112,16 @@ class Acker:
         self._publisher: PublisherSession | None = None
         self._stack: AsyncExitStack | None = None
         self._counts = counts
+        self._group: TaskGroup | None = None
+        self._jobs: MemoryObjectSendStream[_Job] | None = None
+        self._jobs_out: MemoryObjectReceiveStream[_Job]
+        self._pool_size = 0
+        #: Publishes queued or in flight.
+        self._pending = 0
+        #: True while publishes outlived PUBLISH_GRACE and are still pending.
+        self._stalled = False
+        self._idle: Event | None = None
+        self._send_lock = Lock()
 
     async def run(self, outcomes: ObjectReceiveStream[list[Outcome]]) -> None:
         """Settle outcomes until every sender closed its end of ``outcomes``.
@@ -76,59 +130,107 @@ class Acker:
         this returns; its failure ends the session (the broker then redelivers
         whatever is unsettled).
         """
-        async with AsyncExitStack() as stack, outcomes:
-            self._stack = stack
-            async for batch in outcomes:
-                actions = await self._decide_batch(batch)
-                for (message, _), action in zip(batch, actions, strict=True):
-                    self._ledger.resolve(message.delivery_tag, action)
+        async with outcomes, create_task_group() as group:
+            self._group = group
+            # The publisher is entered inside the pool's task group (by this
+            # task), so it is closed before the group: the pool must be idle then.
+            async with AsyncExitStack() as stack:
+                self._stack = stack
+                try:
+                    async for batch in outcomes:
+                        await self._settle(batch)
+                finally:
+                    # The pool finishes what is queued, then ends.
+                    if self._jobs is not None:
+                        self._jobs.close()
+                        self._jobs_out.close()
+                while self._pending:
+                    self._idle = Event()
+                    await self._idle.wait()
                 await self._send_ready()
 
-    async def _decide_batch(self, batch: list[Outcome]) -> list[Action]:
-        """The wire action of each outcome, in order.
+    async def _settle(self, batch: list[Outcome]) -> None:
+        """Resolve what needs no publish; queue the publishes; send what is ready.
 
         Outcomes that need a publish (a REQUEUE copy, a library dead-letter) are
-        published concurrently: every copy of the batch is in flight at once (up
-        to :data:`MAX_PUBLISHES_IN_FLIGHT`) and their confirms are awaited
-        together, instead of one confirm round trip per message. Nothing is
-        resolved in the ledger before every publish of the batch has finished, so
-        no ack can cover an original whose copy is unconfirmed.
+        published concurrently by the pool: every copy of the batch is in flight
+        at once (up to :data:`MAX_PUBLISHES_IN_FLIGHT`) and the confirms are
+        awaited together. An original is resolved in the ledger only once its
+        publish finished, so no ack covers an original whose copy is unconfirmed.
         """
-        actions: list[Action | None] = []
         publishes: list[tuple[int, Callable[[PublisherSession], Awaitable[Action]]]]
         publishes = []
-        for index, (message, disposition) in enumerate(batch):
+        for message, disposition in batch:
             planned = self._plan(message, disposition)
             if isinstance(planned, Action):
-                actions.append(planned)
+                self._ledger.resolve(message.delivery_tag, planned)
             else:
-                actions.append(None)
-                publishes.append((index, planned))
+                publishes.append((message.delivery_tag, planned))
         if publishes:
             # Opened here, in the acker's own task (its context manager owns a
-            # task group), never inside the publishing tasks below.
+            # task group), never inside the publishing tasks.
             publisher = await self._publisher_session()
-            pending = iter(publishes)
+            done = _Countdown(len(publishes))
+            for delivery_tag, publish in publishes:
+                self._queue_publish(publisher, delivery_tag, publish, done)
+            if not self._stalled:
+                with move_on_after(PUBLISH_GRACE):
+                    await done.event.wait()
+                if not done.event.is_set():
+                    self._stalled = True
+                    logger.warning(
+                        "%d republish(es) not confirmed within %.2f s (is the "
+                        "broker blocking publishers?); settling the other "
+                        "messages without waiting for them",
+                        self._pending,
+                        PUBLISH_GRACE,
+                    )
+        await self._send_ready()
 
-            async def publish_some() -> None:
-                for index, publish in pending:
-                    actions[index] = await publish(publisher)
+    def _queue_publish(
+        self,
+        publisher: PublisherSession,
+        delivery_tag: int,
+        publish: Callable[[PublisherSession], Awaitable[Action]],
+        done: _Countdown,
+    ) -> None:
+        if self._jobs is None:
+            self._jobs, self._jobs_out = create_memory_object_stream[_Job](math.inf)
+        self._pending += 1
+        self._jobs.send_nowait((publisher, delivery_tag, publish, done))
+        if self._pool_size < min(self._pending, MAX_PUBLISHES_IN_FLIGHT):
+            assert self._group is not None
+            self._pool_size += 1
+            self._group.start_soon(self._publish_jobs, self._jobs_out.clone())
 
-            async with create_task_group() as group:
-                for _ in range(min(len(publishes), MAX_PUBLISHES_IN_FLIGHT)):
-                    group.start_soon(publish_some)
-        decided = [action for action in actions if action is not None]
-        assert len(decided) == len(batch)
-        return decided
+    async def _publish_jobs(self, jobs: ObjectReceiveStream[_Job]) -> None:
+        """One task of the publish pool: publish, then resolve the original."""
+        async with jobs:
+            async for publisher, delivery_tag, publish, done in jobs:
+                action = await publish(publisher)
+                self._ledger.resolve(delivery_tag, action)
+                self._pending -= 1
+                done.count_down()
+                if not self._pending and self._idle is not None:
+                    self._idle.set()
+                if self._stalled:
+                    if not self._pending:
+                        self._stalled = False
+                        logger.info("republishes confirmed again")
+                    await self._send_ready()
 
     async def _send_ready(self) -> None:
-        for frame in self._ledger.take_ready():
-            if frame.action is Action.ACK:
-                await self._session.ack(frame.delivery_tag, multiple=frame.multiple)
-            elif frame.action is Action.REJECT:
-                await self._session.reject(frame.delivery_tag, requeue=False)
-            else:
-                await self._session.nack(frame.delivery_tag, requeue=True)
+        # One sender at a time: frames go out in the order the ledger released
+        # them (a multiple-ack must never overtake a reject below its tag).
+        async with self._send_lock:
+            frames = self._ledger.take_ready(past_undecided=self._stalled)
+            for frame in frames:
+                if frame.action is Action.ACK:
+                    await self._session.ack(frame.delivery_tag, multiple=frame.multiple)
+                elif frame.action is Action.REJECT:
+                    await self._session.reject(frame.delivery_tag, requeue=False)
+                else:
+                    await self._session.nack(frame.delivery_tag, requeue=True)
 
     async def _publisher_session(self) -> PublisherSession:
         if self._publisher is None:

@@ -5,6 +5,12 @@ unsettled tag: a contiguous run of ACKs becomes one ``ack(multiple=True)`` at th
 run's last tag; any other action is sent on its own, at its place. Settling stops
 at the first tag whose action is not known yet, so a multiple-ack never covers a
 message whose result is unknown or whose republish is unconfirmed.
+
+While republishing is stalled (a memory alarm blocks the publisher connection),
+``take_ready(past_undecided=True)`` also releases the decided tags *behind* an
+undecided one, each in a frame of its own (never ``multiple``: a multiple-ack
+would cover the undecided tag), so acks that do not depend on a pending
+republish keep flowing.
 """
 
 from __future__ import annotations
@@ -62,8 +68,12 @@ class AckLedger:
             raise ValueError(f"delivery tag {delivery_tag} is unknown or decided")
         self._actions[delivery_tag] = action
 
-    def take_ready(self) -> list[Settle]:
-        """The frames that may be sent now, in order; they count as settled."""
+    def take_ready(self, *, past_undecided: bool = False) -> list[Settle]:
+        """The frames that may be sent now, in order; they count as settled.
+
+        With ``past_undecided``, decided tags after the first undecided one are
+        released too, one single-tag frame each.
+        """
         frames: list[Settle] = []
         run_end: int | None = None
         run_length = 0
@@ -80,4 +90,14 @@ class AckLedger:
             frames.append(Settle(action, delivery_tag))
         if run_end is not None:
             frames.append(Settle(Action.ACK, run_end, run_length > 1))
+        if past_undecided and self._order:
+            waiting: deque[int] = deque()
+            for delivery_tag in self._order:
+                action = self._actions[delivery_tag]
+                if action is None:
+                    waiting.append(delivery_tag)
+                else:
+                    del self._actions[delivery_tag]
+                    frames.append(Settle(action, delivery_tag))
+            self._order = waiting
         return frames

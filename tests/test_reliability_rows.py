@@ -1,0 +1,283 @@
+"""RELIABILITY.md rows F8, F9, F11-F13, B1-B3, S1 and S3, against a real broker.
+
+Every test runs on asyncio and trio. Where messages flow, the Jepsen total-queue
+invariant (``tests/support/invariant.py``) is checked, and each row records what it
+measured with the ``figures`` fixture.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests.support.invariant import Recorder, check, publish_numbered
+from tests.support.rabbit_node import PrivateNode
+
+from amqp_batch import (
+    BatchConsumerSettings,
+    Message,
+    MessageResult,
+    batch_consumer,
+)
+from amqp_batch._actors.ledger import AckLedger, Action, Settle
+from amqp_batch._transport._base import Properties, QueueSpec
+from amqp_batch._transport._native import NativeTransport
+from amqp_batch.testing import MemoryBroker
+from consumer_support import admin_channel, cleanup, unique_name
+
+pytestmark = [pytest.mark.anyio]
+
+ACK = MessageResult.ACK
+REQUEUE = MessageResult.REQUEUE
+REQUEUE_IMMEDIATE = MessageResult.REQUEUE_IMMEDIATE
+
+
+def _settings(url: str, queue: str, **overrides: Any) -> BatchConsumerSettings:
+    values: dict[str, Any] = {
+        "url": url,
+        "queue_name": queue,
+        "prefetch_count": 50,
+        "batch_size": 10,
+        "batch_timeout": 0.05,
+        "shutdown_timeout": 10.0,
+        "connection_name": queue,
+        "reconnect_backoff_base": 0.05,
+        "reconnect_backoff_cap": 0.5,
+    }
+    values.update(overrides)
+    return BatchConsumerSettings(**values)
+
+
+async def _declare(url: str, queue: str, **arguments: Any) -> None:
+    async with admin_channel(url) as channel:
+        await channel.queue_declare(queue, durable=True, arguments=arguments or None)
+
+
+async def _eventually(
+    probe: Callable[[], Any], until: Callable[[Any], bool], *, timeout: float
+) -> Any:
+    """Poll a blocking ``probe`` (e.g. rabbitmqctl) in a thread until ``until``."""
+    with anyio.fail_after(timeout):
+        while True:
+            value = await anyio.to_thread.run_sync(probe)
+            if until(value):
+                return value
+            await anyio.sleep(0.1)
+
+
+class TracingTransport:
+    """A transport (native by default), counting session attempts and the frames
+    each session sends (per session, so a stale tag on a new channel shows)."""
+
+    def __init__(self, inner: Any = None) -> None:
+        self.inner = inner if inner is not None else NativeTransport()
+        self.attempts: list[float] = []
+        self.sessions: list[list[tuple[str, int, bool]]] = []
+
+    def open_session(self, spec: Any) -> Any:
+        tracer = self
+
+        @asynccontextmanager
+        async def wrapped() -> AsyncIterator[Any]:
+            tracer.attempts.append(time.monotonic())
+            async with tracer.inner.open_session(spec) as session:
+                frames: list[tuple[str, int, bool]] = []
+                tracer.sessions.append(frames)
+                yield _TracedSession(session, frames)
+
+        return wrapped()
+
+    def open_publisher(self, parameters: Any, *, declare: Any = ()) -> Any:
+        return self.inner.open_publisher(parameters, declare=declare)
+
+
+class _TracedSession:
+    def __init__(self, inner: Any, frames: list[tuple[str, int, bool]]) -> None:
+        self._inner = inner
+        self.frames = frames
+
+    @property
+    def deliveries(self) -> Any:
+        return self._inner.deliveries
+
+    @property
+    def consumer_cancelled_by_broker(self) -> bool:
+        return bool(self._inner.consumer_cancelled_by_broker)
+
+    async def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        self.frames.append(("ack", delivery_tag, multiple))
+        await self._inner.ack(delivery_tag, multiple=multiple)
+
+    async def nack(
+        self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True
+    ) -> None:
+        self.frames.append(("nack", delivery_tag, multiple))
+        await self._inner.nack(delivery_tag, multiple=multiple, requeue=requeue)
+
+    async def reject(self, delivery_tag: int, *, requeue: bool = True) -> None:
+        self.frames.append(("reject", delivery_tag, False))
+        await self._inner.reject(delivery_tag, requeue=requeue)
+
+    async def cancel(self) -> None:
+        await self._inner.cancel()
+
+
+# ----------------------------------------------------------------------- F9
+
+
+async def test_f9_memory_alarm_during_requeue_traffic(
+    destructive_node: PrivateNode, figures: Any
+) -> None:
+    """Every 4th message is REQUEUEd once. Under a memory alarm the republish
+    connection is blocked, yet the acks of every other message reach the broker
+    (only the originals waiting for their copy stay unacked); once the alarm
+    clears the copies are confirmed, the originals acked and the copies handled."""
+    node = destructive_node
+    url, queue = node.url, unique_name("f9")
+    total, prefetch = 200, 100
+    requeued = {str(n) for n in range(0, total, 4)}
+
+    def decide(message: Message) -> MessageResult:
+        if message.message_id in requeued and message.retry_count == 0:
+            return REQUEUE
+        return ACK
+
+    recorder = Recorder(decide)
+    await _declare(url, queue)
+    confirmed = await publish_numbered(url, queue, total)
+    settings = _settings(url, queue, prefetch_count=prefetch)
+    await anyio.to_thread.run_sync(node.set_memory_alarm)  # reset() clears it
+    if True:
+        with anyio.fail_after(60):
+            async with batch_consumer(settings, recorder.handler) as consumer:
+                started = time.monotonic()
+                await recorder.wait_seen(total, timeout=20)
+                # Every ACKed original is acked at the broker while the copies
+                # of the REQUEUEd ones wait behind the alarm.
+                counts = await _eventually(
+                    lambda: node.queue_counts(queue),
+                    lambda c: c == (0, len(requeued)),
+                    timeout=20,
+                )
+                acks_flowed_s = time.monotonic() - started
+                connections = await anyio.to_thread.run_sync(node.list_connections)
+                states = {c["name"]: c["state"] for c in connections}
+                assert states[f"{queue}-w0-publisher"] == "blocked"
+                assert states[f"{queue}-w0"] != "blocked"
+                assert not [k for k in recorder.seen if k[1] > 0]  # no copy yet
+                await anyio.to_thread.run_sync(node.clear_memory_alarm)
+                cleared = time.monotonic()
+                await recorder.wait_decided(confirmed, timeout=20)
+                resumed_s = time.monotonic() - cleared
+                health = consumer.health()[0]
+    report = await check(url, queue, None, recorder, confirmed)
+    await cleanup(url, queues=[queue])
+    report.assert_holds()
+    assert health.reconnect_count == 0
+    assert health.results["requeue"] == len(requeued)
+    figures.record(
+        "F9",
+        acks_flowed_during_alarm_s=round(acks_flowed_s, 2),
+        unacked_during_alarm=counts[1],
+        republishes_done_after_clear_s=round(resumed_s, 2),
+        **report.figures(),
+    )
+
+
+async def test_f9_acks_flow_while_republishes_are_blocked_memory_broker() -> None:
+    """The same rule, deterministic, on the in-memory broker: with publishers
+    blocked, the ACKed messages are acked (single frames past the pending
+    originals), each REQUEUEd original stays unacked until its copy is
+    confirmed, and the frames coalesce again once publishing resumes."""
+    broker = MemoryBroker()
+    queue, total = "q", 40
+    requeued = {str(n) for n in range(0, total, 4)}
+    tracer = TracingTransport(broker)
+
+    def decide(message: Message) -> MessageResult:
+        if message.message_id in requeued and message.retry_count == 0:
+            return REQUEUE
+        return ACK
+
+    recorder = Recorder(decide)
+    settings = _settings("amqp://localhost/", queue, prefetch_count=total)
+    broker.declare(QueueSpec(name=queue))
+    for number in range(total):
+        await broker.publish(
+            str(number).encode(),
+            routing_key=queue,
+            properties=Properties(message_id=str(number)),
+        )
+    broker.block_publishers()
+    with anyio.fail_after(10):
+        async with batch_consumer(settings, recorder.handler, transport=tracer):
+            await broker.wait_until(
+                lambda: (
+                    broker.message_count(queue) == 0
+                    and broker.unacked_count(queue) == len(requeued)
+                )
+            )
+            pending = {m.properties.message_id for m in broker.unacked_messages(queue)}
+            assert pending == requeued
+            assert not [key for key in recorder.seen if key[1] > 0]
+            broker.unblock_publishers()
+            await recorder.wait_decided([str(n) for n in range(total)], timeout=5)
+            await broker.wait_drained(queue)
+    (frames,) = tracer.sessions
+    acked: list[int] = []
+    for kind, tag, multiple in frames:
+        assert kind == "ack"
+        acked.extend(range(1, tag + 1) if multiple else [tag])
+    # Each tag settled once (multiple-acks only ever cover unsettled tags here,
+    # so their ranges may overlap tags acked before: count distinct ones).
+    assert set(acked) >= set(range(1, total + 1 + len(requeued)))
+
+
+def _ledger_model_check(
+    frames: list[Settle], unsettled: list[int], decided: dict[int, Action]
+) -> None:
+    """Apply ``frames`` to a model of the channel: a multiple-ack covers every
+    unsettled tag up to its own, and every covered tag must be decided ACK; a
+    single frame settles one unsettled, decided tag."""
+    for frame in frames:
+        if frame.action is Action.ACK and frame.multiple:
+            covered = [t for t in unsettled if t <= frame.delivery_tag]
+        else:
+            covered = [frame.delivery_tag]
+        assert frame.delivery_tag in unsettled
+        for tag in covered:
+            assert decided.get(tag) is frame.action, (frame, tag, decided.get(tag))
+            unsettled.remove(tag)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), outcomes=st.lists(st.sampled_from(list(Action)), max_size=40))
+def test_f9_ledger_past_undecided_never_covers_an_undecided_tag(
+    data: st.DataObject, outcomes: list[Action]
+) -> None:
+    tags = list(range(1, len(outcomes) + 1))
+    ledger = AckLedger()
+    for tag in tags:
+        ledger.register(tag)
+    order = data.draw(st.permutations(tags))
+    unsettled = list(tags)
+    decided: dict[int, Action] = {}
+    for tag in order:
+        ledger.resolve(tag, outcomes[tag - 1])
+        decided[tag] = outcomes[tag - 1]
+        if data.draw(st.booleans()):
+            past = data.draw(st.booleans())
+            _ledger_model_check(
+                ledger.take_ready(past_undecided=past), unsettled, decided
+            )
+            if past:  # nothing decided is left behind
+                assert all(t not in decided for t in unsettled)
+    _ledger_model_check(ledger.take_ready(), unsettled, decided)
+    assert unsettled == []
+    assert len(ledger) == 0
