@@ -71,7 +71,14 @@ async def consume_native(url: str, count: int) -> float:
     async with open_session(spec) as session:
         started = time.perf_counter()
         received = 0
-        async for delivery in session.deliveries:
+        deliveries = session.deliveries
+        while True:
+            # Take what the reader has buffered without a task switch each, as
+            # the library's batcher does: the ceiling is the transport at its best.
+            try:
+                delivery = deliveries.receive_nowait()
+            except anyio.WouldBlock:
+                delivery = await deliveries.receive()
             received += 1
             if received % ACK_EVERY == 0 or received == count:
                 await session.ack(delivery.delivery_tag, multiple=True)
