@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import pytest
 from tests.support.rabbit_node import PrivateNode
 
@@ -408,6 +409,32 @@ def test_bad_credentials(broker_url: str, tmp_path: Path, backend: str) -> None:
     assert MARKER not in result.stderr + result.stdout
 
 
+async def test_refused_topology_is_one_line_and_exit_2(
+    broker_url: str, unique_name: str, anyio_backend: str, tmp_path: Path
+) -> None:
+    """A queue that exists with other arguments: the redeclare is refused (406);
+    the command stops with a one-line error, the worker's log has no traceback."""
+    async with admin_channel(broker_url) as channel:
+        await channel.queue_declare(
+            unique_name, durable=True, arguments={"x-max-length": 5}
+        )
+    try:
+        result = await anyio.to_thread.run_sync(
+            lambda: run_cli(
+                ["run", "cli_handlers:handle", "-q", unique_name, "--url", broker_url,
+                 "--backend", anyio_backend],
+                cwd=tmp_path,
+            )
+        )  # fmt: skip
+        assert result.returncode == 2, result
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("amqp-batch run: error: ChannelClosed:"), last
+        assert "PRECONDITION_FAILED" in last
+        assert "Traceback" not in result.stderr
+    finally:
+        await cleanup(broker_url, [unique_name])
+
+
 # -- run: where settings come from ------------------------------------------------
 
 
@@ -477,6 +504,23 @@ def test_file_path_target(broker_url: str, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result
     assert f"target: {target} (consumer class)" in result.stdout
+
+
+def test_console_script_imports_from_the_current_directory(broker_url: str) -> None:
+    script = Path(sys.executable).with_name("amqp-batch")
+    assert script.exists(), "the package is installed with its console script"
+    result = subprocess.run(
+        [str(script), "run", "cli_handlers:handle", "--check", "-q", "q",
+         "--url", broker_url],
+        cwd=TARGETS,
+        env=cli_env({"PYTHONPATH": ""}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result
+    assert "target: cli_handlers:handle (handler)" in result.stdout
 
 
 # -- help and version ------------------------------------------------------------------

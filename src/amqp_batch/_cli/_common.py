@@ -8,6 +8,8 @@ import re
 import sys
 from typing import NoReturn
 
+from .._exceptions import AMQPBatchError
+
 __all__ = [
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
@@ -66,17 +68,40 @@ def report(message: str, *, prog: str = "amqp-batch") -> None:
     print(f"{prog}: error: {error_line(message)}", file=sys.stderr, flush=True)
 
 
-class _RedactingFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    """Redacts URL passwords; shows a library error (an expected, operational
+    event such as a refused redeclare) as ``: Type: message`` instead of a
+    traceback, unless ``tracebacks`` is set (``--log-level debug``)."""
+
+    def __init__(self, fmt: str, *, tracebacks: bool) -> None:
+        super().__init__(fmt)
+        self._tracebacks = tracebacks
+
     def format(self, record: logging.LogRecord) -> str:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, AMQPBatchError) and not self._tracebacks:
+            record = logging.makeLogRecord(
+                {
+                    **record.__dict__,
+                    "msg": f"{record.getMessage()}: {describe(error)}",
+                    "args": (),
+                    "exc_info": None,
+                    "exc_text": None,
+                }
+            )
         return redact(super().format(record))
 
 
 def configure_logging(level: str) -> None:
-    """Log to stderr at ``level``, one line per record (tracebacks excepted), with
-    URL passwords redacted."""
+    """Log to stderr at ``level``, one line per record, with URL passwords
+    redacted. Tracebacks appear for unexpected errors (a handler that raised),
+    and for library errors only at ``DEBUG``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        _RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        _Formatter(
+            "%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+            tracebacks=level.upper() == "DEBUG",
+        )
     )
     root = logging.getLogger()
     for existing in list(root.handlers):

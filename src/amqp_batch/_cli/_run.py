@@ -57,13 +57,15 @@ def _json_object(text: str) -> dict[str, Any]:
 
 def _default_text(field: str) -> str:
     default = _FIELDS[field].default
-    if default is None:
-        return "none"
-    if isinstance(default, tuple):
-        return "none" if not default else ", ".join(default)
-    if hasattr(default, "name"):  # an enum member
-        return str(default.name).lower()
-    return str(default)
+    if default is attrs.NOTHING:
+        return "required"
+    if default is None or default == ():
+        return "default none"
+    if isinstance(default, bool):
+        return f"default {str(default).lower()}"
+    if isinstance(default, enum.Enum):
+        return f"default {default.value}"
+    return f"default {default}"
 
 
 def _setting(
@@ -80,7 +82,7 @@ def _setting(
         *flags,
         dest=field,
         default=argparse.SUPPRESS,
-        help=f"{help} [env {env}; default {_default_text(field)}]",
+        help=f"{help} [env {env}; {_default_text(field)}]",
         **options,
     )
 
@@ -143,7 +145,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--queue",
         field="queue_name",
         metavar="NAME",
-        help="the queue to consume (required: here, in the environment or in .env)",
+        help="the queue to consume (here, in the environment or in .env)",
     )
     _setting(
         topology,
@@ -570,7 +572,7 @@ async def serve(
             print(f"  {line}")
         return EXIT_OK
     logger.info(
-        "amqp-batch %s: consuming queue %r at %s with %s (%s), %d worker(s), "
+        "amqp-batch %s: starting on queue %r at %s with %s (%s), %d worker(s), "
         "batch_size %d, batch_timeout %s s, on %s; SIGINT or SIGTERM stops",
         __version__,
         settings.queue_name,
