@@ -83,14 +83,15 @@ async def test_fastapi_endpoints_answer_while_a_batch_is_in_progress(
         if len(saved) == 1:
             entered.set()
             await release.wait()  # the first batch stays in the handler
-        if sum(map(len, saved)) == 4:
+        if sum(map(len, saved)) == 5:
             all_saved.set()
 
+    # Batches flush at 3 messages; the timeout is never reached.
     settings = BatchConsumerSettings(
         url=broker_url,
         queue_name=queue,
         batch_size=3,
-        batch_timeout=0.2,
+        batch_timeout=30,
         prefetch_count=10,
         dead_letter_exchange=dlx,
         dead_letter_queue=dlq,
@@ -106,7 +107,9 @@ async def test_fastapi_endpoints_answer_while_a_batch_is_in_progress(
             ) as client,
         ):
             consumer = app.state.service["consumer"]
-            for n in range(3):
+            async with admin_channel(broker_url) as channel:  # another producer
+                await publish_ids(channel, ["not-json"], routing_key=queue)
+            for n in range(2):
                 response = await client.post(
                     "/orders", json={"id": f"o{n}", "item": "book"}
                 )
@@ -126,14 +129,13 @@ async def test_fastapi_endpoints_answer_while_a_batch_is_in_progress(
                 "invalid": 0,
                 "in_progress": 3,
             }
-            response = await client.post(
-                "/orders", json={"id": "o3", "item": "pen", "quantity": 2}
-            )
-            assert response.status_code == 202
+            for n in range(2, 5):
+                response = await client.post(
+                    "/orders", json={"id": f"o{n}", "item": "pen", "quantity": 2}
+                )
+                assert response.status_code == 202
             response = await client.post("/orders", json={"item": "no id"})
-            assert response.status_code == 422  # never published
-            async with admin_channel(broker_url) as channel:  # another producer
-                await publish_ids(channel, ["not-json"], routing_key=queue)
+            assert response.status_code == 422  # invalid: never published
 
             release.set()
             await wait(all_saved)
@@ -143,12 +145,12 @@ async def test_fastapi_endpoints_answer_while_a_batch_is_in_progress(
             left = await drain(channel, queue)
     finally:
         await cleanup(broker_url, queues=[queue, dlq], exchanges=[dlx])
-    assert saved == [["o0", "o1", "o2"], ["o3"]]
-    assert consumer.health()[0].results == {"ack": 4, "nack": 1, "dead_lettered": 1}
+    assert saved == [["o0", "o1"], ["o2", "o3", "o4"]]
+    assert consumer.health()[0].results == {"ack": 5, "nack": 1, "dead_lettered": 1}
     assert ids_of(dead) == ["not-json"]
     assert left == []
     counts = app.state.counts
-    assert (counts.batches, counts.processed, counts.invalid) == (2, 4, 1)
+    assert (counts.batches, counts.processed, counts.invalid) == (2, 5, 1)
     assert not consumer.is_running
 
 

@@ -814,3 +814,141 @@ async def test_properties_and_headers_arrive_as_amqp_carries_them(
     assert (properties.correlation_id, properties.app_id) == ("c", "app")
     assert properties.delivery_mode == 2
     assert await broker.take(queue, 0) == []
+
+
+async def test_dead_letter_routing_key_argument_is_used_by_both_paths(
+    broker: Broker,
+) -> None:
+    """With ``x-dead-letter-routing-key`` in the queue arguments, a NACK (the
+    broker dead-letters) and an exhausted REQUEUE
+    of a copy (the library dead-letters) both reach the DLX under that key;
+    x-death keeps the original key."""
+    queue, dlq = broker.queue_name(), broker.queue_name("dlq")
+    exchange, dlx = broker.exchange_name(), broker.exchange_name("dlx")
+    done = anyio.Event()
+    handled: list[str] = []
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for message in messages:
+            handled.append(message.message_id or "")
+            yield (
+                MessageResult.NACK
+                if message.body.startswith(b"n")
+                else (MessageResult.REQUEUE)
+            )
+        if len(handled) == 3:
+            done.set()
+
+    await broker.declare(
+        ExchangeSpec(name=dlx, type="topic"),
+        QueueSpec(name=dlq),
+        BindingSpec(queue=dlq, exchange=dlx, routing_key="dead.#"),
+    )
+    settings = broker.settings(
+        queue,
+        exchange_name=exchange,
+        exchange_type="topic",
+        routing_key="orders.#",
+        dead_letter_exchange=dlx,
+        queue_arguments={"x-dead-letter-routing-key": "dead.letter"},
+        max_requeue_attempts=1,
+    )
+    async with batch_consumer(settings, handle, transport=broker.transport) as consumer:
+        await broker.publish(
+            ["n0", "r1"], exchange=exchange, routing_key="orders.created"
+        )
+        await wait(done)
+        dead = {d.message_id: d for d in await broker.take(dlq, 2)}
+    assert sorted(dead) == ["n0", "r1"]
+    assert all(d.routing_key == "dead.letter" for d in dead.values())
+    assert without_time(dead["n0"].headers) == dead_letter_headers(
+        broker, queue=queue, exchange=exchange, routing_key="orders.created"
+    )
+    assert dead["r1"].headers == {
+        "x-retry-count": 1,
+        "x-original-exchange": exchange,
+        "x-original-routing-key": "orders.created",
+        "x-dead-letter-reason": "max-requeue-attempts",
+    }
+    assert handled == ["n0", "r1", "r1"]
+    assert consumer.health()[0].results == {
+        "nack": 1,
+        "requeue": 2,
+        "dead_lettered": 2,
+    }
+    assert await broker.take(queue, 0) == []
+
+
+async def test_requeue_copy_refused_by_a_full_queue_dead_letters_the_original(
+    broker: Broker,
+) -> None:
+    """A queue with ``x-max-length: 1`` and ``x-overflow: reject-publish``: the
+    copy of a REQUEUE is nacked by the broker while another message waits, so
+    the original is dead-lettered instead of lost; the waiting one is acked."""
+    queue, dlq = broker.queue_name(), broker.queue_name("dlq")
+    dlx = broker.exchange_name("dlx")
+    handled: list[tuple[str, int]] = []
+    entered, release, done = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for message in messages:
+            handled.append((message.message_id or "", message.retry_count))
+        if handled == [("first", 0)]:
+            entered.set()
+            await release.wait()
+            yield MessageResult.REQUEUE
+        else:
+            for _ in messages:
+                yield MessageResult.ACK
+            done.set()
+
+    settings = broker.settings(
+        queue,
+        prefetch_count=1,
+        batch_size=1,
+        dead_letter_exchange=dlx,
+        dead_letter_queue=dlq,
+        queue_arguments={"x-max-length": 1, "x-overflow": "reject-publish"},
+    )
+    async with batch_consumer(settings, handle, transport=broker.transport) as consumer:
+        await broker.publish(["first"], routing_key=queue)
+        await wait(entered)
+        await broker.publish(["waiting"], routing_key=queue)  # fills the queue
+        release.set()
+        await wait(done)
+        dead = await broker.take(dlq, 1)
+    assert handled == [("first", 0), ("waiting", 0)]
+    assert [d.message_id for d in dead] == ["first"]
+    [health] = consumer.health()
+    assert health.results["ack"] == 1
+    assert health.results["dead_lettered"] == 1
+    assert await broker.take(queue, 0) == []
+
+
+async def test_single_active_consumer_feeds_one_worker(broker: Broker) -> None:
+    """``x-single-active-consumer``: of two workers only one gets messages."""
+    queue = broker.queue_name()
+    handled: Counter[str] = Counter()
+    done = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for message in messages:
+            handled[message.message_id or ""] += 1
+            yield MessageResult.ACK
+        if len(handled) == 30:
+            done.set()
+
+    settings = broker.settings(
+        queue,
+        num_workers=2,
+        prefetch_count=5,
+        batch_size=5,
+        queue_arguments={"x-single-active-consumer": True},
+    )
+    async with batch_consumer(settings, handle, transport=broker.transport) as consumer:
+        await broker.publish(range(30), routing_key=queue)
+        await wait(done)
+    assert set(handled.values()) == {1}
+    acks = sorted(worker.results.get("ack", 0) for worker in consumer.health())
+    assert acks == [0, 30]
+    assert await broker.take(queue, 0) == []
