@@ -431,6 +431,10 @@ class _Handshake:
         self.parameters = parameters
         self.parser = FrameParser(max_frame_size=131072)
         self.pending: list[tuple[int, IncomingFrame]] = []
+        #: The broker answers bad credentials with connection.close 403 (it
+        #: offered ``authentication_failure_close``), so a connection that ends
+        #: during authentication is a network failure, retried like any other.
+        self.closes_on_auth_failure = False
 
     def _not_amqp(self, detail: str) -> NoReturn:
         raise ProtocolError(
@@ -443,7 +447,9 @@ class _Handshake:
             try:
                 data = await self.stream.receive(_RECEIVE_SIZE)
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
-                if stage == "authentication":
+                if stage == "authentication" and not self.closes_on_auth_failure:
+                    # Only a broker that cannot say "access refused" (no
+                    # authentication_failure_close) hangs up on bad credentials.
                     raise AuthenticationError(
                         "the broker closed the connection during authentication of "
                         f"user {self.parameters.username!r} on vhost "
@@ -498,6 +504,10 @@ async def _handshake(
     start = await shake.expect(commands.Connection.Start, stage="start")
     if "PLAIN" not in str(start.mechanisms).split():
         raise ProtocolError("the broker does not offer PLAIN authentication")
+    capabilities = (start.server_properties or {}).get("capabilities")
+    shake.closes_on_auth_failure = isinstance(capabilities, dict) and bool(
+        capabilities.get("authentication_failure_close")
+    )
     response = f"\0{parameters.username}\0{parameters.password}"
     await stream.send(
         marshal_method(

@@ -1,0 +1,444 @@
+"""The reliability matrix's fault rows (RELIABILITY.md) against a private RabbitMQ
+node, on asyncio and trio: L2, F1, F2, F3, F4, F6, F7, F10 (L1 and F5 are in
+``test_soak.py``).
+
+Every test checks the total-queue invariant (``tests/support/invariant.py``): lost
+= 0, unexpected = 0, duplicates bounded as the row says, and records its measured
+figures for ``docs/reliability.md`` (``scripts/reliability_report.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+from tests.support.fault_proxy import FaultProxy
+from tests.support.invariant import Recorder, check
+from tests.support.rabbit_node import PrivateNode
+
+from amqp_batch import (
+    BatchConsumer,
+    BatchConsumerSettings,
+    Message,
+    MessageResult,
+    WorkerHealth,
+    WorkerState,
+)
+from amqp_batch._transport._base import Properties
+from amqp_batch._transport._native import connect
+from amqp_batch._transport._url import parse_url
+from consumer_support import admin_channel, cleanup
+
+pytestmark = [pytest.mark.anyio, pytest.mark.private_node]
+
+#: L2's backlog in ``nox -s tests``; the soak run uses 100k (``test_soak.py``).
+L2_BACKLOG = int(os.environ.get("AMQP_BATCH_L2_BACKLOG", "20000"))
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _settings(url: str, queue: str, **overrides: object) -> BatchConsumerSettings:
+    values: dict[str, object] = {
+        "url": url,
+        "queue_name": queue,
+        "prefetch_count": 20,
+        "batch_size": 5,
+        "batch_timeout": 0.05,
+        "shutdown_timeout": 10.0,
+        "connection_name": queue,
+        "reconnect_backoff_base": 0.05,
+        "reconnect_backoff_cap": 0.2,
+    }
+    values.update(overrides)
+    return BatchConsumerSettings(**values)  # type: ignore[arg-type]
+
+
+class Tracked(BatchConsumer[BatchConsumerSettings]):
+    """A consumer whose handler is a function, remembering every state change."""
+
+    def __init__(
+        self,
+        settings: BatchConsumerSettings,
+        handler: Callable[[Sequence[Message]], AsyncIterator[MessageResult]],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(settings, **kwargs)
+        self._handle = handler
+        #: (time, worker, new state)
+        self.transitions: list[tuple[float, int, WorkerState]] = []
+        self.errors: list[str] = []
+        self._changed = anyio.Event()
+
+    def process_messages(
+        self, messages: Sequence[Message]
+    ) -> AsyncIterator[MessageResult]:
+        return self._handle(messages)
+
+    def on_worker_state_change(
+        self, health: WorkerHealth, previous: WorkerState
+    ) -> None:
+        self.transitions.append((anyio.current_time(), health.index, health.state))
+        if health.state is WorkerState.BACKING_OFF and health.last_error:
+            self.errors.append(health.last_error)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def changed(self) -> None:
+        """Wait for the next state change."""
+        await self._changed.wait()
+
+    def entered(self, state: WorkerState, since: float, worker: int) -> float | None:
+        """When ``worker`` first entered ``state`` after ``since``, if it did."""
+        return next(
+            (
+                t
+                for t, w, s in self.transitions
+                if w == worker and s is state and t > since
+            ),
+            None,
+        )
+
+    async def wait_entered(
+        self, state: WorkerState, since: float, workers: Iterable[int], timeout: float
+    ) -> float:
+        """Wait until every worker in ``workers`` entered ``state`` after
+        ``since``; return the latest of those times."""
+        wanted = list(workers)
+        with anyio.fail_after(timeout):
+            while True:
+                times = [self.entered(state, since, w) for w in wanted]
+                if all(t is not None for t in times):
+                    return max(t for t in times if t is not None)
+                await self._changed.wait()
+
+
+class Gate:
+    """Wraps a recorder's handler: once armed, the next batch waits in the handler
+    (shielded, so it outlives its session) until released."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.armed = False
+        self.holding = anyio.Event()
+        self._release = anyio.Event()
+
+    def arm(self) -> None:
+        self.armed = True
+        self.holding = anyio.Event()
+        self._release = anyio.Event()
+
+    def release(self) -> None:
+        self._release.set()
+
+    async def handler(
+        self, messages: Sequence[Message]
+    ) -> AsyncIterator[MessageResult]:
+        if self.armed:
+            self.armed = False
+            self.holding.set()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                await self._release.wait()
+        async for result in self.recorder.handler(messages):
+            yield result
+
+
+def _duplicates(recorder: Recorder) -> int:
+    return sum(n - 1 for n in recorder.seen.values() if n > 1)
+
+
+async def publish_many(
+    url: str, queue: str, count: int, *, start: int = 0
+) -> list[str]:
+    """Like ``publish_numbered``, with up to 500 confirms outstanding at once."""
+    confirmed: list[str] = []
+    async with admin_channel(url) as channel:
+        for first in range(start, start + count, 500):
+            chunk = [str(n) for n in range(first, min(first + 500, start + count))]
+            waiters = [
+                channel.start_publish(
+                    text.encode(),
+                    routing_key=queue,
+                    properties=Properties(message_id=text, delivery_mode=2),
+                )
+                for text in chunk
+            ]
+            for waiter in waiters:
+                assert waiter is not None
+                await waiter.wait()
+            confirmed.extend(chunk)
+    return confirmed
+
+
+def _log_offset(node: PrivateNode) -> int:
+    try:
+        return node.log_file.stat().st_size
+    except OSError:
+        return 0
+
+
+def _log_since(node: PrivateNode, offset: int) -> str:
+    with node.log_file.open("rb") as log:
+        log.seek(offset)
+        return log.read().decode("utf-8", "replace")
+
+
+def _assert_no_unknown_tag(
+    node: PrivateNode, log_offset: int, errors: Iterable[str], caplog: Any
+) -> None:
+    """No ack of a dead session reached a new channel: the broker never closed a
+    channel with 406 ("unknown delivery tag")."""
+    broker_log = _log_since(node, log_offset)
+    assert "unknown delivery tag" not in broker_log
+    for error in errors:
+        assert "PRECONDITION_FAILED" not in error and "406" not in error, error
+    for record in caplog.records:
+        text = record.getMessage()
+        assert "unknown delivery tag" not in text and "PRECONDITION_FAILED" not in text
+
+
+@pytest.fixture
+async def queue(private_node: PrivateNode, unique_name: str) -> AsyncIterator[str]:
+    async with admin_channel(private_node.url) as channel:
+        await channel.queue_declare(unique_name, durable=True)
+    yield unique_name
+    await cleanup(private_node.url, queues=[unique_name])
+
+
+# --------------------------------------------------------------------- L2
+
+
+async def test_l2_backlog_unacked_bounded(
+    private_node: PrivateNode, queue: str, figures: Any
+) -> None:
+    """A backlog of ``L2_BACKLOG`` messages (20k by default, 100k in the soak run):
+    the broker never holds more than workers x prefetch unacked; invariant."""
+    await run_l2(private_node, queue, figures, L2_BACKLOG)
+
+
+async def run_l2(node: PrivateNode, queue: str, figures: Any, backlog: int) -> None:
+    workers, prefetch = 4, 50
+    started = anyio.current_time()
+    confirmed = await publish_many(node.url, queue, backlog)
+    published_s = anyio.current_time() - started
+    recorder = Recorder()
+    samples: list[tuple[int, int]] = []
+    stop_sampling = threading.Event()
+
+    def sample() -> None:
+        while not stop_sampling.is_set():
+            samples.append(node.queue_counts(queue))
+
+    settings = _settings(
+        node.url,
+        queue,
+        num_workers=workers,
+        prefetch_count=prefetch,
+        batch_size=25,
+    )
+    async with anyio.create_task_group() as group:
+        group.start_soon(lambda: anyio.to_thread.run_sync(sample))
+        try:
+            started = anyio.current_time()
+            async with Tracked(settings, recorder.handler):
+                await recorder.wait_decided(confirmed, timeout=120)
+            consumed_s = anyio.current_time() - started
+        finally:
+            stop_sampling.set()
+    report = await check(node.url, queue, None, recorder, confirmed)
+    report.assert_holds(max_duplicates=0)
+    busy = [unacked for ready, unacked in samples if unacked]
+    assert busy, f"no sample saw the consumer at work: {samples}"
+    assert max(busy) <= workers * prefetch, samples
+    figures.record(
+        "L2",
+        backlog=backlog,
+        workers=workers,
+        prefetch=prefetch,
+        max_unacked=max(busy),
+        bound=workers * prefetch,
+        samples=len(samples),
+        publish_s=round(published_s, 2),
+        consume_s=round(consumed_s, 2),
+        msgs_per_s=round(backlog / consumed_s),
+        **report.figures(),
+    )
+
+
+# --------------------------------------------------------------------- F1
+
+
+async def test_f1_connection_cut_mid_batch_repeatedly(
+    private_node: PrivateNode, queue: str, figures: Any, caplog: Any
+) -> None:
+    """Six cuts with a batch in the handler: FIN and RST through a proxy and the
+    broker's own ``close_connection``. Every cut hits both workers; each recovers;
+    duplicates per cut stay within what was in flight (workers x prefetch); no
+    stale ack reaches a new channel (no 406 "unknown delivery tag")."""
+    node = private_node
+    workers, prefetch, per_cut = 2, 20, 100
+    cuts = ["fin", "rst", "close", "fin", "rst", "close"]
+    log_offset = _log_offset(node)
+    recorder = Recorder()
+    gate = Gate(recorder)
+    confirmed: list[str] = []
+    recoveries: dict[str, list[float]] = {}
+    duplicates: list[int] = []
+    async with FaultProxy("127.0.0.1", node.amqp_port) as proxy:
+        settings = _settings(
+            proxy.url_for(), queue, num_workers=workers, prefetch_count=prefetch
+        )
+        consumer = Tracked(settings, gate.handler)
+        with anyio.fail_after(90):
+            async with consumer:
+                for number, how in enumerate(cuts):
+                    gate.arm()
+                    confirmed += await publish_many(
+                        node.url, queue, per_cut, start=number * per_cut
+                    )
+                    await gate.holding.wait()
+                    before = _duplicates(recorder)
+                    cut_at = anyio.current_time()
+                    if how == "close":
+                        async with anyio.create_task_group() as group:
+                            for worker in range(workers):
+                                group.start_soon(
+                                    anyio.to_thread.run_sync,
+                                    node.close_connection,
+                                    f"{queue}-w{worker}",
+                                )
+                    else:
+                        assert proxy.cut(rst=how == "rst") == workers
+                        await proxy.wait_closed()
+                    # The held batch finishes after its session died: its acks
+                    # must never reach the new channel.
+                    gate.release()
+                    released_at = anyio.current_time()
+                    back = await consumer.wait_entered(
+                        WorkerState.CONSUMING, cut_at, range(workers), timeout=20
+                    )
+                    # From the cut (proxy) or from the moment the broker had
+                    # closed both connections and the held batch was let go
+                    # (close_connection: the CLI takes ~1 s to do it).
+                    start = released_at if how == "close" else cut_at
+                    recoveries.setdefault(how, []).append(round(back - start, 3))
+                    await recorder.wait_decided(confirmed, timeout=30)
+                    duplicates.append(_duplicates(recorder) - before)
+                    assert duplicates[-1] <= workers * prefetch
+            health = consumer.health()
+    report = await check(node.url, queue, None, recorder, confirmed)
+    report.assert_holds(max_duplicates=len(cuts) * workers * prefetch)
+    # Exactly one reconnect per cut: a stale ack would have closed a new channel
+    # (406) and cost another one.
+    assert [h.reconnect_count for h in health] == [len(cuts)] * workers, consumer.errors
+    _assert_no_unknown_tag(node, log_offset, consumer.errors, caplog)
+    assert sum(duplicates) == report.duplicates
+    figures.record(
+        "F1",
+        cuts=len(cuts),
+        kinds=",".join(cuts),
+        recovery_s_max=max(max(times) for times in recoveries.values()),
+        recovery_s_fin=recoveries["fin"],
+        recovery_s_rst=recoveries["rst"],
+        recovery_s_close=recoveries["close"],
+        duplicates_per_cut=duplicates,
+        in_flight_bound=workers * prefetch,
+        **report.figures(),
+    )
+
+
+# --------------------------------------------------------------------- F2
+
+
+async def test_f2_cut_after_n_bytes(
+    private_node: PrivateNode, queue: str, figures: Any
+) -> None:
+    """For N = 64 * 2**k, k = 0..10 (64 B to 64 KiB: the handshake, the channel
+    setup and then consuming) and at each step of the handshake, a connection is
+    cut once N bytes reached the client (FIN and RST alternately). The worker
+    recovers from every offset (a cut while authenticating is a network failure,
+    not bad credentials) and every id is decided; invariant at the end."""
+    node = private_node
+    prefetch = 20
+    recorder = Recorder()
+    confirmed: list[str] = []
+    stages: dict[int, str] = {}
+    async with FaultProxy("127.0.0.1", node.amqp_port) as proxy:
+        settings = _settings(proxy.url_for(), queue, prefetch_count=prefetch)
+        consumer = Tracked(settings, recorder.handler)
+        handshake = await _handshake_bytes(proxy)
+        # connection.start ends 33 bytes before open-ok's end (tune: 20, open-ok:
+        # 13): cut right after start (while authenticating), inside tune, after
+        # tune (opening the vhost) and right after open-ok (opening the channel).
+        steps = [handshake - 33, handshake - 25, handshake - 13, handshake]
+        offsets = sorted({*(64 * 2**k for k in range(11)), *steps})
+        with anyio.fail_after(90):
+            async with consumer:
+                for n_bytes in offsets:
+                    k = offsets.index(n_bytes)
+                    count = max(50, n_bytes // 100)
+                    proxy.cut_after(n_bytes, rst=k % 2 == 1, connections=1)
+                    cut_at = anyio.current_time()
+                    proxy.cut()
+                    # Published after the cut: they flow through the faulty
+                    # connection (enough bytes to reach N while consuming).
+                    confirmed += await publish_many(
+                        node.url, queue, count, start=len(confirmed)
+                    )
+                    # Backing off twice (the cut, then the faulty connection
+                    # dying at N bytes), then consuming on a clean connection.
+                    stages[n_bytes] = await _wait_second_recovery(consumer, cut_at)
+                    await recorder.wait_decided(confirmed, timeout=30)
+            health = consumer.health()[0]
+    report = await check(node.url, queue, None, recorder, confirmed)
+    report.assert_holds(max_duplicates=len(offsets) * prefetch)
+    assert health.reconnect_count >= 2 * len(offsets)
+    assert "setup" in stages.values() and "consuming" in stages.values(), stages
+    figures.record(
+        "F2",
+        offsets=len(stages),
+        handshake_bytes=handshake,
+        cut_during_setup=[n for n, s in stages.items() if s == "setup"],
+        cut_while_consuming=[n for n, s in stages.items() if s == "consuming"],
+        reconnects=health.reconnect_count,
+        **report.figures(),
+    )
+
+
+async def _handshake_bytes(proxy: FaultProxy) -> int:
+    """Bytes the broker sends through ``proxy`` up to connection.open-ok.
+
+    Counted once the link is gone (the proxy counts a chunk after forwarding
+    it): everything the broker sent, less its connection.close-ok (12 bytes).
+    """
+    before = proxy.bytes_to_client
+    async with connect(parse_url(proxy.url_for())):
+        pass
+    await proxy.wait_closed()
+    return proxy.bytes_to_client - before - 12
+
+
+async def _wait_second_recovery(consumer: Tracked, since: float) -> str:
+    """Wait until worker 0 backed off twice after ``since`` and consumes again;
+    say whether the connection in between got as far as consuming."""
+
+    def after() -> list[WorkerState]:
+        return [s for t, w, s in consumer.transitions if w == 0 and t > since]
+
+    with anyio.fail_after(20):
+        while True:
+            states = after()
+            if (
+                states.count(WorkerState.BACKING_OFF) >= 2
+                and states[-1] is WorkerState.CONSUMING
+            ):
+                break
+            await consumer.changed()
+    first, second = (i for i, s in enumerate(states) if s is WorkerState.BACKING_OFF)
+    between = states[first:second]
+    return "consuming" if WorkerState.CONSUMING in between else "setup"
