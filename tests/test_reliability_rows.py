@@ -8,7 +8,7 @@ measured with the ``figures`` fixture.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -281,3 +281,63 @@ def test_f9_ledger_past_undecided_never_covers_an_undecided_tag(
     _ledger_model_check(ledger.take_ready(), unsettled, decided)
     assert unsettled == []
     assert len(ledger) == 0
+
+
+# ----------------------------------------------------------------------- F8
+
+
+async def test_f8_handler_slower_than_consumer_timeout(
+    destructive_node: PrivateNode, figures: Any
+) -> None:
+    """The first batch's handler never finishes; the broker's consumer_timeout
+    (1 s) closes the channel with 406. The batch is cancelled, the worker opens a
+    new channel, the messages come back ``redelivered`` and are acked there; no
+    tag of the old channel is ever sent on the new one (that would be a second
+    406), so there is exactly one reconnect."""
+    node = destructive_node
+    url, queue = node.url, unique_name("f8")
+    await anyio.to_thread.run_sync(node.set_consumer_timeout, 1000, 200)
+    recorder = Recorder()
+    tracer = TracingTransport()
+    slow: dict[str, float] = {}
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        if not slow:
+            slow["started"] = time.monotonic()
+            try:
+                await anyio.Event().wait()  # slower than any consumer_timeout
+            finally:
+                slow["cancelled"] = time.monotonic()
+        async for result in recorder.handler(messages):
+            yield result
+
+    await _declare(url, queue)
+    confirmed = await publish_numbered(url, queue, 30)
+    settings = _settings(url, queue, prefetch_count=10, batch_size=5)
+    with anyio.fail_after(30):
+        async with batch_consumer(settings, handle, transport=tracer) as consumer:
+            await recorder.wait_decided(confirmed, timeout=20)
+            # A round trip on the new channel after every ack: had a stale tag
+            # been sent, the broker's 406 would have arrived before this.
+            confirmed += await publish_numbered(url, queue, 1, start=30)
+            await recorder.wait_decided(confirmed, timeout=10)
+            health = consumer.health()[0]
+    report = await check(url, queue, None, recorder, confirmed)
+    await cleanup(url, queues=[queue])
+    report.assert_holds()
+    assert health.reconnect_count == 1, health
+    assert health.last_error is not None and "406" in health.last_error
+    assert len(tracer.attempts) == 2
+    old, new = tracer.sessions
+    assert old == []  # the slow batch was never settled on the old channel
+    assert new and all(kind == "ack" for kind, _, _ in new)
+    redelivered = sum(recorder.redelivered.values())
+    assert redelivered >= 5  # the slow batch (and the rest prefetched) came back
+    figures.record(
+        "F8",
+        channel_closed_after_s=round(slow["cancelled"] - slow["started"], 2),
+        consuming_again_after_s=round(tracer.attempts[1] - slow["cancelled"], 2),
+        reconnects=health.reconnect_count,
+        redelivered=redelivered,
+        **report.figures(),
+    )

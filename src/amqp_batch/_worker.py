@@ -287,15 +287,15 @@ class Worker:
             self._set_state(WorkerState.STOPPED)
 
     def _is_retryable(self, error: TransportError) -> bool:
-        if not error.retryable:
-            return False
-        # A channel error while declaring (bad arguments, refused access) would
-        # recur on every attempt: fail fast instead of looping.
-        return not (
-            isinstance(error, ChannelClosed)
-            and not self._consumed_last
-            and error.reply_code in _SETUP_ERRORS
-        )
+        if isinstance(error, ChannelClosed):
+            # A channel error while declaring (bad arguments, refused access)
+            # would recur on every attempt: fail fast instead of looping.
+            if not self._consumed_last:
+                return error.retryable and error.reply_code not in _SETUP_ERRORS
+            # Once consuming, a closed channel (e.g. 406 after the broker's
+            # consumer_timeout) is that channel's end: open a new one.
+            return True
+        return error.retryable
 
     async def _back_off(self, failures: int) -> None:
         self._reconnect_count += 1
