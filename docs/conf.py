@@ -67,6 +67,11 @@ nitpick_ignore = [
     # Private types that appear in public signatures. The transport protocols are
     # described in transport.md; MemoryBroker implements them.
     ("py:class", "amqp_batch._transport._base.Transport"),
+    ("py:class", "Transport"),
+    # Unqualified standard names in the hand-written batch_consumer signature.
+    ("py:class", "Callable"),
+    ("py:class", "Sequence"),
+    ("py:class", "AbstractAsyncContextManager"),
     ("py:class", "amqp_batch._transport._base.Session"),
     ("py:class", "amqp_batch._transport._base.PublisherSession"),
     ("py:class", "amqp_batch._transport._base.FieldTable"),
