@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -29,6 +30,7 @@ from amqp_batch import (
     WorkerHealth,
     WorkerState,
 )
+from amqp_batch._publisher import default_transport
 from amqp_batch._transport._base import Properties
 from amqp_batch._transport._native import connect
 from amqp_batch._transport._url import parse_url
@@ -442,3 +444,263 @@ async def _wait_second_recovery(consumer: Tracked, since: float) -> str:
     first, second = (i for i, s in enumerate(states) if s is WorkerState.BACKING_OFF)
     between = states[first:second]
     return "consuming" if WorkerState.CONSUMING in between else "setup"
+
+
+# --------------------------------------------------------------------- F3
+
+
+async def test_f3_stalled_connection_detected(
+    private_node: PrivateNode, queue: str, figures: Any
+) -> None:
+    """The proxy stops forwarding (sockets stay open) while a batch is in the
+    handler. Heartbeat 1 s: the worker gives the connection up within 2 x heartbeat
+    + 1 s, its reconnects time out while the stall lasts, and once traffic flows
+    again it consumes; no task hangs (the consumer stops promptly); invariant."""
+    node = private_node
+    heartbeat, prefetch = 1, 20
+    recorder = Recorder()
+    gate = Gate(recorder)
+    async with FaultProxy("127.0.0.1", node.amqp_port) as proxy:
+        settings = _settings(
+            proxy.url_for() + "?connection_timeout=2",
+            queue,
+            heartbeat=heartbeat,
+            prefetch_count=prefetch,
+        )
+        consumer = Tracked(settings, gate.handler)
+        with anyio.fail_after(60):
+            async with consumer:
+                confirmed = await publish_many(node.url, queue, 50)
+                await recorder.wait_decided(confirmed, timeout=20)
+                gate.arm()
+                confirmed += await publish_many(node.url, queue, 50, start=50)
+                await gate.holding.wait()
+                stalled_at = anyio.current_time()
+                proxy.stall()
+                gate.release()  # its acks go into the stalled connection
+                lost_at = await consumer.wait_entered(
+                    WorkerState.BACKING_OFF, stalled_at, [0], timeout=2 * heartbeat + 5
+                )
+                # A reconnect while stalled cannot finish its handshake.
+                await consumer.wait_entered(
+                    WorkerState.BACKING_OFF, lost_at, [0], timeout=10
+                )
+                resumed_at = anyio.current_time()
+                proxy.resume()
+                back = await consumer.wait_entered(
+                    WorkerState.CONSUMING, resumed_at, [0], timeout=10
+                )
+                await recorder.wait_decided(confirmed, timeout=20)
+                stopping_at = anyio.current_time()
+            stop_s = anyio.current_time() - stopping_at
+    detection_s = lost_at - stalled_at
+    report = await check(node.url, queue, None, recorder, confirmed)
+    report.assert_holds(max_duplicates=prefetch)
+    assert detection_s <= 2 * heartbeat + 1, detection_s
+    assert any("2 x heartbeat" in error for error in consumer.errors), consumer.errors
+    assert stop_s < 2
+    figures.record(
+        "F3",
+        heartbeat_s=heartbeat,
+        detection_s=round(detection_s, 3),
+        bound_s=2 * heartbeat + 1,
+        recovery_after_resume_s=round(back - resumed_at, 3),
+        stop_s=round(stop_s, 3),
+        **report.figures(),
+    )
+
+
+# --------------------------------------------------------------------- F4
+
+
+async def test_f4_broker_stop_app_start_app(
+    destructive_node: PrivateNode, queue: str, figures: Any
+) -> None:
+    """``rabbitmqctl stop_app`` with a batch in the handler, then ``start_app``:
+    both workers consume again within ~2 s of the broker being back; every
+    confirmed (persistent, durable) id is acked once the batch held across the
+    restart is redelivered; invariant."""
+    node = destructive_node
+    workers, prefetch = 2, 20
+    recorder = Recorder()
+    gate = Gate(recorder)
+    settings = _settings(
+        node.url,
+        queue,
+        num_workers=workers,
+        prefetch_count=prefetch,
+        reconnect_backoff_cap=0.5,
+    )
+    consumer = Tracked(settings, gate.handler)
+    with anyio.fail_after(90):
+        async with consumer:
+            gate.arm()
+            confirmed = await publish_many(node.url, queue, 200)
+            await gate.holding.wait()
+            stopped_at = anyio.current_time()
+            await anyio.to_thread.run_sync(node.stop_app)
+            stop_app_s = anyio.current_time() - stopped_at
+            gate.release()
+            await consumer.wait_entered(
+                WorkerState.BACKING_OFF, stopped_at, range(workers), timeout=10
+            )
+            async with anyio.create_task_group() as group:
+                group.start_soon(anyio.to_thread.run_sync, node.start_app)
+                started_at = await _port_opens(node.amqp_port, timeout=60)
+            back = await consumer.wait_entered(
+                WorkerState.CONSUMING, stopped_at, range(workers), timeout=10
+            )
+            await recorder.wait_decided(confirmed, timeout=30)
+    recovery_s = back - started_at
+    report = await check(node.url, queue, None, recorder, confirmed)
+    report.assert_holds(max_duplicates=workers * prefetch)
+    assert recovery_s <= 2.0, recovery_s
+    figures.record(
+        "F4",
+        stop_app_s=round(stop_app_s, 2),
+        # from the moment the broker's AMQP port accepts connections again
+        recovery_after_start_s=round(recovery_s, 3),
+        reconnects=[h.reconnect_count for h in consumer.health()],
+        **report.figures(),
+    )
+
+
+async def _port_opens(port: int, timeout: float) -> float:
+    """Poll until 127.0.0.1:``port`` accepts a connection; return when it did."""
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                stream = await anyio.connect_tcp("127.0.0.1", port)
+            except OSError:
+                await anyio.sleep(0.02)
+                continue
+            opened_at = anyio.current_time()
+            await stream.aclose()
+            return opened_at
+
+
+# --------------------------------------------------------------------- F10
+
+
+class _CutBeforeAck:
+    """The native transport, with one fault: at the first ``ack`` after a
+    republished copy was confirmed, the proxy cuts every connection and the ack
+    is never sent. That is the window between a copy's confirm and its
+    original's ack, hit exactly."""
+
+    def __init__(self, proxy: FaultProxy) -> None:
+        self._inner = default_transport()
+        self._proxy = proxy
+        self.confirmed_copies: list[str] = []
+        #: Copies confirmed when the cut came (their originals were not acked).
+        self.cut_with: list[str] | None = None
+
+    def open_session(self, spec: Any) -> Any:
+        @asynccontextmanager
+        async def session() -> AsyncIterator[Any]:
+            async with self._inner.open_session(spec) as inner:
+                yield _CuttingSession(inner, self)
+
+        return session()
+
+    def open_publisher(self, parameters: Any, *, declare: Any = ()) -> Any:
+        @asynccontextmanager
+        async def publisher() -> AsyncIterator[Any]:
+            async with self._inner.open_publisher(parameters, declare=declare) as inner:
+                yield _TrackingPublisher(inner, self)
+
+        return publisher()
+
+    async def before_ack(self) -> None:
+        if self.cut_with is None and self.confirmed_copies:
+            self.cut_with = list(self.confirmed_copies)
+            self._proxy.cut(rst=True)
+            # The session dies under us (its task group is cancelled): the ack
+            # is never written.
+            await anyio.sleep_forever()
+
+
+class _CuttingSession:
+    def __init__(self, inner: Any, transport: _CutBeforeAck) -> None:
+        self._inner = inner
+        self._transport = transport
+        self.deliveries = inner.deliveries
+
+    @property
+    def consumer_cancelled_by_broker(self) -> bool:
+        return bool(self._inner.consumer_cancelled_by_broker)
+
+    async def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        await self._transport.before_ack()
+        await self._inner.ack(delivery_tag, multiple=multiple)
+
+    async def nack(
+        self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True
+    ) -> None:
+        await self._inner.nack(delivery_tag, multiple=multiple, requeue=requeue)
+
+    async def reject(self, delivery_tag: int, *, requeue: bool = True) -> None:
+        await self._inner.reject(delivery_tag, requeue=requeue)
+
+    async def cancel(self) -> None:
+        await self._inner.cancel()
+
+
+class _TrackingPublisher:
+    def __init__(self, inner: Any, transport: _CutBeforeAck) -> None:
+        self._inner = inner
+        self._transport = transport
+
+    async def publish(self, body: bytes, **kwargs: Any) -> None:
+        await self._inner.publish(body, **kwargs)
+        properties = kwargs.get("properties")
+        if properties is not None and properties.message_id is not None:
+            self._transport.confirmed_copies.append(properties.message_id)
+
+
+async def test_f10_cut_between_republish_confirm_and_ack(
+    private_node: PrivateNode, queue: str, figures: Any
+) -> None:
+    """REQUEUE traffic (retry 0 -> REQUEUE, retry 1 -> ACK). The connections are
+    cut after the first batch's copies are confirmed and before their originals'
+    ack is written. The originals come back (redelivered) and are requeued again:
+    each message gets at most one duplicate copy; nothing is lost; every id ends
+    acked at retry 1 and the queue is empty."""
+    node = private_node
+    prefetch = 10
+    recorder = Recorder(
+        lambda m: MessageResult.REQUEUE if m.retry_count == 0 else MessageResult.ACK
+    )
+    async with FaultProxy("127.0.0.1", node.amqp_port) as proxy:
+        transport = _CutBeforeAck(proxy)
+        settings = _settings(
+            proxy.url_for(), queue, prefetch_count=prefetch, batch_size=prefetch
+        )
+        consumer = Tracked(settings, recorder.handler, transport=transport)
+        with anyio.fail_after(60):
+            async with consumer:
+                confirmed = await publish_many(node.url, queue, 30)
+                await recorder.wait_decided(confirmed, timeout=30)
+    report = await check(node.url, queue, None, recorder, confirmed)
+    assert transport.cut_with, "the cut never happened"
+    cut_with = set(transport.cut_with)
+    assert not report.lost and not report.unexpected and not report.twice_settled
+    assert not report.still_queued and report.acked == set(confirmed)
+    # Per message and retry count: seen at most twice (one duplicate copy).
+    assert max(recorder.seen.values()) <= 2, recorder.seen
+    for message_id in cut_with:
+        # The original came back flagged, its second copy is the duplicate.
+        assert recorder.seen[(message_id, 0)] == 2
+        assert recorder.redelivered[(message_id, 0)] == 1
+    duplicated = {i for (i, retry), n in recorder.seen.items() if retry == 1 and n > 1}
+    assert cut_with <= duplicated
+    assert consumer.health()[0].reconnect_count == 1
+    figures.record(
+        "F10",
+        copies_confirmed_at_cut=len(cut_with),
+        messages_with_a_duplicate_copy=len(duplicated),
+        max_copies_per_message=max(
+            n for (_, retry), n in recorder.seen.items() if retry == 1
+        ),
+        **report.figures(),
+    )
