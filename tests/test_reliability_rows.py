@@ -7,12 +7,14 @@ measured with the ``figures`` fixture.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,9 +22,13 @@ from tests.support.invariant import Recorder, check, publish_numbered
 from tests.support.rabbit_node import PrivateNode
 
 from amqp_batch import (
+    BatchConsumer,
     BatchConsumerSettings,
+    ChannelClosed,
     Message,
     MessageResult,
+    WorkerHealth,
+    WorkerState,
     batch_consumer,
 )
 from amqp_batch._actors.ledger import AckLedger, Action, Settle
@@ -341,3 +347,244 @@ async def test_f8_handler_slower_than_consumer_timeout(
         redelivered=redelivered,
         **report.figures(),
     )
+
+
+# ----------------------------------------------------------------------- F11
+
+
+async def _ready_count(url: str, queue: str) -> int:
+    async with admin_channel(url) as channel:
+        info = await channel.queue_declare(queue, passive=True)
+    return int(info.message_count)
+
+
+async def _wait_ready(url: str, queue: str, count: int, *, timeout: float) -> None:
+    """Poll the queue's ready count over AMQP (cheap) until it is ``count``."""
+    with anyio.fail_after(timeout):
+        while await _ready_count(url, queue) != count:  # noqa: ASYNC110 - broker
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.parametrize("poison_does", ["requeue_immediate", "raise"])
+async def test_f11_quorum_delivery_limit_dead_letters_a_poison_message(
+    private_node: PrivateNode, figures: Any, poison_does: str
+) -> None:
+    """A quorum queue with ``x-delivery-limit: 2``: a message whose handler
+    always requeues it at once (REQUEUE_IMMEDIATE, or raising with that as
+    ``unhandled_exception_action``) is delivered 3 times, then the broker
+    dead-letters it (reason ``delivery_limit``); everything else is acked."""
+    url = private_node.url
+    queue, dlx, dlq = unique_name("f11"), unique_name("dlx"), unique_name("dlq")
+    limit, poison = 2, "3"
+
+    def decide(message: Message) -> MessageResult:
+        return REQUEUE_IMMEDIATE if message.message_id == poison else ACK
+
+    recorder = Recorder(decide)
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for message in messages:
+            result = recorder.record(message)
+            if message.message_id == poison and poison_does == "raise":
+                raise RuntimeError("poison")
+            yield result
+
+    settings = _settings(
+        url,
+        queue,
+        batch_size=1,
+        queue_arguments={"x-queue-type": "quorum", "x-delivery-limit": limit},
+        dead_letter_exchange=dlx,
+        dead_letter_queue=dlq,
+        unhandled_exception_action=REQUEUE_IMMEDIATE,
+    )
+    try:
+        with anyio.fail_after(30):
+            async with batch_consumer(settings, handle) as consumer:
+                confirmed = await publish_numbered(url, queue, 10)
+                started = time.monotonic()
+                await recorder.wait_decided(set(confirmed) - {poison}, timeout=20)
+                await _wait_ready(url, dlq, 1, timeout=20)
+                dead_lettered_s = time.monotonic() - started
+                health = consumer.health()[0]
+        async with admin_channel(url) as channel:
+            dead = await channel.basic_get(dlq, no_ack=False)
+            assert dead is not None
+            channel.nack(dead.delivery_tag, requeue=True)  # check() drains it
+        report = await check(url, queue, dlq, recorder, confirmed)
+    finally:
+        await cleanup(url, queues=[queue, dlq], exchanges=[dlx])
+    report.assert_holds(max_duplicates=limit)
+    assert dict(report.dead_lettered) == {poison: 1}
+    assert recorder.seen[(poison, 0)] == limit + 1
+    headers = dead.properties.headers or {}
+    assert headers.get("x-first-death-reason") == "delivery_limit"
+    assert dead.routing_key == queue  # broker dead-lettering keeps the key
+    assert health.reconnect_count == 0
+    figures.record(
+        "F11",
+        poison_does=poison_does,
+        delivery_limit=limit,
+        poison_deliveries=recorder.seen[(poison, 0)],
+        dead_lettered_after_s=round(dead_lettered_s, 2),
+        **report.figures(),
+    )
+
+
+# ----------------------------------------------------------------------- F12
+
+
+class _Watched(BatchConsumer[BatchConsumerSettings]):
+    """A consumer that records each worker state change with its time."""
+
+    def __init__(
+        self, settings: BatchConsumerSettings, recorder: Recorder, **kwargs: Any
+    ) -> None:
+        super().__init__(settings, **kwargs)
+        self.recorder = recorder
+        self.changes: list[tuple[float, WorkerState]] = []
+        self.changed = anyio.Event()
+
+    def process_messages(
+        self, messages: Sequence[Message]
+    ) -> AsyncIterator[MessageResult]:
+        return self.recorder.handler(messages)
+
+    def on_worker_state_change(
+        self, health: WorkerHealth, previous: WorkerState
+    ) -> None:
+        self.changes.append((time.monotonic(), health.state))
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    async def wait_state(self, state: WorkerState, after: int) -> int:
+        """Wait until change number ``after`` or a later one is ``state``."""
+        while True:
+            for index in range(after, len(self.changes)):
+                if self.changes[index][1] is state:
+                    return index
+            await self.changed.wait()
+
+
+async def test_f12_queue_deleted_under_the_consumer(
+    private_node: PrivateNode, figures: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queue is deleted while consumed: the broker's ``basic.cancel`` shows
+    in health (``last_error``) and the log, the worker backs off once, redeclares
+    the queue and consumes again; no reconnect loop; messages published to the
+    new queue are all acked."""
+    url, queue = private_node.url, unique_name("f12")
+    recorder = Recorder()
+    tracer = TracingTransport()
+    consumer = _Watched(_settings(url, queue), recorder, transport=tracer)
+    try:
+        with anyio.fail_after(30), caplog.at_level(logging.WARNING, "amqp_batch"):
+            async with consumer:
+                before = await publish_numbered(url, queue, 20)
+                await recorder.wait_decided(before, timeout=10)
+                mark = len(consumer.changes)
+                deleted = time.monotonic()
+                async with admin_channel(url) as channel:
+                    await channel.queue_delete(queue)
+                backing_off = await consumer.wait_state(WorkerState.BACKING_OFF, mark)
+                back = await consumer.wait_state(WorkerState.CONSUMING, backing_off)
+                consuming_again_s = consumer.changes[back][0] - deleted
+                after = await publish_numbered(url, queue, 20, start=20)
+                await recorder.wait_decided(after, timeout=10)
+                window_s = time.monotonic() - deleted
+                health = consumer.health()[0]
+                changes = [state for _, state in consumer.changes[mark:]]
+        report = await check(url, queue, None, recorder, before + after)
+    finally:
+        await cleanup(url, queues=[queue])
+    report.assert_holds()
+    assert health.reconnect_count == 1
+    assert health.last_error is not None
+    assert health.last_error.startswith("ConsumerCancelled: the broker cancelled")
+    assert len(tracer.attempts) == 2  # one redeclare, no loop
+    assert changes == [
+        WorkerState.BACKING_OFF,
+        WorkerState.CONNECTING,
+        WorkerState.CONSUMING,
+    ]
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("cancelled consumer" in m for m in logged), logged
+    assert any("ConsumerCancelled" in m for m in logged), logged
+    figures.record(
+        "F12",
+        consuming_again_after_s=round(consuming_again_s, 3),
+        session_attempts_in_window=len(tracer.attempts) - 1,
+        window_s=round(window_s, 2),
+        **report.figures(),
+    )
+
+
+# ----------------------------------------------------------------------- F13
+
+
+async def test_f13_redeclare_with_other_arguments_fails_fast_without_a_storm(
+    private_node: PrivateNode, figures: Any
+) -> None:
+    """At start: the queue exists with other arguments; both workers fail on
+    their first declare and the consumer raises a 406 naming the argument, with
+    no further attempts. While running: the queue is deleted and recreated with
+    other arguments; the worker's redeclare gets the same 406 and the consumer
+    stops with it (once), instead of reconnecting in a loop."""
+    url, queue = private_node.url, unique_name("f13")
+    tracer = TracingTransport()
+    await _declare(url, queue, **{"x-max-length": 10})
+    settings = _settings(
+        url,
+        queue,
+        num_workers=2,
+        queue_arguments={"x-max-length": 20},
+        reconnect_backoff_base=0.001,
+        reconnect_backoff_cap=0.001,
+    )
+    try:
+        started = time.monotonic()
+        with anyio.fail_after(10), pytest.raises(ChannelClosed) as at_start:
+            async with batch_consumer(settings, _ack_all, transport=tracer):
+                pytest.fail("must not start")
+        failed_at_start_s = time.monotonic() - started
+        assert at_start.value.reply_code == 406
+        assert "PRECONDITION_FAILED" in str(at_start.value)
+        assert "x-max-length" in str(at_start.value)
+        start_attempts = len(tracer.attempts)
+        assert start_attempts <= 2  # one per worker, never a retry
+
+        await cleanup(url, queues=[queue])
+        tracer = TracingTransport()
+        recorder = Recorder()
+        consumer = _Watched(
+            attrs.evolve(settings, num_workers=1), recorder, transport=tracer
+        )
+        with anyio.fail_after(10), pytest.raises(ChannelClosed) as while_running:
+            async with consumer:
+                confirmed = await publish_numbered(url, queue, 10)
+                await recorder.wait_decided(confirmed, timeout=5)
+                changed = time.monotonic()
+                async with admin_channel(url) as channel:
+                    await channel.queue_delete(queue)
+                    await channel.queue_declare(
+                        queue, durable=True, arguments={"x-max-length": 10}
+                    )
+                await anyio.sleep_forever()  # the consumer's failure ends this
+        stopped_s = time.monotonic() - changed
+        assert while_running.value.reply_code == 406
+        assert len(tracer.attempts) == 2  # the first session and one redeclare
+        assert not consumer.is_running
+    finally:
+        await cleanup(url, queues=[queue])
+    figures.record(
+        "F13",
+        failed_at_start_s=round(failed_at_start_s, 3),
+        attempts_at_start=start_attempts,
+        stopped_while_running_after_s=round(stopped_s, 3),
+        attempts_while_running=len(tracer.attempts),
+    )
+
+
+async def _ack_all(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+    for _ in messages:
+        yield ACK

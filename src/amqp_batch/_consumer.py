@@ -300,11 +300,13 @@ class BatchConsumer(Generic[SettingsT]):
         assert self._stopped is not None
         self._stop_requested.set()
         try:
-            await self._stopped.wait()
-        except BaseException:
-            await stack.__aexit__(*sys.exc_info())
-            raise
-        try:
+            try:
+                await self._stopped.wait()
+            except BaseException:
+                # E.g. the body was cancelled because a worker failed: the task
+                # group raises that failure (or this exception again).
+                await stack.__aexit__(*sys.exc_info())
+                raise
             await stack.aclose()
         except BaseExceptionGroup as group:
             # A worker's non-retryable error after start: raise it as itself.
