@@ -10,6 +10,7 @@ figures for ``docs/reliability.md`` (``scripts/reliability_report.py``).
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
+from tests.support.consumer_process import ConsumerProcess
 from tests.support.fault_proxy import FaultProxy
 from tests.support.invariant import Recorder, check
 from tests.support.rabbit_node import PrivateNode
@@ -224,6 +226,9 @@ async def test_l2_backlog_unacked_bounded(
 
 
 async def run_l2(node: PrivateNode, queue: str, figures: Any, backlog: int) -> None:
+    """Consume ``backlog`` messages with 4 workers (prefetch 50) while sampling the
+    queue's unacked count; halfway, the handlers pause until two samples were
+    taken, so the broker is sampled with every worker's prefetch full."""
     workers, prefetch = 4, 50
     started = anyio.current_time()
     confirmed = await publish_many(node.url, queue, backlog)
@@ -231,10 +236,19 @@ async def run_l2(node: PrivateNode, queue: str, figures: Any, backlog: int) -> N
     recorder = Recorder()
     samples: list[tuple[int, int]] = []
     stop_sampling = threading.Event()
+    paused = anyio.Event()
+    resume = anyio.Event()
 
     def sample() -> None:
         while not stop_sampling.is_set():
             samples.append(node.queue_counts(queue))
+
+    async def handler(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        if recorder.seen.total() >= backlog // 2 and not resume.is_set():
+            paused.set()
+            await resume.wait()
+        async for result in recorder.handler(messages):
+            yield result
 
     settings = _settings(
         node.url,
@@ -247,9 +261,16 @@ async def run_l2(node: PrivateNode, queue: str, figures: Any, backlog: int) -> N
         group.start_soon(lambda: anyio.to_thread.run_sync(sample))
         try:
             started = anyio.current_time()
-            async with Tracked(settings, recorder.handler):
+            async with Tracked(settings, handler):
+                await paused.wait()
+                paused_at, taken = anyio.current_time(), len(samples)
+                with anyio.fail_after(30):
+                    while len(samples) < taken + 2:  # noqa: ASYNC110
+                        await anyio.sleep(0.05)
+                resume.set()
+                pause_s = anyio.current_time() - paused_at
                 await recorder.wait_decided(confirmed, timeout=120)
-            consumed_s = anyio.current_time() - started
+            consumed_s = anyio.current_time() - started - pause_s
         finally:
             stop_sampling.set()
     report = await check(node.url, queue, None, recorder, confirmed)
@@ -704,3 +725,227 @@ async def test_f10_cut_between_republish_confirm_and_ack(
         ),
         **report.figures(),
     )
+
+
+# --------------------------------------------------------------------- F6
+
+
+async def _until(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1
+) -> None:
+    """Poll a (blocking, e.g. rabbitmqctl) ``predicate`` in a thread until true."""
+    with anyio.fail_after(timeout):
+        while not await anyio.to_thread.run_sync(predicate):  # noqa: ASYNC110
+            await anyio.sleep(interval)
+
+
+def _open_batches(process: ConsumerProcess) -> list[list[str]]:
+    """Batches that entered the handler and have no decision (yet)."""
+    decided = {line.split()[1] for line in process.lines if line.startswith("decided ")}
+    return [
+        line.split()[2:]
+        for line in process.lines
+        if line.startswith("batch ") and line.split()[1] not in decided
+    ]
+
+
+async def test_f6_worker_process_sigkill(
+    private_node: PrivateNode, queue: str, anyio_backend: str, figures: Any
+) -> None:
+    """A consumer process (2 workers) acks 30 messages, then holds one batch in
+    each worker's handler; it is SIGKILLed once its acks reached the broker. Only
+    its unacked messages come back (those in the held batches among them, flagged
+    redelivered); a second consumer takes exactly those: no duplicates, nothing
+    lost."""
+    node = private_node
+    total = 100
+    confirmed = await publish_many(node.url, queue, total)
+    async with ConsumerProcess(
+        node.url,
+        queue,
+        backend=anyio_backend,
+        workers=2,
+        prefetch=10,
+        batch_size=5,
+        mode="block-after",
+        block_after=30,
+        connection_name=queue,
+    ) as process:
+        await process.wait_until(
+            lambda: len(_open_batches(process)) == 2, 20, "for two held batches"
+        )
+        decided = set(process.decided_ids())
+        held = {i for batch in _open_batches(process) for i in batch}
+        # Everything it decided is acked at the broker; the rest is queued or
+        # unacked (prefetched or held).
+        await _until(
+            lambda: sum(node.queue_counts(queue)) == total - len(decided),
+            20,
+            "for the acks to land",
+        )
+        killed_at = anyio.current_time()
+        process.kill()
+        assert await process.wait_exit(10) == -signal.SIGKILL
+    await _until(lambda: node.queue_counts(queue)[1] == 0, 20, "for the requeue")
+    requeued_s = anyio.current_time() - killed_at
+    recorder = Recorder()
+    process.replay(recorder)
+    assert recorder.acked == decided
+    before = dict(recorder.redelivered)
+    async with Tracked(_settings(node.url, queue), recorder.handler):
+        await recorder.wait_decided(confirmed, timeout=30)
+    came_back = {
+        i for (i, _), n in recorder.redelivered.items() if n > before.get(i, 0)
+    }
+    report = await check(node.url, queue, None, recorder, confirmed)
+    report.assert_holds(max_duplicates=0)
+    assert held <= came_back
+    assert not came_back & decided
+    figures.record(
+        "F6",
+        decided_before_kill=len(decided),
+        held_in_handler=len(held),
+        redelivered_after_kill=len(came_back),
+        requeued_after_s=round(requeued_s, 2),
+        **report.figures(),
+    )
+
+
+# --------------------------------------------------------------------- F7
+
+
+def _after(lines: list[str], marker: str) -> list[str]:
+    index = next(i for i, line in enumerate(lines) if marker in line)
+    return lines[index + 1 :]
+
+
+async def test_f7_sigterm_batches_in_flight_finish(
+    private_node: PrivateNode, queue: str, anyio_backend: str, figures: Any
+) -> None:
+    """SIGTERM while four batches are in the handler (2 workers x 2 concurrent):
+    the receiver takes no delivery after the signal, the four batches (and the
+    one being collected) finish and are acked, the process exits within
+    shutdown_timeout + 1 s, and exactly the undecided ids are still queued."""
+    node = private_node
+    shutdown_timeout = 5.0
+    confirmed = await publish_many(node.url, queue, 100)
+    async with ConsumerProcess(
+        node.url,
+        queue,
+        backend=anyio_backend,
+        workers=2,
+        prefetch=20,
+        batch_size=5,
+        batch_timeout=30,
+        max_concurrent=2,
+        shutdown_timeout=shutdown_timeout,
+        mode="hold-until-stop",
+        trace_took=True,
+        connection_name=queue,
+    ) as process:
+        await process.wait_until(
+            lambda: len(process.batches()) >= 4, 20, "for four batches"
+        )
+        in_flight = len(_open_batches(process))
+        signalled_at = anyio.current_time()
+        process.send_signal(signal.SIGTERM)
+        assert await process.wait_exit(shutdown_timeout + 5) == 0, process.tail()
+        exit_s = anyio.current_time() - signalled_at
+    lines = process.lines
+    assert lines[-1] == "exited"
+    after_signal = _after(lines, "SIGTERM: stopping gracefully")
+    assert not [line for line in after_signal if line.startswith("took ")]
+    assert not _open_batches(process), "a batch in flight did not finish"
+    recorder = Recorder()
+    process.replay(recorder)
+    report = await check(node.url, queue, None, recorder, confirmed)
+    report.assert_holds(max_duplicates=0, allow_still_queued=True)
+    assert set(report.still_queued) == set(confirmed) - recorder.acked
+    assert exit_s <= shutdown_timeout + 1
+    figures.record(
+        "F7",
+        case="batches finish",
+        in_flight_at_signal=in_flight,
+        batches=len(process.batches()),
+        exit_s=round(exit_s, 3),
+        bound_s=shutdown_timeout + 1,
+        **report.figures(),
+    )
+
+
+async def test_f7_sigterm_handler_past_shutdown_timeout(
+    private_node: PrivateNode, queue: str, anyio_backend: str, figures: Any
+) -> None:
+    """SIGTERM while batches are in the handler, one of which never finishes: the
+    process exits within shutdown_timeout + 1 s, the unfinished batch is never
+    acked (its ids are back in the queue, flagged redelivered), the others were
+    acked; invariant."""
+    node = private_node
+    shutdown_timeout = 1.5
+    confirmed = await publish_many(node.url, queue, 60)
+    async with ConsumerProcess(
+        node.url,
+        queue,
+        backend=anyio_backend,
+        workers=2,
+        prefetch=10,
+        batch_size=5,
+        batch_timeout=30,
+        max_concurrent=2,
+        shutdown_timeout=shutdown_timeout,
+        mode="hold-until-stop",
+        hang_id="0",
+        trace_took=True,
+        connection_name=queue,
+    ) as process:
+        await process.wait_until(
+            lambda: (
+                len(process.batches()) >= 4
+                and any("0" in batch for batch in process.batches())
+            ),
+            20,
+            "for four batches, one with id 0",
+        )
+        signalled_at = anyio.current_time()
+        process.send_signal(signal.SIGTERM)
+        assert await process.wait_exit(shutdown_timeout + 5) == 0, process.tail()
+        exit_s = anyio.current_time() - signalled_at
+    unfinished = _open_batches(process)
+    assert len(unfinished) == 1 and "0" in unfinished[0]
+    assert any("shutdown_timeout" in line for line in process.lines)
+    after_signal = _after(process.lines, "SIGTERM: stopping gracefully")
+    assert not [line for line in after_signal if line.startswith("took ")]
+    recorder = Recorder()
+    process.replay(recorder)
+    async with admin_channel(node.url) as channel:
+        back = {
+            str(d.properties.message_id): d.redelivered
+            for d in await _peek_all(channel, queue)
+        }
+    report = await check(node.url, queue, None, recorder, confirmed)
+    report.assert_holds(max_duplicates=0, allow_still_queued=True)
+    assert set(unfinished[0]) <= set(report.still_queued)
+    assert all(back[i] for i in unfinished[0])
+    # Decided behind the unfinished batch on its worker: settled in tag order,
+    # so they could not be acked either (they come back, flagged redelivered).
+    decided_not_acked = recorder.acked & set(report.still_queued)
+    assert exit_s <= shutdown_timeout + 1
+    figures.record(
+        "F7",
+        case="handler past shutdown_timeout",
+        exit_s=round(exit_s, 3),
+        bound_s=shutdown_timeout + 1,
+        unfinished=len(unfinished[0]),
+        decided_but_requeued=len(decided_not_acked),
+        **report.figures(),
+    )
+
+
+async def _peek_all(channel: Any, queue: str) -> list[Any]:
+    """Every message in ``queue``, taken without ack and put back (requeued)."""
+    taken = []
+    while (delivery := await channel.basic_get(queue, no_ack=False)) is not None:
+        taken.append(delivery)
+    if taken:
+        channel.nack(taken[-1].delivery_tag, multiple=True, requeue=True)
+    return taken
