@@ -588,3 +588,169 @@ async def test_f13_redeclare_with_other_arguments_fails_fast_without_a_storm(
 async def _ack_all(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
     for _ in messages:
         yield ACK
+
+
+# ----------------------------------------------------------------------- B1
+
+#: x-retry-count values a producer may send, and what each one is read as: an
+#: int is the count; anything else is a bad header (dead-lettered with a reason,
+#: never handled, never read as 0). ``bytes`` arrive as a bytearray ('x').
+RETRY_HEADERS: dict[str, Any] = {
+    "str-3": "3",
+    "minus-1": -1,
+    "float-3.5": 3.5,
+    "bool-true": True,
+    "int64-max": 2**63 - 1,
+    "list-1": [1],
+    "table-empty": {},
+    "void-none": None,
+    "bytes-ff": b"\xff",
+}
+
+
+async def test_b1_untrusted_retry_count_headers(
+    private_node: PrivateNode, figures: Any
+) -> None:
+    """Through the consumer on the broker: every bad ``x-retry-count`` is
+    dead-lettered once (``x-dead-letter-reason: invalid-retry-count: ...``) and
+    never reaches the handler; an absent header is 0 and its REQUEUEd copy
+    carries 1; a valid 2 is read as 2 (no reset). No reconnect, no loop."""
+    url = private_node.url
+    queue, dlx, dlq = unique_name("b1"), unique_name("dlx"), unique_name("dlq")
+
+    def decide(message: Message) -> MessageResult:
+        if message.message_id == "absent" and message.retry_count == 0:
+            return REQUEUE
+        return ACK
+
+    recorder = Recorder(decide)
+    settings = _settings(url, queue, dead_letter_exchange=dlx, dead_letter_queue=dlq)
+    try:
+        with anyio.fail_after(30):
+            async with batch_consumer(settings, recorder.handler) as consumer:
+                confirmed: list[str] = []
+                async with admin_channel(url) as channel:
+                    for message_id, value in RETRY_HEADERS.items():
+                        await channel.publish(
+                            message_id.encode(),
+                            routing_key=queue,
+                            properties=Properties(
+                                message_id=message_id,
+                                headers={"x-retry-count": value},
+                            ),
+                        )
+                        confirmed.append(message_id)
+                    for message_id, headers in (
+                        ("absent", None),
+                        ("int-2", {"x-retry-count": 2}),
+                    ):
+                        await channel.publish(
+                            message_id.encode(),
+                            routing_key=queue,
+                            properties=Properties(
+                                message_id=message_id, headers=headers
+                            ),
+                        )
+                        confirmed.append(message_id)
+                await recorder.wait_decided(["absent", "int-2"], timeout=10)
+                await _wait_ready(url, dlq, len(RETRY_HEADERS), timeout=10)
+                health = consumer.health()[0]
+        reasons: dict[str, str] = {}
+        async with admin_channel(url) as channel:
+            for _ in RETRY_HEADERS:
+                dead = await channel.basic_get(dlq, no_ack=False)
+                assert dead is not None
+                headers = dead.properties.headers or {}
+                reasons[str(dead.properties.message_id)] = str(
+                    headers["x-dead-letter-reason"]
+                )
+                assert dead.routing_key == queue  # the original key
+            channel.nack(0, multiple=True, requeue=True)  # check() drains them
+        report = await check(url, queue, dlq, recorder, confirmed)
+    finally:
+        await cleanup(url, queues=[queue, dlq], exchanges=[dlx])
+    report.assert_holds()
+    assert set(report.dead_lettered) == set(RETRY_HEADERS)
+    assert report.acked == {"absent", "int-2"}
+    assert sorted(recorder.seen) == [("absent", 0), ("absent", 1), ("int-2", 2)]
+    for reason in reasons.values():
+        assert reason.startswith("invalid-retry-count: x-retry-count"), reason
+    assert "out of range" in reasons["int64-max"]
+    assert "out of range" in reasons["minus-1"]
+    assert "is a bool" in reasons["bool-true"]
+    assert health.reconnect_count == 0
+    assert health.results["dead_lettered"] == len(RETRY_HEADERS)
+    figures.record(
+        "B1",
+        outcomes={k: reasons[k].split(": ", 1)[1] for k in RETRY_HEADERS},
+        absent_read_as=0,
+        **report.figures(),
+    )
+
+
+# ----------------------------------------------------------------------- B2
+
+
+async def test_b2_odd_messages(destructive_node: PrivateNode, figures: Any) -> None:
+    """No properties at all, an empty body, invalid UTF-8 (body, a header value
+    and a header key's bytes value) and 1 MiB of headers (the broker's frame_max
+    raised to 4 MiB, as it must be for such a message to exist): each is handled,
+    REQUEUEd once (its copy keeps what it had) and acked. Invariant."""
+    node = destructive_node
+    url, queue = node.url, unique_name("b2")
+    big_header = "h" * (1 << 20)
+    messages: dict[str, tuple[bytes, Properties | None]] = {
+        "no-properties": (b"no-properties", None),
+        "empty-body": (b"", Properties(message_id="empty-body")),
+        "invalid-utf8": (
+            b"\xff\xfe\xc3\x28 not utf-8",
+            Properties(message_id="invalid-utf8", headers={"raw": b"\xff\xc3\x28"}),
+        ),
+        "big-headers": (
+            b"big-headers",
+            Properties(message_id="big-headers", headers={"big": big_header}),
+        ),
+    }
+    seen: dict[tuple[str, int], Message] = {}
+
+    def decide(message: Message) -> MessageResult:
+        message_id = message.message_id or message.body.decode()
+        seen[(message_id, message.retry_count)] = message
+        return REQUEUE if message.retry_count == 0 else ACK
+
+    recorder = Recorder(decide)
+    default_frame_max = node.eval("application:get_env(rabbit, frame_max).")
+    node_frame_max = 4 << 20
+    await anyio.to_thread.run_sync(
+        node.eval, f"application:set_env(rabbit, frame_max, {node_frame_max})."
+    )
+    try:
+        await _declare(url, queue)
+        async with admin_channel(f"{url}?frame_max={node_frame_max}") as channel:
+            for body, properties in messages.values():
+                await channel.publish(body, routing_key=queue, properties=properties)
+        with anyio.fail_after(30):
+            async with batch_consumer(_settings(url, queue), recorder.handler) as c:
+                await recorder.wait_decided(messages, timeout=20)
+                health = c.health()[0]
+        report = await check(url, queue, None, recorder, messages)
+    finally:
+        value = default_frame_max.removeprefix("{ok,").removesuffix("}")
+        await anyio.to_thread.run_sync(
+            node.eval, f"application:set_env(rabbit, frame_max, {value})."
+        )
+        await cleanup(url, queues=[queue])
+    report.assert_holds()
+    assert health.reconnect_count == 0
+    assert sorted(seen) == sorted((m, n) for m in messages for n in (0, 1))
+    for message_id, (body, _) in messages.items():
+        original, copy = seen[(message_id, 0)], seen[(message_id, 1)]
+        assert original.body == copy.body == body
+        for field in ("content_type", "delivery_mode", "message_id"):
+            assert getattr(copy.properties, field) == getattr(
+                original.properties, field
+            )
+    assert seen[("no-properties", 0)].properties.headers in (None, {})
+    assert seen[("invalid-utf8", 1)].headers["raw"] == b"\xff\xc3\x28"
+    assert seen[("big-headers", 1)].headers["big"] == big_header
+    figures.record("B2", cases=sorted(messages), **report.figures())

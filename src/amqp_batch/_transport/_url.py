@@ -45,7 +45,12 @@ class ConnectionParameters:
     heartbeat: int = 60
     connection_timeout: float = 10.0
     connection_name: str | None = None
-    frame_max: int = 131072
+    #: Largest frame we accept, bytes; 0 (the default) takes the broker's.
+    #: RabbitMQ sends a message's content header in one frame whatever the
+    #: negotiated size, so a smaller limit than the broker's would make a message
+    #: with large headers (possible when the broker's frame_max was raised) fail
+    #: the whole connection.
+    frame_max: int = 0
     channel_max: int = 2047
     ssl_context: ssl.SSLContext | None = attrs.field(
         default=None, repr=_redacted_context, eq=False
