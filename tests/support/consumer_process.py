@@ -294,6 +294,8 @@ class ConsumerProcess:
                 self.command += [flag, str(value)]
         self.ready_timeout = ready_timeout
         self.lines: list[str] = []
+        #: Messages decided so far (kept up to date as lines arrive).
+        self.decided_total = 0
         self.returncode: int | None = None
         self._changed = anyio.Event()
         self._process: anyio.abc.Process | None = None
@@ -343,7 +345,11 @@ class ConsumerProcess:
             buffer += chunk
             *complete, buffer = buffer.split(b"\n")
             if complete:
-                self.lines.extend(line.decode() for line in complete)
+                for raw in complete:
+                    line = raw.decode()
+                    self.lines.append(line)
+                    if line.startswith("decided "):
+                        self.decided_total += line.count(" ") - 1
                 self._notify()
         await self._process.wait()
         self.returncode = self._process.returncode
