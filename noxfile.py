@@ -1,4 +1,5 @@
-"""Project automation: ``nox -s tests``, ``lint``, ``typecheck``, ``docs``, ``bench``.
+"""Project automation: ``nox -s tests``, ``lint``, ``typecheck``, ``docs``, ``bench``,
+``soak``.
 
 Every session runs on the interpreter that runs nox (``python3 -m nox``), in its own
 virtualenv under ``.nox/`` (built with uv when it is installed, else venv).
@@ -49,6 +50,23 @@ def tests(session: nox.Session) -> None:
     # stops the machine's own broker), else explains what to install.
     session.run("python", "-m", "tests.support.rabbit_node", "--ensure")
     session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """The minutes-long reliability rows (L1, L2 at 100k, F5): ``pytest --soak``.
+
+    ``nox -s soak -- --report`` runs every reliability row, soak included, through
+    ``scripts/reliability_report.py`` and rewrites ``docs/reliability.md``.
+    ``AMQP_BATCH_SOAK_SECONDS`` sets L1's duration (default 180 per backend).
+    """
+    session.install("-e", ".", *_group("test"), "aiormq")
+    session.run("python", "-m", "tests.support.rabbit_node", "--ensure")
+    args = [arg for arg in session.posargs if arg != "--report"]
+    if "--report" in session.posargs:
+        session.run("python", "scripts/reliability_report.py", "--soak", "--", *args)
+    else:
+        session.run("python", "-m", "pytest", "--soak", *args)
 
 
 @nox.session
