@@ -754,3 +754,161 @@ async def test_b2_odd_messages(destructive_node: PrivateNode, figures: Any) -> N
     assert seen[("invalid-utf8", 1)].headers["raw"] == b"\xff\xc3\x28"
     assert seen[("big-headers", 1)].headers["big"] == big_header
     figures.record("B2", cases=sorted(messages), **report.figures())
+
+
+# ----------------------------------------------------------------------- B3
+
+
+def _settled_once(frames: list[tuple[str, int, bool]]) -> set[int]:
+    """The tags ``frames`` settle; fails if one frame settles a tag again (the
+    broker would close the channel: 406 unknown delivery tag)."""
+    settled: set[int] = set()
+    for _, tag, multiple in frames:
+        assert tag not in settled, f"tag {tag} settled twice: {frames}"
+        if multiple:
+            settled.update(range(1, tag + 1))
+        else:
+            settled.add(tag)
+    return settled
+
+
+async def test_b3_misbehaving_handlers_settle_every_delivery_once(
+    private_node: PrivateNode, figures: Any
+) -> None:
+    """Batches of 4 whose handler gives too few results, too many, a
+    non-result, raises, or is cancelled (it hangs; the stop's shutdown_timeout
+    cancels it). ``unhandled_exception_action`` is NACK, so what the handler
+    left unsettled is dead-lettered where we can see it; extra results are
+    never applied; the cancelled batch is not acked but goes back to the queue
+    and is acked by the next consumer. Each session settles each tag once, with
+    no channel error; invariant."""
+    url = private_node.url
+    queue, dlx, dlq = unique_name("b3"), unique_name("dlx"), unique_name("dlq")
+    kinds = ["short", "extra", "junk", "boom", "hang"]
+    recorder = Recorder()
+    hanging = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        kind = (messages[0].message_id or "").rstrip("0123456789")
+        if kind == "short":
+            yield recorder.record(messages[0])  # one result for four messages
+        elif kind == "extra":
+            for message in messages:
+                yield recorder.record(message)
+            yield MessageResult.NACK  # never applied
+            yield MessageResult.REQUEUE
+        elif kind == "junk":
+            yield recorder.record(messages[0])
+            yield "ack"  # type: ignore[misc]
+        elif kind == "boom":
+            yield recorder.record(messages[0])
+            raise RuntimeError("handler bug")
+        elif kind == "hang":
+            recorder.record(messages[0])
+            hanging.set()
+            await anyio.Event().wait()  # cancelled at shutdown_timeout
+            yield ACK
+        else:  # the second consumer
+            async for result in recorder.handler(messages):
+                yield result
+
+    async def ack_all(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        async for result in recorder.handler(messages):
+            yield result
+
+    settings = _settings(
+        url,
+        queue,
+        batch_size=4,
+        prefetch_count=40,
+        dead_letter_exchange=dlx,
+        dead_letter_queue=dlq,
+        unhandled_exception_action="NACK",
+        shutdown_timeout=0.5,
+    )
+    first, second = TracingTransport(), TracingTransport()
+    try:
+        await _declare(url, queue, **{"x-dead-letter-exchange": dlx})
+        confirmed: list[str] = []
+        async with admin_channel(url) as channel:
+            await channel.exchange_declare(dlx, "topic", durable=True)
+            for kind in kinds:  # all queued first, so each batch is one kind
+                for number in range(4):
+                    await channel.publish(
+                        b"",
+                        routing_key=queue,
+                        properties=Properties(message_id=f"{kind}{number}"),
+                    )
+                    confirmed.append(f"{kind}{number}")
+        with anyio.fail_after(30):
+            async with batch_consumer(settings, handle, transport=first) as c:
+                await hanging.wait()
+                health = [c.health()[0]]
+                leaving = time.monotonic()
+            stop_s = time.monotonic() - leaving
+            async with batch_consumer(settings, ack_all, transport=second) as c:
+                await recorder.wait_decided([f"hang{n}" for n in range(4)], timeout=10)
+                health.append(c.health()[0])
+        report = await check(url, queue, dlq, recorder, confirmed)
+    finally:
+        await cleanup(url, queues=[queue, dlq], exchanges=[dlx])
+    report.assert_holds(max_duplicates=1)  # hang0: seen, cancelled, redelivered
+    unsettled = {f"{kind}{n}" for kind in ("short", "junk", "boom") for n in (1, 2, 3)}
+    assert set(report.dead_lettered) == unsettled
+    assert report.acked == set(confirmed) - unsettled
+    assert [len(t.attempts) for t in (first, second)] == [1, 1]
+    settled_first = _settled_once(first.sessions[0])
+    settled_second = _settled_once(second.sessions[0])
+    assert len(settled_first) == 16  # all but the cancelled batch
+    assert len(settled_second) == 4
+    assert [h.reconnect_count for h in health] == [0, 0]
+    assert stop_s < settings.shutdown_timeout + 1
+    figures.record(
+        "B3",
+        stop_with_hung_handler_s=round(stop_s, 2),
+        frames_first_session=len(first.sessions[0]),
+        frames_second_session=len(second.sessions[0]),
+        **report.figures(),
+    )
+
+
+async def test_b3_stray_cancelled_error_is_a_handler_error(
+    private_node: PrivateNode, anyio_backend: str, figures: Any
+) -> None:
+    """asyncio only (trio's Cancelled cannot be raised by user code): a handler
+    that raises ``CancelledError`` without being cancelled (it awaited a future
+    someone else cancelled) gets ``unhandled_exception_action`` like any error,
+    instead of silently ending the session and reconnecting forever."""
+    if anyio_backend != "asyncio":
+        pytest.skip("only asyncio lets user code raise its cancellation exception")
+    import asyncio
+
+    url, queue = private_node.url, unique_name("b3c")
+    recorder = Recorder()
+    tracer = TracingTransport()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        if messages[0].retry_count == 0:
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future  # raises CancelledError; this task is not cancelled
+        async for result in recorder.handler(messages):
+            yield result
+
+    try:
+        with anyio.fail_after(20):
+            async with batch_consumer(
+                _settings(url, queue), handle, transport=tracer
+            ) as consumer:
+                confirmed = await publish_numbered(url, queue, 10)
+                await recorder.wait_decided(confirmed, timeout=10)
+                health = consumer.health()[0]
+        report = await check(url, queue, None, recorder, confirmed)
+    finally:
+        await cleanup(url, queues=[queue])
+    report.assert_holds()
+    assert health.reconnect_count == 0
+    assert len(tracer.attempts) == 1
+    assert health.results["requeue"] == 10  # the fallback, then ACK at count 1
+    assert sorted(recorder.seen) == sorted((str(n), 1) for n in range(10))
+    figures.record("B3", case="stray CancelledError", **report.figures())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import (
@@ -72,6 +73,19 @@ async def collect_results(
             fallback.name,
             len(messages) - len(results),
         )
+    except asyncio.CancelledError as exc:
+        if not _stray_cancellation(exc):
+            raise
+        # Not a cancellation of ours: letting it through would silently end the
+        # session, and the batch would come back (and do it again) forever.
+        logger.error(
+            "handler raised CancelledError without being cancelled (did it await "
+            "a future that something else cancelled?); applying %s to %d "
+            "message(s)",
+            fallback.name,
+            len(messages) - len(results),
+            exc_info=True,
+        )
     if extra:
         logger.error(
             "handler gave %d result(s) more than the %d message(s); ignored them",
@@ -89,6 +103,19 @@ async def collect_results(
         )
         results.extend([fallback] * missing)
     return results
+
+
+def _stray_cancellation(exc: BaseException) -> bool:
+    """True for an asyncio ``CancelledError`` raised in a task that nobody is
+    cancelling (Python 3.11+; anyio cancels through ``Task.cancel``)."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not running on asyncio
+        return False
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is not None and cancelling() == 0
 
 
 def _accept(value: object, results: list[MessageResult], limit: int) -> bool:
