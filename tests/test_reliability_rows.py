@@ -8,6 +8,7 @@ measured with the ``figures`` fixture.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.support.fault_proxy import FaultProxy
 from tests.support.invariant import Recorder, check, publish_numbered
 from tests.support.rabbit_node import PrivateNode
 
@@ -25,6 +27,7 @@ from amqp_batch import (
     BatchConsumer,
     BatchConsumerSettings,
     ChannelClosed,
+    ConnectionRefused,
     Message,
     MessageResult,
     WorkerHealth,
@@ -912,3 +915,88 @@ async def test_b3_stray_cancelled_error_is_a_handler_error(
     assert health.results["requeue"] == 10  # the fallback, then ACK at count 1
     assert sorted(recorder.seen) == sorted((str(n), 1) for n in range(10))
     figures.record("B3", case="stray CancelledError", **report.figures())
+
+
+# ----------------------------------------------------------------------- S1
+
+
+def _other_ca_context() -> ssl.SSLContext:
+    import trustme
+
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    trustme.CA().configure_trust(context)
+    return context
+
+
+def _unverified_context() -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@pytest.mark.parametrize(
+    "case", ["right-ca", "wrong-ca", "system-cas", "hostname-mismatch", "verify-off"]
+)
+async def test_s1_tls_through_the_consumer(
+    private_node: PrivateNode,
+    figures: Any,
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+) -> None:
+    """Through ``BatchConsumerSettings(url="amqps://...", ssl_context=...)``: the
+    node's CA connects and consumes; another CA, the system CAs, or the right CA
+    reached under a name the certificate does not cover (127.0.0.2) fail at once
+    with a non-retryable ConnectionRefused naming the verification failure, after
+    one attempt; a context that does not verify connects, and says so in a
+    warning."""
+    node = private_node
+    queue = unique_name("s1")
+    contexts: dict[str, ssl.SSLContext | None] = {
+        "right-ca": node.client_ssl_context(),
+        "wrong-ca": _other_ca_context(),
+        "system-cas": None,
+        "hostname-mismatch": node.client_ssl_context(),
+        "verify-off": _unverified_context(),
+    }
+    recorder = Recorder()
+    tracer = TracingTransport()
+    async with FaultProxy(
+        "127.0.0.1", node.amqps_port, listen_host="127.0.0.2"
+    ) as proxy:
+        url = node.tls_url
+        if case in ("hostname-mismatch", "verify-off"):
+            url = f"amqps://guest:guest@127.0.0.2:{proxy.port}/"
+        settings = _settings(url, queue, ssl_context=contexts[case], num_workers=1)
+        started = time.monotonic()
+        try:
+            with anyio.fail_after(20), caplog.at_level(logging.WARNING, "amqp_batch"):
+                if case in ("right-ca", "verify-off"):
+                    async with batch_consumer(
+                        settings, recorder.handler, transport=tracer
+                    ) as consumer:
+                        confirmed = await publish_numbered(node.url, queue, 20)
+                        await recorder.wait_decided(confirmed, timeout=10)
+                        health = consumer.health()[0]
+                    report = await check(node.url, queue, None, recorder, confirmed)
+                    report.assert_holds()
+                    assert health.url.startswith("amqps://")
+                    outcome = "connected"
+                else:
+                    with pytest.raises(ConnectionRefused) as refused:
+                        async with batch_consumer(
+                            settings, recorder.handler, transport=tracer
+                        ):
+                            pytest.fail("must not connect")
+                    assert not refused.value.retryable
+                    assert "certificate verification failed" in str(refused.value)
+                    outcome = str(refused.value).split(": ", 1)[1]
+        finally:
+            await cleanup(node.url, queues=[queue])
+    elapsed = time.monotonic() - started
+    assert len(tracer.attempts) == 1
+    off = [r for r in caplog.records if "verification is OFF" in r.getMessage()]
+    assert bool(off) == (case == "verify-off")
+    if case == "hostname-mismatch":
+        assert "127.0.0.2" in outcome
+    figures.record("S1", case=case, outcome=outcome, seconds=round(elapsed, 2))

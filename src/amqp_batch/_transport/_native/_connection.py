@@ -384,7 +384,20 @@ def _client_properties(parameters: ConnectionParameters) -> dict[str, Any]:
 
 def _tls_context(parameters: ConnectionParameters) -> ssl.SSLContext:
     if parameters.ssl_context is not None:
-        return parameters.ssl_context
+        context = parameters.ssl_context
+        if context.verify_mode == ssl.CERT_NONE or not context.check_hostname:
+            what = (
+                "certificate and host name"
+                if context.verify_mode == ssl.CERT_NONE
+                else "host name"
+            )
+            logger.warning(
+                "TLS %s verification is OFF for %s (the ssl_context given does "
+                "not check it); the broker is not authenticated",
+                what,
+                parameters.redacted_url,
+            )
+        return context
     if not parameters.verify_tls:
         logger.warning(
             "TLS certificate and host name verification is OFF for %s; "
