@@ -407,6 +407,9 @@ class Worker:
                         self.index,
                         settings.shutdown_timeout,
                     )
+                    # Batches that did finish are settled even if they wait
+                    # behind the cancelled one in tag order.
+                    await acker.settle_decided()
                 supervisor.cancel_scope.cancel()
         finally:
             for end in ends:

@@ -219,6 +219,16 @@ class Acker:
                         logger.info("republishes confirmed again")
                     await self._send_ready()
 
+    async def settle_decided(self) -> None:
+        """Send every decided settlement, single-tag past an undecided one.
+
+        For after the pipeline was cancelled (``shutdown_timeout``): a batch that
+        finished behind a cancelled one is settled, not sent back to the queue.
+        Undecided tags (and originals whose copy is unconfirmed) stay unsettled.
+        """
+        self._stalled = True
+        await self._send_ready()
+
     async def _send_ready(self) -> None:
         # One sender at a time: frames go out in the order the ledger released
         # them (a multiple-ack must never overtake a reject below its tag).
