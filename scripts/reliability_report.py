@@ -472,10 +472,12 @@ def render(
         "- F5 duplicates come from the broker: after a `kill -9` a classic queue "
         "redelivers (flagged `redelivered`) messages whose acks it had not yet "
         "written to disk.",
-        "- F7 (handler past shutdown_timeout): results are settled in delivery "
-        "tag order, so a finished batch behind the unfinished one on the same "
-        "worker is requeued too (`decided_but_requeued`), never acked out of "
-        "order.",
+        "- F7 (handler past shutdown_timeout): the unfinished batch goes back to "
+        "the queue; a batch that finished behind it in delivery-tag order is "
+        "still settled (`decided_but_requeued` must be 0).",
+        "- F6 and F7 run the consumer in a process of its own "
+        "(`tests/support/consumer_process.py`); its decisions are replayed into "
+        "the invariant's recorder.",
         "- F10 counts a copy published twice (the original was redelivered after "
         "its copy was confirmed, and requeued again) as the one allowed duplicate.",
         "",
