@@ -8,6 +8,7 @@ measured with the ``figures`` fixture.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,15 +25,19 @@ from tests.support.invariant import Recorder, check, publish_numbered
 from tests.support.rabbit_node import PrivateNode
 
 from amqp_batch import (
+    AuthenticationError,
     BatchConsumer,
     BatchConsumerSettings,
     ChannelClosed,
     ConnectionRefused,
     Message,
     MessageResult,
+    Publisher,
+    UnknownVirtualHost,
     WorkerHealth,
     WorkerState,
     batch_consumer,
+    parse_url,
 )
 from amqp_batch._actors.ledger import AckLedger, Action, Settle
 from amqp_batch._transport._base import Properties, QueueSpec
@@ -1000,3 +1005,93 @@ async def test_s1_tls_through_the_consumer(
     if case == "hostname-mismatch":
         assert "127.0.0.2" in outcome
     figures.record("S1", case=case, outcome=outcome, seconds=round(elapsed, 2))
+
+
+# ----------------------------------------------------------------------- S3
+
+
+def _bad_urls(port: int) -> dict[str, str]:
+    """Malformed URLs, each naming a port where something listens (when it has
+    one), so a socket opened by mistake would show as an accepted connection."""
+    return {
+        "http-scheme": f"http://guest:guest@127.0.0.1:{port}/",
+        "no-scheme": f"guest:guest@127.0.0.1:{port}/",
+        "empty-host": f"amqp://guest:guest@:{port}/",
+        "port-not-a-number": f"amqp://guest:guest@127.0.0.1:{port}x/",
+        "port-out-of-range": "amqp://guest:guest@127.0.0.1:99999/",
+        "port-zero": "amqp://guest:guest@127.0.0.1:0/",
+        "unclosed-ipv6": f"amqp://guest:guest@[::1:{port}/",
+        "vhost-with-slash": f"amqp://guest:guest@127.0.0.1:{port}/a/b",
+        "unknown-option": f"amqp://guest:guest@127.0.0.1:{port}/?hearbeat=5",
+    }
+
+
+def test_s3_malformed_urls_are_refused_before_a_socket_opens(figures: Any) -> None:
+    """Settings (``url`` and ``failover_urls``), ``from_env``, ``Publisher`` and
+    ``parse_url`` all refuse each malformed URL with a ValueError that says what
+    is wrong (and names the field or variable); nothing ever connects to the
+    listening port the URLs point at."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        errors: dict[str, str] = {}
+        for case, url in _bad_urls(port).items():
+            with pytest.raises(ValueError, match="invalid AMQP URL") as parsed:
+                parse_url(url)
+            errors[case] = str(parsed.value)
+            with pytest.raises(ValueError, match=r"^url: invalid AMQP URL"):
+                BatchConsumerSettings(queue_name="q", url=url)
+            with pytest.raises(ValueError, match=r"^failover_urls: invalid AMQP"):
+                BatchConsumerSettings(queue_name="q", failover_urls=[url])
+            with pytest.raises(ValueError, match=r"^AMQP_BATCH_URL: "):
+                BatchConsumerSettings.from_env(
+                    environ={"AMQP_BATCH_QUEUE_NAME": "q", "AMQP_BATCH_URL": url}
+                )
+            with pytest.raises(ValueError, match="invalid AMQP URL"):
+                Publisher(url)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing ever connected
+    figures.record("S3", refused_before_connecting=errors)
+
+
+@pytest.mark.parametrize("case", ["bad-credentials", "unknown-vhost"])
+async def test_s3_bad_credentials_and_vhost_fail_fast_without_retrying(
+    private_node: PrivateNode, figures: Any, case: str
+) -> None:
+    """Through a counting proxy: with bad credentials or an unknown vhost on
+    every URL (two URLs, two workers) the consumer fails with
+    AuthenticationError / UnknownVirtualHost after at most one connection per
+    worker, within a second, and never retries (even with failover URLs left)."""
+    async with FaultProxy("127.0.0.1", private_node.amqp_port) as proxy:
+        if case == "bad-credentials":
+            url = proxy.url_for(password="wrong")
+            expected: type[Exception] = AuthenticationError
+        else:
+            url = proxy.url_for(vhost="amqp-batch-no-such-vhost")
+            expected = UnknownVirtualHost
+        settings = _settings(
+            url,
+            unique_name("s3"),
+            num_workers=2,
+            failover_urls=(url,),
+            reconnect_backoff_base=0.001,
+            reconnect_backoff_cap=0.001,
+        )
+        started = time.monotonic()
+        with anyio.fail_after(10), pytest.raises(expected) as caught:
+            async with batch_consumer(settings, _ack_all):
+                pytest.fail("must not start")
+        elapsed = time.monotonic() - started
+        connections = proxy.connections_accepted
+    assert not caught.value.retryable
+    assert 1 <= connections <= 2
+    assert elapsed < 2
+    figures.record(
+        "S3",
+        case=case,
+        error=f"{type(caught.value).__name__}: {caught.value}",
+        connections=connections,
+        seconds=round(elapsed, 3),
+    )

@@ -255,8 +255,19 @@ class ConsumerSettings:
                 kwargs[field.name] = _convert(values[name], hints[field.name])
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+        from_environment = set(kwargs)
         kwargs.update(overrides)
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            # Validation messages start with the field's name; name the variable
+            # too when the value came from the environment.
+            text = str(exc)
+            for field_name in from_environment:
+                if text.startswith((f"{field_name}:", f"{field_name} ")):
+                    variable = f"{prefix}{field_name.upper()}"
+                    raise type(exc)(f"{variable}: {text}") from None
+            raise
 
 
 def _read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
