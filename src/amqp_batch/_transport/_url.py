@@ -96,7 +96,9 @@ def _parse_authority(authority: str) -> tuple[str, str, str, int | None]:
     port: int | None = None
     if port_text:
         if not port_text.isdigit():
-            raise ValueError(f"invalid AMQP URL: port {port_text!r} is not a number")
+            # Not quoted: in a URL with an unencoded ':' in the password, the
+            # "port" would be a piece of the password.
+            raise ValueError("invalid AMQP URL: the port is not a number")
         port = int(port_text)
         if not 0 < port < 65536:
             raise ValueError(f"invalid AMQP URL: port {port} is out of range")
@@ -146,6 +148,14 @@ def parse_url(
         raise ValueError(
             f"invalid AMQP URL: scheme {scheme!r} is not supported "
             "(use amqp:// or amqps://)"
+        )
+    end = min((i for i in map(rest.find, "/?#") if i != -1), default=len(rest))
+    if "@" not in rest[:end] and "@" in rest[end:]:
+        # An unencoded '/', '?' or '#' in the password ends the host part early;
+        # say so without quoting any part of the URL (it holds the password).
+        raise ValueError(
+            "invalid AMQP URL: '@' after the host; percent-encode '/', '?', '#' "
+            "and '@' in the user name and password (e.g. '/' as %2F)"
         )
     rest, _, _fragment = rest.partition("#")
     rest, _, query = rest.partition("?")
