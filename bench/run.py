@@ -53,10 +53,31 @@ PEER_VENV = HERE / ".venvs" / "aio-pika-batch"
 PEER_PYTHON = PEER_VENV / "bin" / "python"
 PEER_DRIVER = HERE / "peers" / "aio_pika_batch_driver.py"
 PEER_REQUIREMENT = "aio-pika-batch==0.1.0"
-PYTHON312 = os.environ.get(
-    "AMQP_BATCH_BENCH_PYTHON312",
-    shutil.which("python3.12") or "/root/.pyenv/versions/3.12.1/bin/python3.12",
-)
+
+
+def _find_python312() -> str:
+    """A Python 3.12 that runs: $AMQP_BATCH_BENCH_PYTHON312, pyenv's own
+    installs, then ``python3.12`` on PATH (a pyenv shim on PATH may exist without
+    the version being selected, so every candidate is tried)."""
+    candidates = [os.environ.get("AMQP_BATCH_BENCH_PYTHON312", "")]
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates += sorted(
+        (str(p) for p in pyenv_root.glob("versions/3.12*/bin/python3.12")),
+        reverse=True,
+    )
+    candidates.append(shutil.which("python3.12") or "")
+    for candidate in filter(None, candidates):
+        probe = subprocess.run(
+            [candidate, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
+            capture_output=True,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return candidate
+    return "python3.12"
+
+
+PYTHON312 = _find_python312()
 CHILD_TIMEOUT = 900.0
 
 APB = "aio-pika-batch 0.1.0"
