@@ -21,6 +21,7 @@ import attrs
 import pytest
 
 from amqp_batch import (
+    BatchConsumer,
     BatchConsumerSettings,
     Message,
     MessageResult,
@@ -707,18 +708,22 @@ async def test_stop_requeues_prefetched_messages_in_order(broker: Broker) -> Non
     handled: Counter[str] = Counter()
     stop_requested = anyio.Event()
 
-    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
-        if not handled:
-            await consumer.stop()  # from a handler: only requests the stop
-            stop_requested.set()
-        for message in messages:
-            handled[message.message_id or ""] += 1
-            yield MessageResult.ACK
+    class StopAfterFirstBatch(BatchConsumer[BatchConsumerSettings]):
+        async def process_messages(
+            self, messages: Sequence[Message]
+        ) -> AsyncIterator[MessageResult]:
+            if not handled:
+                await self.stop()  # from a handler: only requests the stop
+                stop_requested.set()
+            for message in messages:
+                handled[message.message_id or ""] += 1
+                yield MessageResult.ACK
 
     settings = broker.settings(queue, prefetch_count=10, batch_size=2, batch_timeout=30)
     await broker.declare_topology(settings)
     ids = await broker.publish(range(10), routing_key=queue)
-    async with batch_consumer(settings, handle, transport=broker.transport) as consumer:
+    consumer = StopAfterFirstBatch(settings, transport=broker.transport)
+    async with consumer:
         await wait(stop_requested)
     done = [i for i in ids if i in handled]
     assert set(handled.values()) == {1}
