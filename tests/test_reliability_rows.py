@@ -185,10 +185,10 @@ async def test_f9_memory_alarm_during_requeue_traffic(
                 assert states[f"{queue}-w0-publisher"] == "blocked"
                 assert states[f"{queue}-w0"] != "blocked"
                 assert not [k for k in recorder.seen if k[1] > 0]  # no copy yet
+                clearing = time.monotonic()  # rabbitmqctl itself takes ~0.6 s
                 await anyio.to_thread.run_sync(node.clear_memory_alarm)
-                cleared = time.monotonic()
                 await recorder.wait_decided(confirmed, timeout=20)
-                resumed_s = time.monotonic() - cleared
+                resumed_s = time.monotonic() - clearing
                 health = consumer.health()[0]
     report = await check(url, queue, None, recorder, confirmed)
     await cleanup(url, queues=[queue])
@@ -199,7 +199,7 @@ async def test_f9_memory_alarm_during_requeue_traffic(
         "F9",
         acks_flowed_during_alarm_s=round(acks_flowed_s, 2),
         unacked_during_alarm=counts[1],
-        republishes_done_after_clear_s=round(resumed_s, 2),
+        all_settled_after_clear_command_s=round(resumed_s, 2),
         **report.figures(),
     )
 
