@@ -5,13 +5,15 @@ through the publisher connection first where the result needs it), records it in
 the session's :class:`AckLedger`, and sends the frames the ledger releases: ACK
 runs coalesced into one ``ack(multiple=True)``, everything else at its place.
 
-Republishes run in a pool of tasks that lives as long as the acker. A batch's
-frames are normally sent once its copies are confirmed (so they coalesce as if
-nothing had been published). If the copies are not confirmed within
+Republishes run in a pool of tasks that lives as long as the acker. The acker
+never waits for them: it goes on with later batches while copies are in flight,
+and the ledger holds every settlement behind an unconfirmed copy's original until
+that copy is confirmed (then the whole run behind it goes out as one
+``ack(multiple=True)``). If a batch's copies are not confirmed within
 :data:`PUBLISH_GRACE` seconds (a memory alarm blocks the publisher connection),
-the acker stops waiting: it goes on with later batches and sends every settlement
-that does not depend on a pending copy at once (single frames past the pending
-tags); each original is acked only when its own copy is confirmed.
+publishing counts as stalled: every settlement that does not depend on a pending
+copy is sent at once (single frames past the pending tags), so acks keep flowing;
+each original is acked only when its own copy is confirmed.
 """
 
 from __future__ import annotations
@@ -153,10 +155,10 @@ class Acker:
         """Resolve what needs no publish; queue the publishes; send what is ready.
 
         Outcomes that need a publish (a REQUEUE copy, a library dead-letter) are
-        published concurrently by the pool: every copy of the batch is in flight
-        at once (up to :data:`MAX_PUBLISHES_IN_FLIGHT`) and the confirms are
-        awaited together. An original is resolved in the ledger only once its
-        publish finished, so no ack covers an original whose copy is unconfirmed.
+        published concurrently by the pool (up to :data:`MAX_PUBLISHES_IN_FLIGHT`
+        at once, across batches); this returns without waiting for them. An
+        original is resolved in the ledger only once its publish finished, so no
+        ack covers an original whose copy is unconfirmed.
         """
         publishes: list[tuple[int, Callable[[PublisherSession], Awaitable[Action]]]]
         publishes = []
@@ -174,17 +176,23 @@ class Acker:
             for delivery_tag, publish in publishes:
                 self._queue_publish(publisher, delivery_tag, publish, done)
             if not self._stalled:
-                with move_on_after(PUBLISH_GRACE):
-                    await done.event.wait()
-                if not done.event.is_set():
-                    self._stalled = True
-                    logger.warning(
-                        "%d republish(es) not confirmed within %.2f s (is the "
-                        "broker blocking publishers?); settling the other "
-                        "messages without waiting for them",
-                        self._pending,
-                        PUBLISH_GRACE,
-                    )
+                assert self._group is not None
+                self._group.start_soon(self._watch, done)
+        await self._send_ready()
+
+    async def _watch(self, done: _Countdown) -> None:
+        """Declare publishing stalled if ``done`` is not reached in time."""
+        with move_on_after(PUBLISH_GRACE):
+            await done.event.wait()
+        if done.event.is_set() or self._stalled:
+            return
+        self._stalled = True
+        logger.warning(
+            "%d republish(es) not confirmed within %.2f s (is the broker blocking "
+            "publishers?); settling the other messages without waiting for them",
+            self._pending,
+            PUBLISH_GRACE,
+        )
         await self._send_ready()
 
     def _queue_publish(
@@ -217,6 +225,10 @@ class Acker:
                     if not self._pending:
                         self._stalled = False
                         logger.info("republishes confirmed again")
+                    await self._send_ready()
+                elif self._ledger.head_decided():
+                    # This confirm released the oldest unsettled tag: send the
+                    # run behind it now (the broker's prefetch window waits on it).
                     await self._send_ready()
 
     async def settle_decided(self) -> None:

@@ -68,6 +68,10 @@ class AckLedger:
             raise ValueError(f"delivery tag {delivery_tag} is unknown or decided")
         self._actions[delivery_tag] = action
 
+    def head_decided(self) -> bool:
+        """Whether the oldest unsettled tag is decided (frames are ready)."""
+        return bool(self._order) and self._actions[self._order[0]] is not None
+
     def take_ready(self, *, past_undecided: bool = False) -> list[Settle]:
         """The frames that may be sent now, in order; they count as settled.
 
