@@ -3,6 +3,7 @@
 
     python scripts/reliability_report.py            # the rows of `nox -s tests`
     python scripts/reliability_report.py --soak     # ... and the soak rows (minutes)
+    python scripts/reliability_report.py --keep DIR     # keep the raw results
     python scripts/reliability_report.py --no-run --figures FILE --junit FILE ...
 
 It runs pytest on the reliability test files with ``AMQP_BATCH_FIGURES`` set, so
@@ -24,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -240,8 +242,8 @@ def outcome_cell(results: list[str]) -> str:
         return f"**failed** ({results.count('failed')}/{len(results)})"
     if all(r == "skipped" for r in results):
         return "skipped"
-    passed = results.count("passed")
-    return "passed" if passed == len(results) else f"passed {passed}/{len(results)}"
+    skipped = results.count("skipped")
+    return f"passed ({skipped} skipped)" if skipped else "passed"
 
 
 def summary(row: str, entries: list[dict[str, Any]]) -> str:
@@ -505,6 +507,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--figures", type=Path, action="append", default=[])
     parser.add_argument("--junit", type=Path, action="append", default=[])
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "reliability.md")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="keep the run's figures and JUnit files in this directory "
+        "(to render again with --no-run)",
+    )
     options = parser.parse_args(args)
     files = [name for name in TEST_FILES if (ROOT / name).exists()]
     code = 0
@@ -524,6 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             duration = time.monotonic() - started
         outcomes, failed = read_outcomes(junit_files)
         figures = read_figures(figure_files)
+        if options.keep is not None:
+            options.keep.mkdir(parents=True, exist_ok=True)
+            for path in [*figure_files, *junit_files]:
+                if path.exists() and path.parent == Path(tmp):
+                    shutil.copy(path, options.keep / path.name)
         text = render(
             outcomes,
             figures,
