@@ -161,6 +161,22 @@ class FakePublisher:
         self.published: list[tuple[str, str, Properties | None, bytes]] = []
         self.fail = dict(fail or {})
 
+    def start_publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        properties: Properties | None = None,
+        mandatory: bool = False,
+    ) -> FakeConfirmation:
+        """Record the publish now (unless it is to fail); confirm on ``wait``."""
+        message_id = properties.message_id if properties else None
+        error = self.fail.get(message_id) if message_id is not None else None
+        if error is None:
+            self.published.append((exchange, routing_key, properties, body))
+        return FakeConfirmation(error)
+
     async def publish(
         self,
         body: bytes,
@@ -170,11 +186,25 @@ class FakePublisher:
         properties: Properties | None = None,
         mandatory: bool = False,
     ) -> None:
+        await self.start_publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=mandatory,
+        ).wait()
+
+
+class FakeConfirmation:
+    """A confirm that arrives at the next checkpoint, or ``error``."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+    async def wait(self) -> None:
         await anyio.lowlevel.checkpoint()
-        message_id = properties.message_id if properties else None
-        if message_id in self.fail:
-            raise self.fail[message_id]
-        self.published.append((exchange, routing_key, properties, body))
+        if self.error is not None:
+            raise self.error
 
 
 @asynccontextmanager

@@ -16,7 +16,7 @@ from amqp_batch._actors.ledger import AckLedger, Action, Settle
 from amqp_batch._message import Message
 from amqp_batch._retry import RetryPolicy
 from amqp_batch._transport._base import Delivery, Properties
-from consumer_support import FakePublisher, FakeSession
+from consumer_support import FakeConfirmation, FakePublisher, FakeSession
 
 
 class ChannelModel:
@@ -281,24 +281,35 @@ class GatedPublisher(FakePublisher):
         self.all_in_flight = anyio.Event()
         self.confirmed: list[str] = []
 
-    async def publish(self, body: bytes, **kwargs: object) -> None:
+    def start_publish(self, body: bytes, **kwargs: object) -> _GatedConfirmation:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         if self.in_flight == self.expected:
             self.all_in_flight.set()
+        inner = super().start_publish(body, **kwargs)  # type: ignore[arg-type]
+        return _GatedConfirmation(self, inner, body)
+
+
+class _GatedConfirmation:
+    def __init__(
+        self, gate: GatedPublisher, inner: FakeConfirmation, body: bytes
+    ) -> None:
+        self.gate, self.inner, self.body = gate, inner, body
+
+    async def wait(self) -> None:
         try:
             with anyio.fail_after(5):
-                await self.all_in_flight.wait()
-            await super().publish(body, **kwargs)  # type: ignore[arg-type]
-            self.confirmed.append(body.decode())
+                await self.gate.all_in_flight.wait()
+            await self.inner.wait()
+            self.gate.confirmed.append(self.body.decode())
         finally:
-            self.in_flight -= 1
+            self.gate.in_flight -= 1
 
 
 @pytest.mark.anyio
 async def test_acker_pipelines_a_batchs_republishes_then_acks_in_tag_order() -> None:
-    """Every REQUEUE copy of a batch is in flight at once; the originals are
-    settled only after all confirms, in tag order, one coalesced ack."""
+    """Every REQUEUE copy of a batch is in flight at once; each original is
+    settled once its own copy is confirmed, in tag order, ack runs coalesced."""
     publisher = GatedPublisher(expected=4, fail={"d": MessageNacked("nacked")})
     policy = RetryPolicy(queue="q", max_requeue_attempts=3)
     batch: list[Outcome] = [
@@ -314,7 +325,8 @@ async def test_acker_pipelines_a_batchs_republishes_then_acks_in_tag_order() -> 
     assert sorted(publisher.confirmed) == ["a", "c", "e"]
     # "d"'s copy was nacked: the original is rejected (dead-lettered), never acked.
     assert session.frames == [
-        ("ack", 3, True),
+        ("ack", 2, True),
+        ("ack", 3, False),
         ("reject", 4, False),
         ("ack", 6, True),
     ]

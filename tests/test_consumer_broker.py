@@ -420,14 +420,31 @@ class _InFlightPublisher:
         self._inner = inner
         self._counter = counter
 
-    async def publish(self, body: bytes, **kwargs: Any) -> None:
+    def start_publish(self, body: bytes, **kwargs: Any) -> _InFlightConfirmation:
         counter = self._counter
         counter.in_flight += 1
         counter.max_in_flight = max(counter.max_in_flight, counter.in_flight)
         try:
-            await self._inner.publish(body, **kwargs)
-        finally:
+            inner = self._inner.start_publish(body, **kwargs)
+        except BaseException:
             counter.in_flight -= 1
+            raise
+        return _InFlightConfirmation(inner, counter)
+
+    async def publish(self, body: bytes, **kwargs: Any) -> None:
+        await self.start_publish(body, **kwargs).wait()
+
+
+class _InFlightConfirmation:
+    def __init__(self, inner: Any, counter: _InFlightTransport) -> None:
+        self._inner = inner
+        self._counter = counter
+
+    async def wait(self) -> None:
+        try:
+            await self._inner.wait()
+        finally:
+            self._counter.in_flight -= 1
 
 
 async def test_requeue_heavy_batch_republishes_are_pipelined(

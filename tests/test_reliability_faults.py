@@ -672,11 +672,31 @@ class _TrackingPublisher:
         self._inner = inner
         self._transport = transport
 
-    async def publish(self, body: bytes, **kwargs: Any) -> None:
-        await self._inner.publish(body, **kwargs)
+    def start_publish(self, body: bytes, **kwargs: Any) -> _TrackingConfirmation:
         properties = kwargs.get("properties")
-        if properties is not None and properties.message_id is not None:
-            self._transport.confirmed_copies.append(properties.message_id)
+        message_id = properties.message_id if properties is not None else None
+        return _TrackingConfirmation(
+            self._inner.start_publish(body, **kwargs), self._transport, message_id
+        )
+
+    async def publish(self, body: bytes, **kwargs: Any) -> None:
+        await self.start_publish(body, **kwargs).wait()
+
+
+class _TrackingConfirmation:
+    """Notes the copy's message id once the broker confirmed it."""
+
+    def __init__(
+        self, inner: Any, transport: _CutBeforeAck, message_id: str | None
+    ) -> None:
+        self._inner = inner
+        self._transport = transport
+        self._message_id = message_id
+
+    async def wait(self) -> None:
+        await self._inner.wait()
+        if self._message_id is not None:
+            self._transport.confirmed_copies.append(self._message_id)
 
 
 async def test_f10_cut_between_republish_confirm_and_ack(

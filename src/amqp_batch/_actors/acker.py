@@ -5,8 +5,10 @@ through the publisher connection first where the result needs it), records it in
 the session's :class:`AckLedger`, and sends the frames the ledger releases: ACK
 runs coalesced into one ``ack(multiple=True)``, everything else at its place.
 
-Republishes run in a pool of tasks that lives as long as the acker. The acker
-never waits for them: it goes on with later batches while copies are in flight,
+Republishes are started on the publisher connection in the order of their
+originals, without a task each (``PublisherSession.start_publish``), and one task
+per batch waits for their confirms. The acker never waits for them itself: it
+goes on with later batches while copies are in flight,
 and the ledger holds every settlement behind an unconfirmed copy's original until
 that copy is confirmed (then the whole run behind it goes out as one
 ``ack(multiple=True)``). If a batch's copies are not confirmed within
@@ -19,22 +21,14 @@ each original is acked only when its own copy is confirmed.
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from functools import partial
 
 import attrs
-from anyio import (
-    Event,
-    Lock,
-    create_memory_object_stream,
-    create_task_group,
-    move_on_after,
-)
+from anyio import Event, Lock, create_task_group, move_on_after
 from anyio.abc import ObjectReceiveStream, TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._exceptions import MessageNacked, MessageReturned
 from .._message import Message
@@ -45,11 +39,10 @@ from .._retry import (
     original_destination,
     requeue_properties,
 )
-from .._transport._base import PublisherSession, Session
+from .._transport._base import Confirmation, PublisherSession, Session
 from .ledger import AckLedger, Action
 
 __all__ = [
-    "MAX_PUBLISHES_IN_FLIGHT",
     "PUBLISH_GRACE",
     "Acker",
     "DeadLetter",
@@ -59,9 +52,6 @@ __all__ = [
 
 logger = logging.getLogger("amqp_batch.acker")
 
-#: Publishes (REQUEUE copies, library dead-letters) in flight at once: the most
-#: tasks the acker's publish pool grows to, whatever the batch size.
-MAX_PUBLISHES_IN_FLIGHT = 64
 #: Seconds the acker waits for a batch's copies to be confirmed before it stops
 #: holding back the batch's other settlements (and later batches) for them.
 PUBLISH_GRACE = 0.25
@@ -91,9 +81,11 @@ class _Countdown:
             self.event.set()
 
 
-_Job = tuple[
-    PublisherSession, int, Callable[[PublisherSession], Awaitable[Action]], _Countdown
-]
+#: Gives the original's action once its publish is confirmed (or has failed).
+_Finish = Callable[[], Awaitable[Action]]
+#: Starts a publish (synchronously: its frames are queued in call order) and
+#: returns what finishes it.
+_Publish = Callable[[PublisherSession], _Finish]
 
 
 class Acker:
@@ -115,10 +107,7 @@ class Acker:
         self._stack: AsyncExitStack | None = None
         self._counts = counts
         self._group: TaskGroup | None = None
-        self._jobs: MemoryObjectSendStream[_Job] | None = None
-        self._jobs_out: MemoryObjectReceiveStream[_Job]
-        self._pool_size = 0
-        #: Publishes queued or in flight.
+        #: Publishes started and not confirmed yet.
         self._pending = 0
         #: True while publishes outlived PUBLISH_GRACE and are still pending.
         self._stalled = False
@@ -138,30 +127,23 @@ class Acker:
             # task), so it is closed before the group: the pool must be idle then.
             async with AsyncExitStack() as stack:
                 self._stack = stack
-                try:
-                    async for batch in outcomes:
-                        await self._settle(batch)
-                finally:
-                    # The pool finishes what is queued, then ends.
-                    if self._jobs is not None:
-                        self._jobs.close()
-                        self._jobs_out.close()
+                async for batch in outcomes:
+                    await self._settle(batch)
                 while self._pending:
                     self._idle = Event()
                     await self._idle.wait()
                 await self._send_ready()
 
     async def _settle(self, batch: list[Outcome]) -> None:
-        """Resolve what needs no publish; queue the publishes; send what is ready.
+        """Resolve what needs no publish; start the publishes; send what is ready.
 
         Outcomes that need a publish (a REQUEUE copy, a library dead-letter) are
-        published concurrently by the pool (up to :data:`MAX_PUBLISHES_IN_FLIGHT`
-        at once, across batches); this returns without waiting for them. An
-        original is resolved in the ledger only once its publish finished, so no
-        ack covers an original whose copy is unconfirmed.
+        started at once, in tag order, and one task waits for their confirms;
+        this returns without waiting for them. An original is resolved in the
+        ledger only once its publish is confirmed, so no ack covers an original
+        whose copy is unconfirmed.
         """
-        publishes: list[tuple[int, Callable[[PublisherSession], Awaitable[Action]]]]
-        publishes = []
+        publishes: list[tuple[int, _Publish]] = []
         for message, disposition in batch:
             planned = self._plan(message, disposition)
             if isinstance(planned, Action):
@@ -170,15 +152,39 @@ class Acker:
                 publishes.append((message.delivery_tag, planned))
         if publishes:
             # Opened here, in the acker's own task (its context manager owns a
-            # task group), never inside the publishing tasks.
+            # task group), never inside the confirming tasks.
             publisher = await self._publisher_session()
-            done = _Countdown(len(publishes))
-            for delivery_tag, publish in publishes:
-                self._queue_publish(publisher, delivery_tag, publish, done)
+            # If this raises (the connection failed under us), the session
+            # ends and the broker redelivers every original not settled.
+            started = [(tag, publish(publisher)) for tag, publish in publishes]
+            self._pending += len(started)
+            done = _Countdown(len(started))
+            assert self._group is not None
+            self._group.start_soon(self._confirm, started, done)
             if not self._stalled:
-                assert self._group is not None
                 self._group.start_soon(self._watch, done)
         await self._send_ready()
+
+    async def _confirm(
+        self, started: list[tuple[int, _Finish]], done: _Countdown
+    ) -> None:
+        """Wait for one batch's publishes in order; resolve each original."""
+        for delivery_tag, finish in started:
+            action = await finish()
+            self._ledger.resolve(delivery_tag, action)
+            self._pending -= 1
+            done.count_down()
+            if not self._pending and self._idle is not None:
+                self._idle.set()
+            if self._stalled:
+                if not self._pending:
+                    self._stalled = False
+                    logger.info("republishes confirmed again")
+                await self._send_ready()
+            elif self._ledger.head_decided():
+                # This confirm released the oldest unsettled tag: send the run
+                # behind it now (the broker's prefetch window waits on it).
+                await self._send_ready()
 
     async def _watch(self, done: _Countdown) -> None:
         """Declare publishing stalled if ``done`` is not reached in time."""
@@ -194,42 +200,6 @@ class Acker:
             PUBLISH_GRACE,
         )
         await self._send_ready()
-
-    def _queue_publish(
-        self,
-        publisher: PublisherSession,
-        delivery_tag: int,
-        publish: Callable[[PublisherSession], Awaitable[Action]],
-        done: _Countdown,
-    ) -> None:
-        if self._jobs is None:
-            self._jobs, self._jobs_out = create_memory_object_stream[_Job](math.inf)
-        self._pending += 1
-        self._jobs.send_nowait((publisher, delivery_tag, publish, done))
-        if self._pool_size < min(self._pending, MAX_PUBLISHES_IN_FLIGHT):
-            assert self._group is not None
-            self._pool_size += 1
-            self._group.start_soon(self._publish_jobs, self._jobs_out.clone())
-
-    async def _publish_jobs(self, jobs: ObjectReceiveStream[_Job]) -> None:
-        """One task of the publish pool: publish, then resolve the original."""
-        async with jobs:
-            async for publisher, delivery_tag, publish, done in jobs:
-                action = await publish(publisher)
-                self._ledger.resolve(delivery_tag, action)
-                self._pending -= 1
-                done.count_down()
-                if not self._pending and self._idle is not None:
-                    self._idle.set()
-                if self._stalled:
-                    if not self._pending:
-                        self._stalled = False
-                        logger.info("republishes confirmed again")
-                    await self._send_ready()
-                elif self._ledger.head_decided():
-                    # This confirm released the oldest unsettled tag: send the
-                    # run behind it now (the broker's prefetch window waits on it).
-                    await self._send_ready()
 
     async def settle_decided(self) -> None:
         """Send every decided settlement, single-tag past an undecided one.
@@ -262,9 +232,7 @@ class Acker:
             )
         return self._publisher
 
-    def _plan(
-        self, message: Message, disposition: Disposition
-    ) -> Action | Callable[[PublisherSession], Awaitable[Action]]:
+    def _plan(self, message: Message, disposition: Disposition) -> Action | _Publish:
         """The action for ``message``, or the publish that decides it."""
         if isinstance(disposition, DeadLetter):
             self._counts["dead_lettered"] += 1
@@ -287,18 +255,23 @@ class Acker:
             return self._dead_letter(message, "max-requeue-attempts")
         return partial(self._republish, message)
 
-    async def _republish(self, message: Message, publisher: PublisherSession) -> Action:
-        """Publish the copy (confirmed); ACK the original only once it is confirmed."""
+    def _republish(self, message: Message, publisher: PublisherSession) -> _Finish:
+        """Start the copy now; the awaitable gives ACK once it is confirmed."""
+        confirmation = publisher.start_publish(
+            message.body,
+            exchange="",
+            routing_key=self._policy.queue,
+            properties=requeue_properties(message.delivery, message.retry_count + 1),
+            mandatory=True,
+        )
+        return partial(self._republished, message, publisher, confirmation)
+
+    async def _republished(
+        self, message: Message, publisher: PublisherSession, confirmation: Confirmation
+    ) -> Action:
+        """ACK the original only once its copy is confirmed."""
         try:
-            await publisher.publish(
-                message.body,
-                exchange="",
-                routing_key=self._policy.queue,
-                properties=requeue_properties(
-                    message.delivery, message.retry_count + 1
-                ),
-                mandatory=True,
-            )
+            await confirmation.wait()
         except (MessageReturned, MessageNacked):
             # The copy is not safely in the queue: the original must not be acked.
             logger.exception(
@@ -309,12 +282,12 @@ class Acker:
             dead_letter = self._dead_letter(message, "republish-failed")
             if isinstance(dead_letter, Action):
                 return dead_letter
-            return await dead_letter(publisher)
+            return await dead_letter(publisher)()
         return Action.ACK
 
     def _dead_letter(
         self, message: Message, reason: str, *, always: bool = False
-    ) -> Action | Callable[[PublisherSession], Awaitable[Action]]:
+    ) -> Action | _Publish:
         """Dead-letter with the original exchange and routing key.
 
         An original is rejected and the broker dead-letters it (keeping its key,
@@ -333,21 +306,28 @@ class Acker:
             self._publish_dead_letter, message, exchange, routing_key, reason
         )
 
-    async def _publish_dead_letter(
+    def _publish_dead_letter(
         self,
         message: Message,
         exchange: str,
         routing_key: str,
         reason: str,
         publisher: PublisherSession,
+    ) -> _Finish:
+        """Start the dead-letter publish now; ACK once it is confirmed."""
+        confirmation = publisher.start_publish(
+            message.body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=dead_letter_properties(message.delivery, reason),
+        )
+        return partial(self._dead_lettered, message, exchange, confirmation)
+
+    async def _dead_lettered(
+        self, message: Message, exchange: str, confirmation: Confirmation
     ) -> Action:
         try:
-            await publisher.publish(
-                message.body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=dead_letter_properties(message.delivery, reason),
-            )
+            await confirmation.wait()
         except MessageNacked:
             logger.exception(
                 "dead-lettering message %r to %r failed; rejecting it",

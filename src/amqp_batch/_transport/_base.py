@@ -27,6 +27,7 @@ from ._url import ConnectionParameters
 
 __all__ = [
     "BindingSpec",
+    "Confirmation",
     "Delivery",
     "ExchangeSpec",
     "Properties",
@@ -162,8 +163,42 @@ class Session(Protocol):
         ...
 
 
+class Confirmation(Protocol):
+    """The broker's answer to one publish started with
+    :meth:`PublisherSession.start_publish`."""
+
+    async def wait(self) -> None:
+        """Return once the broker confirmed the publish.
+
+        Raises :class:`~amqp_batch.MessageNacked` on a nack and
+        :class:`~amqp_batch.MessageReturned` when a ``mandatory`` message was
+        unroutable; a transport error if the connection is lost first.
+        """
+        ...
+
+
 class PublisherSession(Protocol):
     """A connection with a confirm-mode channel for publishing."""
+
+    def start_publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        properties: Properties | None = None,
+        mandatory: bool = False,
+    ) -> Confirmation:
+        """Queue a publish now, without waiting; return its :class:`Confirmation`.
+
+        Publishes started one after another reach the broker in that order, so a
+        caller can pipeline many of them and wait for the confirms afterwards.
+        It does not wait while the connection is blocked (the frames wait in the
+        connection's buffer instead). Raises a transport error at once if the
+        channel is already closed, and ``ValueError``/``TypeError`` for a body or
+        properties that cannot be encoded.
+        """
+        ...
 
     async def publish(
         self,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,7 @@ import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..._exceptions import ChannelClosed
+from ..._exceptions import ChannelClosed, MessageNacked, MessageReturned
 from .._base import (
     BindingSpec,
     Delivery,
@@ -28,7 +29,13 @@ from ._model import Channel, Consumer
 if TYPE_CHECKING:
     from ._broker import MemoryBroker
 
-__all__ = ["MemoryPublisher", "MemorySession", "open_publisher", "open_session"]
+__all__ = [
+    "MemoryConfirmation",
+    "MemoryPublisher",
+    "MemorySession",
+    "open_publisher",
+    "open_session",
+]
 
 _consumer_numbers = itertools.count(1)
 
@@ -104,15 +111,97 @@ class MemorySession:
         self._broker._remove_consumer(self._consumer)
 
 
+class MemoryConfirmation:
+    """A publish started on a :class:`MemoryPublisher`: routed at once, or when
+    the broker unblocks publishers; :meth:`wait` gives its outcome."""
+
+    def __init__(self, publisher: MemoryPublisher, route: Callable[[], None]) -> None:
+        self._publisher = publisher
+        self._route: Callable[[], None] | None = route
+        self._error: BaseException | None = None
+
+    def settle(self) -> None:
+        """Route the message now (once) and keep the outcome."""
+        route, self._route = self._route, None
+        if route is None:
+            return
+        try:
+            route()
+        except (MessageNacked, MessageReturned, ChannelClosed) as exc:
+            self._error = exc
+
+    async def wait(self) -> None:
+        """Return once the message is routed; raise what routing it raised."""
+        if self._route is not None:
+            await self._publisher._broker._wait_unblocked()
+            self._publisher._route_started()
+        await anyio.lowlevel.checkpoint()
+        if self._error is not None:
+            raise self._error
+
+
 class MemoryPublisher:
     """A confirm-mode publisher on a :class:`~amqp_batch.testing.MemoryBroker`."""
 
     def __init__(self, broker: MemoryBroker, channel: Channel) -> None:
         self._broker = broker
         self._channel = channel
+        #: Started while publishers were blocked; routed in order on unblock.
+        self._started: deque[MemoryConfirmation] = deque()
 
     def __repr__(self) -> str:
         return f"<MemoryPublisher connection={self._channel.connection_name!r}>"
+
+    def start_publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        properties: Properties | None = None,
+        mandatory: bool = False,
+    ) -> MemoryConfirmation:
+        """Route the message now and return its confirmation (already decided).
+
+        While the broker blocks publishers, the message is routed when they are
+        unblocked, in the order the publishes were started (as RabbitMQ reads a
+        blocked connection's frames once it unblocks). Raises
+        :class:`~amqp_batch.ChannelClosed` at once if this publisher's channel is
+        closed.
+        """
+        self._broker._check_open(self._channel)
+        confirmation = MemoryConfirmation(
+            self,
+            lambda: self._route(body, exchange, routing_key, properties, mandatory),
+        )
+        self._started.append(confirmation)
+        if not self._broker._blocked:
+            self._route_started()
+        return confirmation
+
+    def _route(
+        self,
+        body: bytes,
+        exchange: str,
+        routing_key: str,
+        properties: Properties | None,
+        mandatory: bool,
+    ) -> None:
+        try:
+            self._broker._publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=mandatory,
+            )
+        except ChannelClosed as exc:
+            self._broker._fail(self._channel, exc)
+            raise
+
+    def _route_started(self) -> None:
+        while self._started:
+            self._started.popleft().settle()
 
     async def publish(
         self,
@@ -133,6 +222,7 @@ class MemoryPublisher:
         publishers.
         """
         await self._broker._wait_unblocked()
+        self._route_started()
         self._broker._check_open(self._channel)
         try:
             self._broker._publish(

@@ -21,7 +21,7 @@ from .._base import (
     SessionSpec,
 )
 from .._url import ConnectionParameters
-from ._channel import Channel
+from ._channel import Channel, Waiter
 from ._connection import connect
 
 __all__ = ["NativePublisher", "NativeSession", "NativeTransport"]
@@ -88,6 +88,26 @@ class NativePublisher:
     def channel(self) -> Channel:
         """The underlying channel (for declarations and inspection)."""
         return self._channel
+
+    def start_publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        properties: Properties | None = None,
+        mandatory: bool = False,
+    ) -> Waiter:
+        """Queue a publish now; return the :class:`Waiter` of its confirm."""
+        waiter = self._channel.start_publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=mandatory,
+        )
+        assert waiter is not None, "a publisher channel is in confirm mode"
+        return waiter
 
     async def publish(
         self,
