@@ -157,9 +157,15 @@ class FakeSession:
 class FakePublisher:
     """Records publishes; ``fail`` maps a message_id to an exception to raise."""
 
-    def __init__(self, fail: Mapping[str, BaseException] | None = None) -> None:
+    def __init__(
+        self,
+        fail: Mapping[str, BaseException] | None = None,
+        refuse: Mapping[str, Exception] | None = None,
+    ) -> None:
         self.published: list[tuple[str, str, Properties | None, bytes]] = []
         self.fail = dict(fail or {})
+        #: message_id -> error ``start_publish`` raises at once (cannot encode).
+        self.refuse = dict(refuse or {})
 
     def start_publish(
         self,
@@ -172,6 +178,8 @@ class FakePublisher:
     ) -> FakeConfirmation:
         """Record the publish now (unless it is to fail); confirm on ``wait``."""
         message_id = properties.message_id if properties else None
+        if message_id in self.refuse:
+            raise self.refuse[message_id]
         error = self.fail.get(message_id) if message_id is not None else None
         if error is None:
             self.published.append((exchange, routing_key, properties, body))

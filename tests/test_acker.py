@@ -331,3 +331,56 @@ async def test_acker_pipelines_a_batchs_republishes_then_acks_in_tag_order() -> 
         ("ack", 6, True),
     ]
     assert counts == Counter(requeue=4, ack=2, dead_lettered=1)
+
+
+@pytest.mark.anyio
+async def test_a_copy_that_cannot_be_encoded_dead_letters_its_original() -> None:
+    """``start_publish`` refusing a copy (its headers no longer fit in a frame)
+    dead-letters the original instead of failing the session: an original is
+    rejected (the broker dead-letters it), a copy is published to the DLX, and
+    if that cannot be encoded either, rejected. Nothing else is disturbed."""
+    too_big = ValueError("message properties take 131100 bytes, more than ...")
+    publisher = FakePublisher(refuse={"b": too_big, "d": too_big})
+    policy = RetryPolicy(queue="q", max_requeue_attempts=3, dead_letter_exchange="dlx")
+    batch: list[Outcome] = [
+        (_message(1, "a"), MessageResult.REQUEUE),
+        (_message(2, "b"), MessageResult.REQUEUE),
+        (
+            _message(
+                3,
+                "c",
+                **{
+                    "x-retry-count": 1,
+                    "x-original-exchange": "orders",
+                    "x-original-routing-key": "orders.created",
+                },
+            ),
+            MessageResult.REQUEUE,
+        ),
+        (
+            _message(
+                4,
+                "d",
+                **{
+                    "x-retry-count": 1,
+                    "x-original-exchange": "orders",
+                    "x-original-routing-key": "orders.created",
+                },
+            ),
+            MessageResult.REQUEUE,
+        ),
+        (_message(5, "e"), MessageResult.ACK),
+    ]
+    session, counts = await _run_acker([batch], policy=policy, publisher=publisher)
+    # "b" (an original) is rejected: the broker dead-letters it with its own key.
+    # "d" (a copy) cannot go to the DLX either: rejected as the last resort.
+    # "a" and "c" are acked once their copies are confirmed; "e" with them.
+    assert session.frames == [
+        ("ack", 1, False),
+        ("reject", 2, False),
+        ("ack", 3, False),
+        ("reject", 4, False),
+        ("ack", 5, False),
+    ]
+    assert [body for *_, body in publisher.published] == [b"a", b"c"]
+    assert counts["dead_lettered"] == 2

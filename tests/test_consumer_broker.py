@@ -503,3 +503,73 @@ async def test_requeue_heavy_batch_republishes_are_pipelined(
     assert consumer.health()[0].results == {"requeue": 100, "dead_lettered": 50}
     async with admin_channel(broker_url) as channel:
         assert await drain(channel, queue) == []
+
+
+async def test_a_copy_too_big_for_one_frame_is_dead_lettered_and_consuming_goes_on(
+    broker_url: str, queue: str
+) -> None:
+    """A message whose headers nearly fill the broker's frame_max is REQUEUEd: its
+    copy (with the retry headers added) no longer fits in one frame. The
+    broker would close the publisher connection (501) on such a frame, so the
+    copy is refused before it is sent and the original is dead-lettered; the
+    consumer goes on with the next messages without reconnecting."""
+    from pamqp import frame, header
+
+    from amqp_batch._transport._base import Properties
+    from amqp_batch._transport._native._framing import properties_to_pamqp
+
+    dlx, dlq = unique_name("dlx"), unique_name("dlq")
+    frame_max = 131072  # RabbitMQ's default, which the client adopts
+
+    def header_size(padding: int) -> int:
+        props = Properties(message_id="big", headers={"pad": "x" * padding})
+        return len(
+            frame.marshal(header.ContentHeader(0, 1, properties_to_pamqp(props)), 1)
+        )
+
+    padding = frame_max - 40 - header_size(0)
+    assert header_size(padding) == frame_max - 40
+    seen: list[tuple[str, int]] = []
+    all_seen = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for message in messages:
+            seen.append((message.message_id or "", message.retry_count))
+            yield (
+                MessageResult.REQUEUE
+                if message.message_id == "big"
+                else MessageResult.ACK
+            )
+        if len(seen) == 3:
+            all_seen.set()
+
+    settings = make_settings(
+        broker_url,
+        queue,
+        batch_size=1,
+        batch_timeout=0.05,
+        dead_letter_exchange=dlx,
+        dead_letter_queue=dlq,
+    )
+    try:
+        async with batch_consumer(settings, handle) as consumer:
+            async with admin_channel(broker_url) as channel:
+                await channel.publish(
+                    b"1",
+                    routing_key=queue,
+                    properties=Properties(
+                        message_id="big", headers={"pad": "x" * padding}
+                    ),
+                )
+                await publish_ids(channel, ["after-1", "after-2"], routing_key=queue)
+            dead = await take(broker_url, dlq, 1)
+            with anyio.fail_after(20):
+                await all_seen.wait()
+            health = consumer.health()
+        assert ids_of(dead) == ["big"]
+        assert seen == [("big", 0), ("after-1", 0), ("after-2", 0)]
+        assert [h.reconnect_count for h in health] == [0]
+        async with admin_channel(broker_url) as channel:
+            assert await drain(channel, queue) == []
+    finally:
+        await cleanup(broker_url, queues=[dlq], exchanges=[dlx])

@@ -283,3 +283,21 @@ def test_headers_that_decoded_to_bytes_can_be_published_again() -> None:
     assert decoded.headers is not None
     assert bytes(decoded.headers["raw"]) == b"\xff\xfe"
     assert bytes(decoded.headers["nested"]["x"][0]) == b"\x80"
+
+
+def test_publish_refuses_properties_that_do_not_fit_in_one_frame() -> None:
+    """The broker closes the connection (501) on a frame past frame_max, so such
+    a publish is refused before anything is queued, naming the limit."""
+    props = commands.Basic.Properties(headers={"pad": "x" * 5000})
+    with pytest.raises(ValueError, match=r"frame_max \(4096\)"):
+        marshal_publish(1, b"body", "", "q", props, False, 4096)
+
+
+def test_content_headers_past_frame_max_are_accepted() -> None:
+    """RabbitMQ sends a dead-lettered message's content header even when its
+    x-death headers pushed it past frame_max: it is parsed, not refused."""
+    props = commands.Basic.Properties(message_id="m", headers={"pad": "x" * 5000})
+    data = frame.marshal(header.ContentHeader(0, 1, props), 1)
+    ((_, decoded),) = FrameParser(max_frame_size=4096).feed(data)
+    assert isinstance(decoded, ContentHeaderFrame)
+    assert decoded.properties.headers == {"pad": "x" * 5000}

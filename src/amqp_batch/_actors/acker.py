@@ -256,14 +256,25 @@ class Acker:
         return partial(self._republish, message)
 
     def _republish(self, message: Message, publisher: PublisherSession) -> _Finish:
-        """Start the copy now; the awaitable gives ACK once it is confirmed."""
-        confirmation = publisher.start_publish(
-            message.body,
-            exchange="",
-            routing_key=self._policy.queue,
-            properties=requeue_properties(message.delivery, message.retry_count + 1),
-            mandatory=True,
-        )
+        """Start the copy now; finishing gives ACK once it is confirmed."""
+        try:
+            confirmation = publisher.start_publish(
+                message.body,
+                exchange="",
+                routing_key=self._policy.queue,
+                properties=requeue_properties(
+                    message.delivery, message.retry_count + 1
+                ),
+                mandatory=True,
+            )
+        except (ValueError, TypeError):
+            # The copy cannot be encoded (e.g. its headers no longer fit in one
+            # frame): it will never be in the queue, so dead-letter the original.
+            logger.exception(
+                "message %r cannot be republished; dead-lettering it",
+                message.message_id,
+            )
+            return partial(self._dead_letter_instead, message, publisher)
         return partial(self._republished, message, publisher, confirmation)
 
     async def _republished(
@@ -278,12 +289,18 @@ class Acker:
                 "republishing message %r failed; dead-lettering the original",
                 message.message_id,
             )
-            self._counts["dead_lettered"] += 1
-            dead_letter = self._dead_letter(message, "republish-failed")
-            if isinstance(dead_letter, Action):
-                return dead_letter
-            return await dead_letter(publisher)()
+            return await self._dead_letter_instead(message, publisher)
         return Action.ACK
+
+    async def _dead_letter_instead(
+        self, message: Message, publisher: PublisherSession
+    ) -> Action:
+        """Dead-letter an original whose copy could not be published."""
+        self._counts["dead_lettered"] += 1
+        dead_letter = self._dead_letter(message, "republish-failed")
+        if isinstance(dead_letter, Action):
+            return dead_letter
+        return await dead_letter(publisher)()
 
     def _dead_letter(
         self, message: Message, reason: str, *, always: bool = False
@@ -315,12 +332,21 @@ class Acker:
         publisher: PublisherSession,
     ) -> _Finish:
         """Start the dead-letter publish now; ACK once it is confirmed."""
-        confirmation = publisher.start_publish(
-            message.body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=dead_letter_properties(message.delivery, reason),
-        )
+        try:
+            confirmation = publisher.start_publish(
+                message.body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=dead_letter_properties(message.delivery, reason),
+            )
+        except (ValueError, TypeError):
+            logger.exception(
+                "message %r cannot be published to %r; rejecting it (the broker "
+                "dead-letters it under the queue's name)",
+                message.message_id,
+                exchange,
+            )
+            return partial(_decided, Action.REJECT)
         return partial(self._dead_lettered, message, exchange, confirmation)
 
     async def _dead_lettered(
@@ -336,3 +362,7 @@ class Acker:
             )
             return Action.REJECT
         return Action.ACK
+
+
+async def _decided(action: Action) -> Action:
+    return action

@@ -49,6 +49,8 @@ _FRAME_TYPES = frozenset(
 )
 #: frame_max counts the 8 bytes of frame overhead (7 header + 1 end octet).
 FRAME_OVERHEAD = 8
+#: The largest content header frame accepted past frame_max (see FrameParser).
+MAX_HEADER_FRAME = 16 * 1024 * 1024
 
 
 @attrs.define(slots=True)
@@ -65,6 +67,10 @@ IncomingFrame = MethodFrame | ContentHeaderFrame | ContentBody | Heartbeat
 
 class FrameParser:
     """Cuts a byte stream into ``(channel, frame)`` pairs.
+
+    Frames larger than ``max_frame_size`` are refused, except content headers up
+    to :data:`MAX_HEADER_FRAME`: RabbitMQ does not hold its own content headers
+    to frame_max (a dead-lettered message gains ``x-death`` headers).
 
     Body frames are returned as :class:`ContentBody` holding the payload slice;
     methods and content headers are decoded by pamqp. A malformed stream raises
@@ -91,7 +97,12 @@ class FrameParser:
             frame_type, channel, size = unpack_from(buffer, offset)
             frame_end = offset + _FRAME_HEADER_SIZE + size
             if frame_type not in _FRAME_TYPES or (
-                max_frame_size and size + FRAME_OVERHEAD > max_frame_size
+                max_frame_size
+                and size + FRAME_OVERHEAD > max_frame_size
+                # RabbitMQ sends a dead-lettered message's content header even
+                # when its x-death headers pushed it past frame_max; refusing it
+                # would make that message impossible to consume.
+                and (frame_type != _FRAME_HEADER_TYPE or size > MAX_HEADER_FRAME)
             ):
                 self._reject(buffer, offset, size)
             if frame_end >= end_of_data:
@@ -294,6 +305,15 @@ def marshal_publish(
 ) -> bytes:
     """Encode ``basic.publish`` with its content header and body frames, as one
     bytes object so that it is written whole or not at all."""
+    content_header = frame.marshal(
+        header.ContentHeader(0, len(body), properties), channel
+    )
+    if frame_max and len(content_header) > frame_max:
+        # The broker would close the whole connection (501 FRAME_ERROR).
+        raise ValueError(
+            f"message properties take {len(content_header)} bytes, more than the "
+            f"connection's frame_max ({frame_max}) allows in one frame"
+        )
     parts = [
         frame.marshal(
             commands.Basic.Publish(
@@ -301,7 +321,7 @@ def marshal_publish(
             ),
             channel,
         ),
-        frame.marshal(header.ContentHeader(0, len(body), properties), channel),
+        content_header,
     ]
     chunk = frame_max - FRAME_OVERHEAD
     pack = _FRAME_HEADER.pack
