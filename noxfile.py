@@ -29,6 +29,7 @@ LINT_PATHS = [
         "tests",
         "bench",
         "examples",
+        "scripts",
         "docs/conf.py",
         "docs/diagrams",
         "noxfile.py",

@@ -27,8 +27,7 @@ class Message:
     def __init__(self, delivery: Delivery, *, retry_count: int = 0) -> None:
         self._delivery = delivery
         self._retry_count = retry_count
-        headers = delivery.properties.headers
-        self._headers = MappingProxyType(dict(headers)) if headers else _EMPTY_HEADERS
+        self._headers: Mapping[str, Any] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -55,6 +54,12 @@ class Message:
     @property
     def headers(self) -> Mapping[str, Any]:
         """Application headers (read-only; empty when none were sent)."""
+        if self._headers is None:
+            # Built on first use: most handlers never look at the headers.
+            headers = self._delivery.properties.headers
+            self._headers = (
+                MappingProxyType(dict(headers)) if headers else _EMPTY_HEADERS
+            )
         return self._headers
 
     @property

@@ -144,12 +144,20 @@ class Acker:
         whose copy is unconfirmed.
         """
         publishes: list[tuple[int, _Publish]] = []
+        resolve = self._ledger.resolve
+        acks = 0
         for message, disposition in batch:
+            if disposition is MessageResult.ACK:  # the common case, inline
+                resolve(message.delivery_tag, Action.ACK)
+                acks += 1
+                continue
             planned = self._plan(message, disposition)
             if isinstance(planned, Action):
-                self._ledger.resolve(message.delivery_tag, planned)
+                resolve(message.delivery_tag, planned)
             else:
                 publishes.append((message.delivery_tag, planned))
+        if acks:
+            self._counts["ack"] += acks
         if publishes:
             # Opened here, in the acker's own task (its context manager owns a
             # task group), never inside the confirming tasks.

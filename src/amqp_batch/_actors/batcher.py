@@ -91,9 +91,10 @@ async def run_batcher(
                     with move_on_at(current_time() + batch_timeout):
                         while True:
                             register(delivery.delivery_tag)
+                            headers = delivery.properties.headers
                             try:
-                                retry_count = parse_retry_count(
-                                    delivery.properties.headers
+                                retry_count = (
+                                    parse_retry_count(headers) if headers else 0
                                 )
                             except InvalidRetryCount as exc:
                                 invalid.append(_dead_letter(delivery, exc))

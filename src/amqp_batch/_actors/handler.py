@@ -137,11 +137,14 @@ async def _consume_async(
     produced: AsyncIterable[object], results: list[MessageResult], limit: int
 ) -> int:
     seen = 0
+    append = results.append
     iterator = aiter(produced)
     if hasattr(iterator, "aclose"):
         async with aclosing(iterator):  # type: ignore[type-var]
             async for value in iterator:
-                if not _accept(value, results, limit):
+                if value.__class__ is MessageResult and seen < limit:
+                    append(value)  # the common case, without a call
+                elif not _accept(value, results, limit):
                     break
                 seen += 1
     else:
