@@ -717,3 +717,16 @@ async def test_password_never_reaches_logs_or_errors(private_node, caplog) -> No
     texts += [record.getMessage() for record in caplog.records]
     assert caplog.records  # DEBUG logging did capture the connection's life
     assert not [text for text in texts if marker in text]
+
+
+async def test_channel_numbers_are_not_reused_at_once(broker_url) -> None:
+    """A closed channel's number is not handed out again right away, so a frame
+    still in flight for it (a close-ok crossing the broker's own channel.close)
+    cannot reach a new channel (it would fail the connection)."""
+    async with connect(parse_url(broker_url)) as connection:
+        numbers = []
+        for _ in range(3):
+            async with connection.channel() as channel:
+                numbers.append(channel.channel_id)
+        assert numbers == [1, 2, 3]
+        assert connection.is_open

@@ -43,15 +43,24 @@ class Settle:
 
 
 class AckLedger:
-    """The delivery tags of one session, in order, with their decided actions."""
+    """The delivery tags of one session, in order, with their decided actions.
+
+    Every operation is O(1) amortized per tag (``take_ready`` also sorts the tags
+    it releases past an undecided one), whatever the prefetch.
+    """
 
     def __init__(self) -> None:
+        #: Registered tags in order; a tag released early (past an undecided
+        #: one) stays here, no longer in ``_actions``, until the head passes it.
         self._order: deque[int] = deque()
+        #: Unsettled tags: their action, or None while undecided.
         self._actions: dict[int, Action | None] = {}
+        #: Decided tags not released yet.
+        self._waiting: set[int] = set()
 
     def __len__(self) -> int:
         """How many registered tags are not settled yet."""
-        return len(self._order)
+        return len(self._actions)
 
     def register(self, delivery_tag: int) -> None:
         """Note a delivery as it arrives (tags must grow)."""
@@ -67,9 +76,16 @@ class AckLedger:
         if self._actions.get(delivery_tag, action) is not None:
             raise ValueError(f"delivery tag {delivery_tag} is unknown or decided")
         self._actions[delivery_tag] = action
+        self._waiting.add(delivery_tag)
+
+    def _skip_released(self) -> None:
+        order, actions = self._order, self._actions
+        while order and order[0] not in actions:
+            order.popleft()
 
     def head_decided(self) -> bool:
         """Whether the oldest unsettled tag is decided (frames are ready)."""
+        self._skip_released()
         return bool(self._order) and self._actions[self._order[0]] is not None
 
     def take_ready(self, *, past_undecided: bool = False) -> list[Settle]:
@@ -81,27 +97,31 @@ class AckLedger:
         frames: list[Settle] = []
         run_end: int | None = None
         run_length = 0
-        while self._order and self._actions[self._order[0]] is not None:
-            delivery_tag = self._order.popleft()
-            action = self._actions.pop(delivery_tag)
+        order, actions, waiting = self._order, self._actions, self._waiting
+        while order:
+            delivery_tag = order[0]
+            if delivery_tag not in actions:
+                order.popleft()  # released earlier, past an undecided tag
+                continue
+            action = actions[delivery_tag]
+            if action is None:
+                break
+            order.popleft()
+            del actions[delivery_tag]
+            waiting.discard(delivery_tag)
             if action is Action.ACK:
                 run_end, run_length = delivery_tag, run_length + 1
                 continue
             if run_end is not None:
                 frames.append(Settle(Action.ACK, run_end, run_length > 1))
                 run_end, run_length = None, 0
-            assert action is not None
             frames.append(Settle(action, delivery_tag))
         if run_end is not None:
             frames.append(Settle(Action.ACK, run_end, run_length > 1))
-        if past_undecided and self._order:
-            waiting: deque[int] = deque()
-            for delivery_tag in self._order:
-                action = self._actions[delivery_tag]
-                if action is None:
-                    waiting.append(delivery_tag)
-                else:
-                    del self._actions[delivery_tag]
-                    frames.append(Settle(action, delivery_tag))
-            self._order = waiting
+        if past_undecided and waiting:
+            for delivery_tag in sorted(waiting):
+                action = actions.pop(delivery_tag)
+                assert action is not None
+                frames.append(Settle(action, delivery_tag))
+            waiting.clear()
         return frames

@@ -34,9 +34,8 @@ from ._framing import (
     ContentHeaderFrame,
     IncomingContent,
     PendingContent,
+    encode_publish,
     marshal_method,
-    marshal_publish,
-    properties_to_pamqp,
 )
 
 if TYPE_CHECKING:
@@ -677,12 +676,12 @@ class Channel:
         outside confirm mode). Lets callers pipeline many publishes."""
         if not isinstance(body, bytes | bytearray | memoryview):
             raise TypeError(f"body must be bytes, not {type(body).__name__}")
-        data = marshal_publish(
+        data = encode_publish(
             self.channel_id,
             bytes(body),
             exchange,
             routing_key,
-            properties_to_pamqp(properties),
+            properties,
             mandatory,
             self._connection.frame_max,
         )

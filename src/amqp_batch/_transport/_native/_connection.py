@@ -14,6 +14,7 @@ cancelled, and the writer coalesces everything queued into one socket write.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import platform
 import ssl
@@ -74,6 +75,7 @@ class Connection:
         self.heartbeat = 0
         self.server_properties: dict[str, Any] = {}
         self._channels: dict[int, Channel] = {}
+        self._last_channel_id = 0
         self._outgoing: list[bytes] = []
         self._outgoing_size = 0
         self._has_outgoing = anyio.Event()
@@ -287,11 +289,23 @@ class Connection:
         """Open a channel; close it (bounded, shielded) on exit."""
         if self._error is not None:
             raise self._error
+        # Numbers rotate instead of reusing the lowest free one: a frame still in
+        # flight for a closed channel (a close-ok crossing the broker's own
+        # channel.close) must never reach a new channel with the same number.
+        last = self._last_channel_id
         channel_id = next(
-            (n for n in range(1, self.channel_max + 1) if n not in self._channels), 0
+            (
+                n
+                for n in itertools.chain(
+                    range(last + 1, self.channel_max + 1), range(1, last + 1)
+                )
+                if n not in self._channels
+            ),
+            0,
         )
         if not channel_id:
             raise TransportError("no free channel numbers on this connection")
+        self._last_channel_id = channel_id
         channel = Channel(self, channel_id)
         self._channels[channel_id] = channel
         try:
