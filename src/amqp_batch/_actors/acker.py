@@ -11,7 +11,7 @@ per batch waits for their confirms. The acker never waits for them itself: it
 goes on with later batches while copies are in flight,
 and the ledger holds every settlement behind an unconfirmed copy's original until
 that copy is confirmed (then the whole run behind it goes out as one
-``ack(multiple=True)``). If a batch's copies are not confirmed within
+``ack(multiple=True)``). If copies are pending and no confirm arrived for
 :data:`PUBLISH_GRACE` seconds (a memory alarm blocks the publisher connection),
 publishing counts as stalled: every settlement that does not depend on a pending
 copy is sent at once (single frames past the pending tags), so acks keep flowing;
@@ -27,7 +27,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from functools import partial
 
 import attrs
-from anyio import Event, Lock, create_task_group, move_on_after
+from anyio import Event, Lock, create_task_group, current_time, move_on_at
 from anyio.abc import ObjectReceiveStream, TaskGroup
 
 from .._exceptions import MessageNacked, MessageReturned
@@ -52,8 +52,8 @@ __all__ = [
 
 logger = logging.getLogger("amqp_batch.acker")
 
-#: Seconds the acker waits for a batch's copies to be confirmed before it stops
-#: holding back the batch's other settlements (and later batches) for them.
+#: Seconds without any confirm, while copies are pending, after which the acker
+#: stops holding back the other settlements for them (publishing is stalled).
 PUBLISH_GRACE = 0.25
 
 
@@ -109,6 +109,8 @@ class Acker:
         self._group: TaskGroup | None = None
         #: Publishes started and not confirmed yet.
         self._pending = 0
+        #: When the last confirm arrived (or publishing started from idle).
+        self._progress = 0.0
         #: True while publishes outlived PUBLISH_GRACE and are still pending.
         self._stalled = False
         self._idle: Event | None = None
@@ -165,6 +167,8 @@ class Acker:
             # If this raises (the connection failed under us), the session
             # ends and the broker redelivers every original not settled.
             started = [(tag, publish(publisher)) for tag, publish in publishes]
+            if not self._pending:
+                self._progress = current_time()
             self._pending += len(started)
             done = _Countdown(len(started))
             assert self._group is not None
@@ -179,6 +183,7 @@ class Acker:
         """Wait for one batch's publishes in order; resolve each original."""
         for delivery_tag, finish in started:
             action = await finish()
+            self._progress = current_time()
             self._ledger.resolve(delivery_tag, action)
             self._pending -= 1
             done.count_down()
@@ -195,15 +200,21 @@ class Acker:
                 await self._send_ready()
 
     async def _watch(self, done: _Countdown) -> None:
-        """Declare publishing stalled if ``done`` is not reached in time."""
-        with move_on_after(PUBLISH_GRACE):
-            await done.event.wait()
-        if done.event.is_set() or self._stalled:
-            return
+        """Declare publishing stalled if no confirm arrives for PUBLISH_GRACE
+        seconds before ``done`` is reached. A slow but moving confirm stream
+        (a busy broker) is not a stall: its acks stay coalesced."""
+        while True:
+            with move_on_at(self._progress + PUBLISH_GRACE):
+                await done.event.wait()
+            if done.event.is_set() or self._stalled:
+                return
+            if current_time() >= self._progress + PUBLISH_GRACE:
+                break
         self._stalled = True
         logger.warning(
-            "%d republish(es) not confirmed within %.2f s (is the broker blocking "
-            "publishers?); settling the other messages without waiting for them",
+            "%d republish(es) pending and none confirmed for %.2f s (is the broker "
+            "blocking publishers?); settling the other messages without waiting "
+            "for them",
             self._pending,
             PUBLISH_GRACE,
         )
