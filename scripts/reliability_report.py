@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_FILES = [
     "tests/test_reliability_faults.py",
     "tests/test_reliability_rows.py",
+    "tests/test_secrets.py",
     "tests/test_soak.py",
 ]
 BACKENDS = ("asyncio", "trio")

@@ -258,7 +258,7 @@ class CountingTransport:
         @asynccontextmanager
         async def wrapped() -> AsyncIterator[Any]:
             async with transport.inner.open_session(spec) as session:
-                yield _CountingSession(session, transport.frames)
+                yield RecordingSession(session, transport.frames)
 
         return wrapped()
 
@@ -266,10 +266,13 @@ class CountingTransport:
         return self.inner.open_publisher(parameters, declare=declare)
 
 
-class _CountingSession:
+class RecordingSession:
+    """A session that notes every settlement frame (kind, tag, multiple) in
+    ``frames`` before passing it on."""
+
     def __init__(self, inner: Any, frames: list[tuple[str, int, bool]]) -> None:
         self._inner = inner
-        self._frames = frames
+        self.frames = frames
 
     @property
     def deliveries(self) -> Any:
@@ -280,17 +283,17 @@ class _CountingSession:
         return bool(self._inner.consumer_cancelled_by_broker)
 
     async def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
-        self._frames.append(("ack", delivery_tag, multiple))
+        self.frames.append(("ack", delivery_tag, multiple))
         await self._inner.ack(delivery_tag, multiple=multiple)
 
     async def nack(
         self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True
     ) -> None:
-        self._frames.append(("nack", delivery_tag, multiple))
+        self.frames.append(("nack", delivery_tag, multiple))
         await self._inner.nack(delivery_tag, multiple=multiple, requeue=requeue)
 
     async def reject(self, delivery_tag: int, *, requeue: bool = True) -> None:
-        self._frames.append(("reject", delivery_tag, False))
+        self.frames.append(("reject", delivery_tag, False))
         await self._inner.reject(delivery_tag, requeue=requeue)
 
     async def cancel(self) -> None:

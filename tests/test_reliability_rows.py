@@ -43,7 +43,7 @@ from amqp_batch._actors.ledger import AckLedger, Action, Settle
 from amqp_batch._transport._base import Properties, QueueSpec
 from amqp_batch._transport._native import NativeTransport
 from amqp_batch.testing import MemoryBroker
-from consumer_support import admin_channel, cleanup, unique_name
+from consumer_support import RecordingSession, admin_channel, cleanup, unique_name
 
 pytestmark = [pytest.mark.anyio]
 
@@ -111,35 +111,7 @@ class TracingTransport:
         return self.inner.open_publisher(parameters, declare=declare)
 
 
-class _TracedSession:
-    def __init__(self, inner: Any, frames: list[tuple[str, int, bool]]) -> None:
-        self._inner = inner
-        self.frames = frames
-
-    @property
-    def deliveries(self) -> Any:
-        return self._inner.deliveries
-
-    @property
-    def consumer_cancelled_by_broker(self) -> bool:
-        return bool(self._inner.consumer_cancelled_by_broker)
-
-    async def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
-        self.frames.append(("ack", delivery_tag, multiple))
-        await self._inner.ack(delivery_tag, multiple=multiple)
-
-    async def nack(
-        self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True
-    ) -> None:
-        self.frames.append(("nack", delivery_tag, multiple))
-        await self._inner.nack(delivery_tag, multiple=multiple, requeue=requeue)
-
-    async def reject(self, delivery_tag: int, *, requeue: bool = True) -> None:
-        self.frames.append(("reject", delivery_tag, False))
-        await self._inner.reject(delivery_tag, requeue=requeue)
-
-    async def cancel(self) -> None:
-        await self._inner.cancel()
+_TracedSession = RecordingSession
 
 
 # ----------------------------------------------------------------------- F9

@@ -225,16 +225,7 @@ class MemoryPublisher:
         self._route_started()
         self._broker._check_open(self._channel)
         try:
-            self._broker._publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=mandatory,
-            )
-        except ChannelClosed as exc:
-            self._broker._fail(self._channel, exc)
-            raise
+            self._route(body, exchange, routing_key, properties, mandatory)
         finally:
             await anyio.lowlevel.checkpoint()
 
