@@ -13,10 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pamqp import commands, frame, header
+from pamqp import commands
 
 from .._base import EMPTY_PROPERTIES, Properties
-from .._native._framing import FrameParser, PendingContent, properties_to_pamqp
+from .._native._framing import (
+    ContentHeaderFrame,
+    FrameParser,
+    PendingContent,
+    encode_publish,
+)
 
 __all__ = ["through_the_wire"]
 
@@ -32,11 +37,11 @@ def through_the_wire(properties: Properties | None) -> Properties:
     """
     if properties is None or properties == EMPTY_PROPERTIES:
         return EMPTY_PROPERTIES
-    content_header = header.ContentHeader(0, 0, properties_to_pamqp(properties))
-    # Any: the parser's frame union is narrowed by the frame we fed it.
-    frames: list[tuple[int, Any]] = FrameParser().feed(
-        frame.marshal(content_header, _CHANNEL)
-    )
+    # The publish encoder the native channel uses (frame_max 0: no limit here).
+    data = encode_publish(_CHANNEL, b"", "", "", properties, False, 0)
+    # Any: the parser's frame union is narrowed by the frames we fed it.
+    frames: list[tuple[int, Any]] = FrameParser().feed(data)
+    frames = [f for f in frames if isinstance(f[1], ContentHeaderFrame)]
     [(_, decoded)] = frames
     content = PendingContent(commands.Basic.Deliver()).add_header(decoded)
     assert content is not None  # a body of 0 bytes: complete with its header
