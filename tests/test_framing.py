@@ -174,14 +174,17 @@ def _decode_via_parser(props: commands.Basic.Properties) -> Properties:
 
 
 _short = st.text(max_size=20)
-_pamqp_properties = st.builds(
-    commands.Basic.Properties,
+_our_properties = st.builds(
+    Properties,
     content_type=st.none() | _short,
     content_encoding=st.none() | _short,
     headers=st.none()
     | st.dictionaries(
         st.text(min_size=1, max_size=8),
-        st.integers(-(2**31), 2**31 - 1) | st.text(max_size=10) | st.booleans(),
+        st.integers(-(2**31), 2**31 - 1)
+        | st.text(max_size=10)
+        | st.booleans()
+        | st.binary(max_size=5),
         max_size=4,
     ),
     delivery_mode=st.none() | st.sampled_from([1, 2]),
@@ -194,10 +197,12 @@ _pamqp_properties = st.builds(
     | st.integers(0, 2**32 - 1).map(
         lambda s: datetime.datetime.fromtimestamp(s, tz=datetime.timezone.utc)
     ),
-    message_type=st.none() | _short,
+    type=st.none() | _short,
     user_id=st.none() | _short,
     app_id=st.none() | _short,
 )
+#: The same, as pamqp objects (for its encoder and generic decoder).
+_pamqp_properties = _our_properties.map(properties_to_pamqp)
 
 
 @given(_pamqp_properties)
@@ -302,35 +307,6 @@ def test_content_headers_past_frame_max_are_accepted() -> None:
     ((_, decoded),) = FrameParser(max_frame_size=4096).feed(data)
     assert isinstance(decoded, ContentHeaderFrame)
     assert decoded.properties.headers == {"pad": "x" * 5000}
-
-
-_our_properties = st.builds(
-    Properties,
-    content_type=st.none() | _short,
-    content_encoding=st.none() | _short,
-    headers=st.none()
-    | st.dictionaries(
-        st.text(min_size=1, max_size=8),
-        st.integers(-(2**31), 2**31 - 1)
-        | st.text(max_size=10)
-        | st.booleans()
-        | st.binary(max_size=5),
-        max_size=4,
-    ),
-    delivery_mode=st.none() | st.sampled_from([1, 2]),
-    priority=st.none() | st.integers(0, 9),
-    correlation_id=st.none() | _short,
-    reply_to=st.none() | _short,
-    expiration=st.none() | st.integers(0, 10**6).map(str),
-    message_id=st.none() | _short,
-    timestamp=st.none()
-    | st.integers(0, 2**32 - 1).map(
-        lambda s: datetime.datetime.fromtimestamp(s, tz=datetime.timezone.utc)
-    ),
-    type=st.none() | _short,
-    user_id=st.none() | _short,
-    app_id=st.none() | _short,
-)
 
 
 @given(
