@@ -516,7 +516,7 @@ async def test_a_copy_too_big_for_one_frame_is_dead_lettered_and_consuming_goes_
     from pamqp import frame, header
 
     from amqp_batch._transport._base import Properties
-    from amqp_batch._transport._native._framing import properties_to_pamqp
+    from pamqp_reference import properties_to_pamqp
 
     dlx, dlq = unique_name("dlx"), unique_name("dlq")
     frame_max = 131072  # RabbitMQ's default, which the client adopts

@@ -18,10 +18,8 @@ from amqp_batch._transport._native._framing import (
     FrameParser,
     PendingContent,
     encode_publish,
-    marshal_publish,
-    properties_from_pamqp,
-    properties_to_pamqp,
 )
+from pamqp_reference import marshal_publish, properties_from_pamqp, properties_to_pamqp
 
 
 def _delivery_bytes(tag: int, body: bytes, frame_max: int = 4096) -> bytes:
@@ -276,16 +274,17 @@ def attrs_without(props: Properties, *names: str) -> dict[str, object]:
 
 def test_invalid_properties_name_the_problem() -> None:
     with pytest.raises(ValueError, match="invalid message properties"):
-        properties_to_pamqp(Properties(delivery_mode=7))
+        encode_publish(1, b"", "", "q", Properties(delivery_mode=7), False, 4096)
 
 
 def test_headers_that_decoded_to_bytes_can_be_published_again() -> None:
     """A long string that is not UTF-8 decodes to bytes; republishing such a
     message must not fail, and must keep the bytes."""
     incoming = Properties(headers={"raw": b"\xff\xfe", "nested": {"x": [b"\x80"]}})
-    encoded = properties_to_pamqp(incoming).marshal()
-    decoded = commands.Basic.Properties()
-    decoded.unmarshal(int.from_bytes(encoded[:2], "big"), encoded[2:])
+    data = encode_publish(1, b"", "", "q", incoming, False, 4096)
+    [(_, _), (_, content_header)] = FrameParser().feed(data)
+    assert isinstance(content_header, ContentHeaderFrame)
+    decoded = content_header.properties
     assert decoded.headers is not None
     assert bytes(decoded.headers["raw"]) == b"\xff\xfe"
     assert bytes(decoded.headers["nested"]["x"][0]) == b"\x80"
@@ -294,9 +293,9 @@ def test_headers_that_decoded_to_bytes_can_be_published_again() -> None:
 def test_publish_refuses_properties_that_do_not_fit_in_one_frame() -> None:
     """The broker closes the connection (501) on a frame past frame_max, so such
     a publish is refused before anything is queued, naming the limit."""
-    props = commands.Basic.Properties(headers={"pad": "x" * 5000})
+    props = Properties(headers={"pad": "x" * 5000})
     with pytest.raises(ValueError, match=r"frame_max \(4096\)"):
-        marshal_publish(1, b"body", "", "q", props, False, 4096)
+        encode_publish(1, b"body", "", "q", props, False, 4096)
 
 
 def test_content_headers_past_frame_max_are_accepted() -> None:
@@ -327,13 +326,7 @@ def test_fast_publish_encoder_gives_pamqps_bytes(
 
 
 def test_fast_publish_encoder_refuses_what_pamqp_refuses() -> None:
-    with pytest.raises(ValueError, match="delivery_mode"):
-        encode_publish(1, b"", "", "q", Properties(delivery_mode=7), False, 4096)
     with pytest.raises(ValueError, match="exchange"):
         encode_publish(1, b"", "bad exchange!", "q", None, False, 4096)
     with pytest.raises(TypeError):
         encode_publish(1, b"", "", "q", Properties(headers={"x": {1, 2}}), False, 4096)
-    with pytest.raises(ValueError, match=r"frame_max \(4096\)"):
-        encode_publish(
-            1, b"", "", "q", Properties(headers={"pad": "x" * 5000}), False, 4096
-        )

@@ -1,10 +1,11 @@
 """Sans-IO framing: bytes in, frames out; frames out, bytes in.
 
-pamqp marshals and unmarshals every method and content header. This module only
-cuts the byte stream into frames, reassembles content (method + header + any
-number of body frames) into messages, and converts properties between pamqp and
-the transport contract's :class:`~amqp_batch._transport._base.Properties`.
-Nothing here does I/O, so all of it is tested without a socket.
+This module cuts the byte stream into frames, reassembles content (method +
+header + any number of body frames) into messages, and encodes publishes. The hot
+paths are ours (``basic.deliver``, content headers straight into the contract's
+:class:`~amqp_batch._transport._base.Properties`, ``basic.publish``); pamqp does
+every other method and the header tables. Nothing here does I/O, so all of it is
+tested without a socket, against pamqp as the reference.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, NoReturn
 
 import attrs
-from pamqp import commands, decode, encode, frame, header
+from pamqp import commands, decode, encode, frame
 from pamqp import constants as amqp_constants
 from pamqp.base import Frame as MethodFrame
 from pamqp.body import ContentBody
@@ -29,11 +30,9 @@ __all__ = [
     "FrameParser",
     "IncomingContent",
     "PendingContent",
+    "encodable_table",
     "encode_publish",
     "marshal_method",
-    "marshal_publish",
-    "properties_from_pamqp",
-    "properties_to_pamqp",
 ]
 
 _FRAME_HEADER = struct.Struct(">BHI")
@@ -295,47 +294,6 @@ def marshal_method(method: MethodFrame, channel: int) -> bytes:
     return frame.marshal(method, channel)
 
 
-def marshal_publish(
-    channel: int,
-    body: bytes,
-    exchange: str,
-    routing_key: str,
-    properties: commands.Basic.Properties,
-    mandatory: bool,
-    frame_max: int,
-) -> bytes:
-    """Encode ``basic.publish`` with its content header and body frames, as one
-    bytes object so that it is written whole or not at all."""
-    content_header = frame.marshal(
-        header.ContentHeader(0, len(body), properties), channel
-    )
-    if frame_max and len(content_header) > frame_max:
-        # The broker would close the whole connection (501 FRAME_ERROR).
-        raise ValueError(
-            f"message properties take {len(content_header)} bytes, more than the "
-            f"connection's frame_max ({frame_max}) allows in one frame"
-        )
-    parts = [
-        frame.marshal(
-            commands.Basic.Publish(
-                exchange=exchange, routing_key=routing_key, mandatory=mandatory
-            ),
-            channel,
-        ),
-        content_header,
-    ]
-    chunk = frame_max - FRAME_OVERHEAD
-    pack = _FRAME_HEADER.pack
-    end = bytes((_FRAME_END,))
-    view = memoryview(body)
-    for start in range(0, len(body), chunk):
-        piece = view[start : start + chunk]
-        parts.append(pack(_FRAME_BODY, channel, len(piece)))
-        parts.append(piece.tobytes())
-        parts.append(end)
-    return b"".join(parts)
-
-
 _PUBLISH_METHOD = struct.pack(">IH", commands.Basic.Publish.index, 0)  # + ticket
 _CONTENT_HEADER_START = struct.Struct(">HHQH")
 _EXCHANGE_NAME = amqp_constants.DOMAIN_REGEX["exchange-name"]
@@ -351,9 +309,12 @@ def encode_publish(
     mandatory: bool,
     frame_max: int,
 ) -> bytes:
-    """:func:`marshal_publish` from the contract's :class:`Properties`, without
-    pamqp's generic encoder on the hot path (republishing copies): the same
-    bytes, the same errors. Header tables are still encoded by pamqp.
+    """Encode ``basic.publish`` with its content header and body frames, as one
+    bytes object so that it is written whole or not at all.
+
+    Built from the contract's :class:`Properties` without pamqp's generic encoder
+    (this is the republishing hot path); the bytes are pamqp's (a hypothesis test
+    checks them against it). Header tables are still encoded by pamqp.
     """
     if len(exchange) > 127 or not _EXCHANGE_NAME.fullmatch(exchange):
         raise ValueError(f"invalid exchange name {exchange!r}")
@@ -486,57 +447,7 @@ class PendingContent:
         return None
 
 
-# Properties conversion
-
-_PAMQP_FIELDS = (
-    ("content_type", "content_type"),
-    ("content_encoding", "content_encoding"),
-    ("headers", "headers"),
-    ("delivery_mode", "delivery_mode"),
-    ("priority", "priority"),
-    ("correlation_id", "correlation_id"),
-    ("reply_to", "reply_to"),
-    ("expiration", "expiration"),
-    ("message_id", "message_id"),
-    ("timestamp", "timestamp"),
-    ("type", "message_type"),
-    ("user_id", "user_id"),
-    ("app_id", "app_id"),
-)
-
-
-def properties_from_pamqp(props: commands.Basic.Properties) -> Properties:
-    """Convert pamqp's properties to the contract's :class:`Properties`."""
-    return Properties(
-        content_type=props.content_type,
-        content_encoding=props.content_encoding,
-        headers=props.headers,
-        delivery_mode=props.delivery_mode,
-        priority=props.priority,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        expiration=props.expiration,
-        message_id=props.message_id,
-        timestamp=props.timestamp,
-        type=props.message_type,
-        user_id=props.user_id,
-        app_id=props.app_id,
-    )
-
-
-def properties_to_pamqp(props: Properties | None) -> commands.Basic.Properties:
-    """Convert the contract's :class:`Properties` to pamqp's, for publishing."""
-    if props is None:
-        return commands.Basic.Properties()
-    kwargs: dict[str, Any] = {}
-    for ours, theirs in _PAMQP_FIELDS:
-        value = getattr(props, ours)
-        if value is not None:
-            kwargs[theirs] = encodable_table(value) if ours == "headers" else value
-    try:
-        return commands.Basic.Properties(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"invalid message properties: {exc}") from exc
+# Header tables
 
 
 def encodable_table(table: FieldTable) -> dict[str, Any]:
