@@ -68,19 +68,6 @@ Disposition = MessageResult | DeadLetter
 Outcome = tuple[Message, Disposition]
 
 
-class _Countdown:
-    """Sets :attr:`event` once :meth:`count_down` was called ``count`` times."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-        self.event = Event()
-
-    def count_down(self) -> None:
-        self.count -= 1
-        if not self.count:
-            self.event.set()
-
-
 #: Gives the original's action once its publish is confirmed (or has failed).
 _Finish = Callable[[], Awaitable[Action]]
 #: Starts a publish (synchronously: its frames are queued in call order) and
@@ -113,6 +100,7 @@ class Acker:
         self._progress = 0.0
         #: True while publishes outlived PUBLISH_GRACE and are still pending.
         self._stalled = False
+        #: Set when no publish is pending; a new one per busy period.
         self._idle: Event | None = None
         self._send_lock = Lock()
 
@@ -131,8 +119,8 @@ class Acker:
                 self._stack = stack
                 async for batch in outcomes:
                     await self._settle(batch)
-                while self._pending:
-                    self._idle = Event()
+                if self._pending:
+                    assert self._idle is not None
                     await self._idle.wait()
                 await self._send_ready()
 
@@ -167,27 +155,25 @@ class Acker:
             # If this raises (the connection failed under us), the session
             # ends and the broker redelivers every original not settled.
             started = [(tag, publish(publisher)) for tag, publish in publishes]
-            if not self._pending:
-                self._progress = current_time()
-            self._pending += len(started)
-            done = _Countdown(len(started))
             assert self._group is not None
-            self._group.start_soon(self._confirm, started, done)
-            if not self._stalled:
-                self._group.start_soon(self._watch, done)
+            if not self._pending:
+                # A busy period starts: one watch for it.
+                self._progress = current_time()
+                self._idle = Event()
+                self._group.start_soon(self._watch, self._idle)
+            self._pending += len(started)
+            self._group.start_soon(self._confirm, started)
         await self._send_ready()
 
-    async def _confirm(
-        self, started: list[tuple[int, _Finish]], done: _Countdown
-    ) -> None:
+    async def _confirm(self, started: list[tuple[int, _Finish]]) -> None:
         """Wait for one batch's publishes in order; resolve each original."""
         for delivery_tag, finish in started:
             action = await finish()
             self._progress = current_time()
             self._ledger.resolve(delivery_tag, action)
             self._pending -= 1
-            done.count_down()
-            if not self._pending and self._idle is not None:
+            if not self._pending:
+                assert self._idle is not None
                 self._idle.set()
             if self._stalled:
                 if not self._pending:
@@ -199,14 +185,15 @@ class Acker:
                 # behind it now (the broker's prefetch window waits on it).
                 await self._send_ready()
 
-    async def _watch(self, done: _Countdown) -> None:
+    async def _watch(self, idle: Event) -> None:
         """Declare publishing stalled if no confirm arrives for PUBLISH_GRACE
-        seconds before ``done`` is reached. A slow but moving confirm stream
-        (a busy broker) is not a stall: its acks stay coalesced."""
+        seconds before the pending publishes are done (``idle``). A slow but
+        moving confirm stream (a busy broker) is not a stall: its acks stay
+        coalesced."""
         while True:
             with move_on_at(self._progress + PUBLISH_GRACE):
-                await done.event.wait()
-            if done.event.is_set() or self._stalled:
+                await idle.wait()
+            if idle.is_set() or self._stalled:
                 return
             if current_time() >= self._progress + PUBLISH_GRACE:
                 break
