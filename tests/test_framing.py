@@ -12,12 +12,15 @@ from pamqp.body import ContentBody
 from pamqp.heartbeat import Heartbeat
 
 from amqp_batch import ProtocolError
-from amqp_batch._transport._base import Properties
+from amqp_batch._transport._base import Delivery, Properties
 from amqp_batch._transport._native._framing import (
     ContentHeaderFrame,
     FrameParser,
     PendingContent,
+    encode_ack,
+    encode_nack,
     encode_publish,
+    encode_reject,
 )
 from pamqp_reference import marshal_publish, properties_from_pamqp, properties_to_pamqp
 
@@ -44,7 +47,10 @@ def _reassemble(frames: list[tuple[int, object]]) -> list[tuple[int, bytes]]:
     pending: PendingContent | None = None
     for _, value in frames:
         done = None
-        if isinstance(value, commands.Basic.Deliver):
+        if isinstance(value, Delivery):  # the parser's whole-message fast path
+            assert pending is None
+            messages.append((value.delivery_tag, value.body))
+        elif isinstance(value, commands.Basic.Deliver):
             pending = PendingContent(value)
         elif isinstance(value, ContentHeaderFrame):
             assert pending is not None
@@ -330,3 +336,108 @@ def test_fast_publish_encoder_refuses_what_pamqp_refuses() -> None:
         encode_publish(1, b"", "bad exchange!", "q", None, False, 4096)
     with pytest.raises(TypeError):
         encode_publish(1, b"", "", "q", Properties(headers={"x": {1, 2}}), False, 4096)
+
+
+@given(
+    channel=st.integers(1, 65535),
+    tag=st.integers(1, 2**63 - 1),
+    multiple=st.booleans(),
+    requeue=st.booleans(),
+)
+def test_settlement_frames_are_pamqps_bytes(
+    channel: int, tag: int, multiple: bool, requeue: bool
+) -> None:
+    """basic.ack / nack / reject, encoded by hand, are byte for byte pamqp's."""
+    assert encode_ack(channel, tag, multiple) == frame.marshal(
+        commands.Basic.Ack(tag, multiple), channel
+    )
+    assert encode_nack(channel, tag, multiple, requeue) == frame.marshal(
+        commands.Basic.Nack(tag, multiple, requeue), channel
+    )
+    assert encode_reject(channel, tag, requeue) == frame.marshal(
+        commands.Basic.Reject(tag, requeue), channel
+    )
+
+
+def _deliveries_frame_by_frame(data: bytes) -> list[tuple[int, Delivery]]:
+    """Feed ``data`` one byte at a time (no whole message is ever buffered) and
+    build each Delivery from its method, header and body frames."""
+    parser = FrameParser()
+    frames = [f for i in range(len(data)) for f in parser.feed(data[i : i + 1])]
+    assert not any(isinstance(value, Delivery) for _, value in frames)
+    out: list[tuple[int, Delivery]] = []
+    pending: PendingContent | None = None
+    for channel, value in frames:
+        done = None
+        if isinstance(value, commands.Basic.Deliver):
+            pending = PendingContent(value)
+        elif isinstance(value, ContentHeaderFrame):
+            assert pending is not None
+            done = pending.add_header(value)
+        else:
+            assert pending is not None and isinstance(value, ContentBody)
+            done = pending.add_body(value)
+        if done is not None:
+            method = done.method
+            assert isinstance(method, commands.Basic.Deliver)
+            out.append(
+                (
+                    channel,
+                    Delivery(
+                        delivery_tag=method.delivery_tag,
+                        redelivered=method.redelivered,
+                        exchange=method.exchange,
+                        routing_key=method.routing_key,
+                        consumer_tag=method.consumer_tag,
+                        body=done.body,
+                        properties=done.properties,
+                    ),
+                )
+            )
+            pending = None
+    return out
+
+
+@given(
+    props=_pamqp_properties,
+    body=st.binary(max_size=300),
+    tag=st.integers(1, 2**63 - 1),
+    redelivered=st.booleans(),
+    routing_key=st.text(max_size=20),
+    channel=st.integers(1, 65535),
+)
+def test_whole_delivery_fast_path_gives_the_frame_by_frame_delivery(
+    props: commands.Basic.Properties,
+    body: bytes,
+    tag: int,
+    redelivered: bool,
+    routing_key: str,
+    channel: int,
+) -> None:
+    """A message whose frames arrive together is one Delivery, equal to the one
+    built from its frames received one by one."""
+    publish = frame.marshal(commands.Basic.Publish(exchange="ex", routing_key=""), 1)
+    content = marshal_publish(channel, body, "ex", "", props, False, 4096)
+    deliver = frame.marshal(
+        commands.Basic.Deliver("ctag", tag, redelivered, "ex", routing_key), channel
+    )
+    data = deliver + content[len(publish) :]
+    whole = FrameParser().feed(data)
+    assert len(whole) == 1
+    assert isinstance(whole[0][1], Delivery)
+    assert whole == _deliveries_frame_by_frame(data)
+
+
+def test_whole_delivery_needs_one_body_frame_on_its_channel() -> None:
+    """A body in several frames, or frames of another channel in between, take
+    the frame-by-frame path (and still give the same message)."""
+    multi = _delivery_bytes(1, b"x" * 10_000, frame_max=4096)
+    frames = FrameParser().feed(multi)
+    assert not any(isinstance(value, Delivery) for _, value in frames)
+    assert _reassemble(frames) == [(1, b"x" * 10_000)]
+    single = _delivery_bytes(2, b"abc")
+    deliver_end = single.index(b"\xce") + 1
+    interleaved = single[:deliver_end] + Heartbeat.marshal() + single[deliver_end:]
+    frames = FrameParser().feed(interleaved)
+    assert not any(isinstance(value, Delivery) for _, value in frames)
+    assert _reassemble(frames) == [(2, b"abc")]

@@ -103,8 +103,24 @@ def _with_headers(delivery: Delivery, extra: Mapping[str, Any]) -> Properties:
     headers.setdefault(ORIGINAL_ROUTING_KEY_HEADER, routing_key)
     headers.update(extra)
     # user_id must match the publishing connection's user or the broker refuses
-    # the message, so a copy never carries it.
-    return attrs.evolve(delivery.properties, headers=headers, user_id=None)
+    # the message, so a copy never carries it. (Spelled out: attrs.evolve costs
+    # twice as much, once per republish.)
+    old = delivery.properties
+    return Properties(
+        content_type=old.content_type,
+        content_encoding=old.content_encoding,
+        headers=headers,
+        delivery_mode=old.delivery_mode,
+        priority=old.priority,
+        correlation_id=old.correlation_id,
+        reply_to=old.reply_to,
+        expiration=old.expiration,
+        message_id=old.message_id,
+        timestamp=old.timestamp,
+        type=old.type,
+        user_id=None,
+        app_id=old.app_id,
+    )
 
 
 def requeue_properties(delivery: Delivery, new_retry_count: int) -> Properties:

@@ -102,7 +102,9 @@ class Acker:
         self._stalled = False
         #: Set when no publish is pending; a new one per busy period.
         self._idle: Event | None = None
-        self._send_lock = Lock()
+        # Fast acquire: no checkpoint when free (it is taken once per confirm
+        # that releases the oldest tag, and the sends under it never wait).
+        self._send_lock = Lock(fast_acquire=True)
 
     async def run(self, outcomes: ObjectReceiveStream[list[Outcome]]) -> None:
         """Settle outcomes until every sender closed its end of ``outcomes``.

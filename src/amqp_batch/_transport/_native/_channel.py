@@ -34,7 +34,10 @@ from ._framing import (
     ContentHeaderFrame,
     IncomingContent,
     PendingContent,
+    encode_ack,
+    encode_nack,
     encode_publish,
+    encode_reject,
     marshal_method,
 )
 
@@ -76,12 +79,16 @@ class _State(enum.Enum):
 
 
 class Waiter:
-    """A one-shot result slot that a task can wait for (an anyio-neutral future)."""
+    """A one-shot result slot that a task can wait for (an anyio-neutral future).
+
+    Its event is made only if somebody waits before the result is in: most
+    publish confirms arrive before anyone asks, and ``wait`` then returns at once.
+    """
 
     __slots__ = ("_error", "_event", "_value", "done")
 
     def __init__(self) -> None:
-        self._event = anyio.Event()
+        self._event: anyio.Event | None = None
         self._value: Any = None
         self._error: BaseException | None = None
         self.done = False
@@ -90,16 +97,21 @@ class Waiter:
         if not self.done:
             self.done = True
             self._value = value
-            self._event.set()
+            if self._event is not None:
+                self._event.set()
 
     def set_error(self, error: BaseException) -> None:
         if not self.done:
             self.done = True
             self._error = error
-            self._event.set()
+            if self._event is not None:
+                self._event.set()
 
     async def wait(self) -> Any:
-        await self._event.wait()
+        if not self.done:
+            if self._event is None:
+                self._event = anyio.Event()
+            await self._event.wait()
         if self._error is not None:
             raise self._error
         return self._value
@@ -187,7 +199,11 @@ class Channel:
 
     def handle_frame(self, frame: IncomingFrame) -> None:
         """Process one incoming frame. Never blocks."""
-        if isinstance(frame, ContentBody):
+        if frame.__class__ is Delivery:  # a whole message (FrameParser)
+            if self._content is not None:
+                raise ProtocolError("a new message started before the last one ended")
+            self._send_delivery(frame)
+        elif isinstance(frame, ContentBody):
             self._content_body(frame)
         elif isinstance(frame, ContentHeaderFrame):
             self._content_header(frame)
@@ -268,20 +284,24 @@ class Channel:
             )
 
     def _deliver(self, method: Any, message: IncomingContent) -> None:
+        self._send_delivery(
+            Delivery(
+                delivery_tag=method.delivery_tag,
+                redelivered=method.redelivered,
+                exchange=method.exchange,
+                routing_key=method.routing_key,
+                consumer_tag=method.consumer_tag,
+                body=message.body,
+                properties=message.properties,
+            )
+        )
+
+    def _send_delivery(self, delivery: Delivery) -> None:
         if self._state is not _State.OPEN:
             return  # the broker requeues it when the channel closes
-        sink = self._consumers.get(method.consumer_tag)
+        sink = self._consumers.get(delivery.consumer_tag)
         if sink is None:
             return  # a consumer we cancelled; the broker requeues it
-        delivery = Delivery(
-            delivery_tag=method.delivery_tag,
-            redelivered=method.redelivered,
-            exchange=method.exchange,
-            routing_key=method.routing_key,
-            consumer_tag=method.consumer_tag,
-            body=message.body,
-            properties=message.properties,
-        )
         try:
             sink.send_nowait(delivery)
         except anyio.WouldBlock:
@@ -622,17 +642,22 @@ class Channel:
     def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
         """Queue ``basic.ack``. Raises :class:`ChannelClosed` if the channel closed,
         so a tag from a dead channel is never sent."""
-        self._send_method(commands.Basic.Ack(delivery_tag, multiple))
+        self._check_open()
+        self._connection.send(encode_ack(self.channel_id, delivery_tag, multiple))
 
     def nack(
         self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True
     ) -> None:
         """Queue ``basic.nack``."""
-        self._send_method(commands.Basic.Nack(delivery_tag, multiple, requeue))
+        self._check_open()
+        self._connection.send(
+            encode_nack(self.channel_id, delivery_tag, multiple, requeue)
+        )
 
     def reject(self, delivery_tag: int, *, requeue: bool = True) -> None:
         """Queue ``basic.reject``."""
-        self._send_method(commands.Basic.Reject(delivery_tag, requeue))
+        self._check_open()
+        self._connection.send(encode_reject(self.channel_id, delivery_tag, requeue))
 
     # Publishing
 

@@ -201,7 +201,7 @@ class Connection:
                 "the broker unblocked connection %s", self.parameters.redacted_url
             )
         else:
-            raise ProtocolError(f"unexpected {frame.name} on channel 0")
+            raise ProtocolError(f"unexpected {_frame_name(frame)} on channel 0")
 
     # Heartbeats
 
@@ -494,7 +494,7 @@ class _Handshake:
         if isinstance(frame, commands.Connection.Close):
             raise self._handshake_close(frame)
         if not isinstance(frame, types):
-            self._not_amqp(f"expected {types[0].name}, got {frame.name}")
+            self._not_amqp(f"expected {types[0].name}, got {_frame_name(frame)}")
         return frame
 
     def _handshake_close(self, frame: commands.Connection.Close) -> TransportError:
@@ -644,3 +644,9 @@ def _unwrap(
     if len(real) == 1:
         return real[0]
     return group
+
+
+def _frame_name(frame: IncomingFrame) -> str:
+    """The AMQP name of a frame (a whole :class:`Delivery` has none)."""
+    name: str = getattr(frame, "name", type(frame).__name__)
+    return name

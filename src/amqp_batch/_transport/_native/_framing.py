@@ -23,7 +23,7 @@ from pamqp.exceptions import UnmarshalingException
 from pamqp.heartbeat import Heartbeat
 
 from ..._exceptions import ProtocolError
-from .._base import FieldTable, Properties
+from .._base import Delivery, FieldTable, Properties
 
 __all__ = [
     "ContentHeaderFrame",
@@ -31,7 +31,10 @@ __all__ = [
     "IncomingContent",
     "PendingContent",
     "encodable_table",
+    "encode_ack",
+    "encode_nack",
     "encode_publish",
+    "encode_reject",
     "marshal_method",
 ]
 
@@ -62,7 +65,7 @@ class ContentHeaderFrame:
     properties: Properties
 
 
-IncomingFrame = MethodFrame | ContentHeaderFrame | ContentBody | Heartbeat
+IncomingFrame = MethodFrame | ContentHeaderFrame | ContentBody | Heartbeat | Delivery
 
 
 class FrameParser:
@@ -72,9 +75,11 @@ class FrameParser:
     to :data:`MAX_HEADER_FRAME`: RabbitMQ does not hold its own content headers
     to frame_max (a dead-lettered message gains ``x-death`` headers).
 
-    Body frames are returned as :class:`ContentBody` holding the payload slice;
-    methods and content headers are decoded by pamqp. A malformed stream raises
-    :class:`~amqp_batch.ProtocolError`.
+    A ``basic.deliver`` whose content header and single body frame are already
+    in the buffer (the usual case) comes out as one :class:`Delivery`; otherwise
+    frames come one by one: body frames as :class:`ContentBody` holding the
+    payload slice, ``basic.deliver`` and content headers decoded here, other
+    methods by pamqp. A malformed stream raises :class:`~amqp_batch.ProtocolError`.
     """
 
     __slots__ = ("_rest", "max_frame_size")
@@ -114,6 +119,14 @@ class FrameParser:
                 append((channel, ContentBody(buffer[payload_start:frame_end])))
             elif frame_type == _FRAME_METHOD:
                 if buffer[payload_start : payload_start + 4] == _DELIVER_INDEX:
+                    whole = _whole_delivery(
+                        buffer, channel, payload_start, frame_end, max_frame_size
+                    )
+                    if whole is not None:
+                        # The common case: the message's three frames at once.
+                        append((channel, whole[0]))
+                        offset = whole[1]
+                        continue
                     append((channel, _decode_deliver(buffer, payload_start, frame_end)))
                 else:
                     append((channel, _decode_method(buffer[payload_start:frame_end])))
@@ -182,12 +195,11 @@ def _short_str(data: bytes, offset: int) -> tuple[str, int]:
     return data[offset + 1 : end].decode("utf-8", "replace"), end
 
 
-def _decode_deliver(data: bytes, start: int, end: int) -> commands.Basic.Deliver:
-    """Decode ``basic.deliver`` (the hot path) without pamqp's generic decoder.
-
-    The result is a real :class:`pamqp.commands.Basic.Deliver`; the fields are the
-    same as pamqp's except that text that is not UTF-8 is decoded with U+FFFD.
-    """
+def _deliver_fields(
+    data: bytes, start: int, end: int
+) -> tuple[str, int, bool, str, str]:
+    """``basic.deliver``'s fields (consumer tag, delivery tag, redelivered,
+    exchange, routing key) from its method payload at ``start``."""
     try:
         consumer_tag, offset = _short_str(data, start + 4)
         (delivery_tag,) = _U64.unpack_from(data, offset)
@@ -198,13 +210,88 @@ def _decode_deliver(data: bytes, start: int, end: int) -> commands.Basic.Deliver
         raise ProtocolError(f"malformed method frame: {exc}") from exc
     if offset != end:
         raise ProtocolError("malformed method frame: basic.deliver length")
+    return consumer_tag, delivery_tag, redelivered, exchange, routing_key
+
+
+def _decode_deliver(data: bytes, start: int, end: int) -> commands.Basic.Deliver:
+    """Decode ``basic.deliver`` (the hot path) without pamqp's generic decoder.
+
+    The result is a real :class:`pamqp.commands.Basic.Deliver`; the fields are the
+    same as pamqp's except that text that is not UTF-8 is decoded with U+FFFD.
+    """
+    fields = _deliver_fields(data, start, end)
     method = _new_deliver(_Deliver)
-    method.consumer_tag = consumer_tag
-    method.delivery_tag = delivery_tag
-    method.redelivered = redelivered
-    method.exchange = exchange
-    method.routing_key = routing_key
+    (
+        method.consumer_tag,
+        method.delivery_tag,
+        method.redelivered,
+        method.exchange,
+        method.routing_key,
+    ) = fields
     return method
+
+
+def _whole_delivery(
+    data: bytes, channel: int, start: int, end: int, max_frame_size: int
+) -> tuple[Delivery, int] | None:
+    """The :class:`Delivery` whose ``basic.deliver`` payload is ``data[start:end]``,
+    when its content header and its one body frame follow complete in ``data``;
+    with the offset after them. ``None`` for anything else (a body in several
+    frames, a frame not yet received, another channel, a header past frame_max):
+    the frames are then taken one by one, with every check, and give the same
+    delivery.
+    """
+    if not channel:
+        return None
+    consumer_tag, delivery_tag, redelivered, exchange, routing_key = _deliver_fields(
+        data, start, end
+    )
+    unpack_from = _FRAME_HEADER.unpack_from
+    available = len(data)
+    at = end + 1
+    if available - at < _FRAME_HEADER_SIZE:
+        return None
+    frame_type, frame_channel, size = unpack_from(data, at)
+    header_end = at + _FRAME_HEADER_SIZE + size
+    if (
+        frame_type != _FRAME_HEADER_TYPE
+        or frame_channel != channel
+        or header_end >= available
+        or (max_frame_size and size + FRAME_OVERHEAD > max_frame_size)
+        or data[header_end] != _FRAME_END
+    ):
+        return None
+    header = _decode_header(data, at + _FRAME_HEADER_SIZE, header_end)
+    at = header_end + 1
+    body_size = header.body_size
+    if not body_size:
+        body = b""
+    else:
+        if available - at < _FRAME_HEADER_SIZE:
+            return None
+        frame_type, frame_channel, size = unpack_from(data, at)
+        body_end = at + _FRAME_HEADER_SIZE + size
+        if (
+            frame_type != _FRAME_BODY
+            or frame_channel != channel
+            or size != body_size
+            or body_end >= available
+            or (max_frame_size and size + FRAME_OVERHEAD > max_frame_size)
+            or data[body_end] != _FRAME_END
+        ):
+            return None
+        body = data[at + _FRAME_HEADER_SIZE : body_end]
+        at = body_end + 1
+    delivery = Delivery(
+        delivery_tag=delivery_tag,
+        redelivered=redelivered,
+        exchange=exchange,
+        routing_key=routing_key,
+        consumer_tag=consumer_tag,
+        body=body,
+        properties=header.properties,
+    )
+    return delivery, at
 
 
 _EMPTY_PROPERTIES = Properties()
@@ -292,6 +379,37 @@ _PROPERTY_LAYOUT = (
 def marshal_method(method: MethodFrame, channel: int) -> bytes:
     """Encode one method frame."""
     return frame.marshal(method, channel)
+
+
+# basic.ack / basic.nack / basic.reject: one per settled run, so encoded here
+# (byte for byte pamqp's: frame header, class and method ids, the delivery tag,
+# the bits packed from the lowest).
+_SETTLE_FRAME = struct.Struct(">BHIHHQBB")
+_SETTLE_SIZE = 13  # class id, method id, tag, bits
+
+
+def encode_ack(channel: int, delivery_tag: int, multiple: bool) -> bytes:
+    """``basic.ack`` as one frame."""
+    return _SETTLE_FRAME.pack(
+        _FRAME_METHOD, channel, _SETTLE_SIZE, 60, 80, delivery_tag, multiple, _FRAME_END
+    )
+
+
+def encode_nack(
+    channel: int, delivery_tag: int, multiple: bool, requeue: bool
+) -> bytes:
+    """``basic.nack`` as one frame."""
+    bits = multiple | requeue << 1
+    return _SETTLE_FRAME.pack(
+        _FRAME_METHOD, channel, _SETTLE_SIZE, 60, 120, delivery_tag, bits, _FRAME_END
+    )
+
+
+def encode_reject(channel: int, delivery_tag: int, requeue: bool) -> bytes:
+    """``basic.reject`` as one frame."""
+    return _SETTLE_FRAME.pack(
+        _FRAME_METHOD, channel, _SETTLE_SIZE, 60, 90, delivery_tag, requeue, _FRAME_END
+    )
 
 
 _PUBLISH_METHOD = struct.pack(">IH", commands.Basic.Publish.index, 0)  # + ticket
