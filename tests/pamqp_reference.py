@@ -5,13 +5,14 @@ decoders against these (byte for byte where pamqp encodes)."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 from pamqp import commands, frame, header
 from pamqp.constants import FRAME_BODY, FRAME_END
 
 from amqp_batch._transport._base import Properties
-from amqp_batch._transport._native._framing import FRAME_OVERHEAD, encodable_table
+from amqp_batch._transport._native._framing import FRAME_OVERHEAD
 
 _FRAME_HEADER = struct.Struct(">BHI")
 
@@ -100,3 +101,20 @@ def properties_to_pamqp(props: Properties | None) -> commands.Basic.Properties:
         return commands.Basic.Properties(**kwargs)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"invalid message properties: {exc}") from exc
+
+
+def encodable_table(table: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a header table that pamqp can encode: ``bytes`` (a long string
+    that was not UTF-8) as a byte array with the same bytes, which is what our
+    own table encoder sends for ``bytes``."""
+    return {key: _encodable(value) for key, value in table.items()}
+
+
+def _encodable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, Mapping):
+        return encodable_table(value)
+    if isinstance(value, list | tuple):
+        return [_encodable(item) for item in value]
+    return value

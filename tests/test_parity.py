@@ -821,6 +821,50 @@ async def test_properties_and_headers_arrive_as_amqp_carries_them(
     assert await broker.take(queue, 0) == []
 
 
+async def test_a_requeued_copy_keeps_every_header_exactly(broker: Broker) -> None:
+    """A REQUEUE copy carries the original's headers unchanged: a float keeps all
+    its 64 bits (not rounded to 32), a key longer than 128 bytes keeps its whole
+    name, a byte array its bytes."""
+    queue = broker.queue_name()
+    long_key = "k" * 200
+    headers = {
+        "ratio": 0.1,
+        long_key: "long",
+        "raw": b"\x00\xff",
+        "nested": {"values": [2.5e-300, -1]},
+    }
+    seen: list[Message] = []
+    done = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for message in messages:
+            seen.append(message)
+            yield (
+                MessageResult.REQUEUE if message.retry_count == 0 else MessageResult.ACK
+            )
+        if len(seen) == 2:
+            done.set()
+
+    settings = broker.settings(queue, batch_size=1)
+    async with (
+        batch_consumer(settings, handle, transport=broker.transport),
+        Publisher(broker.url, transport=broker.transport) as publisher,
+    ):
+        await publisher.publish(b"x", routing_key=queue, headers=headers)
+        await wait(done)
+    original, copy = seen
+    expected = {**headers, "raw": bytearray(b"\x00\xff")}
+    assert dict(original.headers) == expected
+    assert original.headers["ratio"] == 0.1
+    assert dict(copy.headers) == {
+        **expected,
+        "x-retry-count": 1,
+        "x-original-exchange": "",
+        "x-original-routing-key": queue,
+    }
+    assert await broker.take(queue, 0) == []
+
+
 async def test_dead_letter_routing_key_argument_is_used_by_both_paths(
     broker: Broker,
 ) -> None:

@@ -3,15 +3,15 @@
 This module cuts the byte stream into frames, reassembles content (method +
 header + any number of body frames) into messages, and encodes publishes. The hot
 paths are ours (``basic.deliver``, content headers straight into the contract's
-:class:`~amqp_batch._transport._base.Properties`, ``basic.publish``); pamqp does
-every other method and the header tables. Nothing here does I/O, so all of it is
-tested without a socket, against pamqp as the reference.
+:class:`~amqp_batch._transport._base.Properties`, header tables in
+:mod:`._table`, ``basic.publish``, ``basic.ack``/``nack``/``reject``); pamqp does
+every other method. Nothing here does I/O, so all of it is tested without a
+socket, against pamqp as the reference.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
 from typing import Any, ClassVar, NoReturn
 
 import attrs
@@ -23,14 +23,14 @@ from pamqp.exceptions import UnmarshalingException
 from pamqp.heartbeat import Heartbeat
 
 from ..._exceptions import ProtocolError
-from .._base import Delivery, FieldTable, Properties
+from .._base import Delivery, Properties
+from ._table import decode_table, encode_table
 
 __all__ = [
     "ContentHeaderFrame",
     "FrameParser",
     "IncomingContent",
     "PendingContent",
-    "encodable_table",
     "encode_ack",
     "encode_nack",
     "encode_publish",
@@ -200,13 +200,20 @@ def _deliver_fields(
 ) -> tuple[str, int, bool, str, str]:
     """``basic.deliver``'s fields (consumer tag, delivery tag, redelivered,
     exchange, routing key) from its method payload at ``start``."""
+    # The three short strings inline (this runs once per message); each one is
+    # checked to end inside the frame below, before anything is returned.
     try:
-        consumer_tag, offset = _short_str(data, start + 4)
+        offset = start + 5 + data[start + 4]
+        consumer_tag = data[start + 5 : offset].decode("utf-8", "replace")
         (delivery_tag,) = _U64.unpack_from(data, offset)
         redelivered = bool(data[offset + 8] & 1)
-        exchange, offset = _short_str(data, offset + 9)
-        routing_key, offset = _short_str(data, offset)
-    except (IndexError, ValueError, struct.error) as exc:
+        at = offset + 10
+        offset = at + data[offset + 9]
+        exchange = data[at:offset].decode("utf-8", "replace")
+        at = offset + 1
+        offset = at + data[offset]
+        routing_key = data[at:offset].decode("utf-8", "replace")
+    except (IndexError, struct.error) as exc:
         raise ProtocolError(f"malformed method frame: {exc}") from exc
     if offset != end:
         raise ProtocolError("malformed method frame: basic.deliver length")
@@ -346,9 +353,7 @@ def _decode_properties(
             values[name] = data[offset]
             offset += 1
         elif kind == "t":
-            consumed, table = decode.field_table(data[offset:end])
-            values[name] = table
-            offset += consumed
+            values[name], offset = decode_table(data, offset, end)
         else:  # timestamp
             consumed, stamp = decode.timestamp(data[offset : offset + 8])
             values[name] = stamp
@@ -432,7 +437,7 @@ def encode_publish(
 
     Built from the contract's :class:`Properties` without pamqp's generic encoder
     (this is the republishing hot path); the bytes are pamqp's (a hypothesis test
-    checks them against it). Header tables are still encoded by pamqp.
+    checks them against it). Header tables are encoded by :mod:`._table`.
     """
     if len(exchange) > 127 or not _EXCHANGE_NAME.fullmatch(exchange):
         raise ValueError(f"invalid exchange name {exchange!r}")
@@ -510,7 +515,7 @@ def _encode_properties(properties: Properties | None) -> tuple[int, bytes]:
                 raise TypeError(f"invalid message properties: {name}={value!r}")
             parts.append(bytes((value,)))
         elif kind == "t":
-            parts.append(encode.field_table(encodable_table(value)))
+            parts.append(encode_table(value))
         else:
             parts.append(encode.timestamp(value))
     return flags, b"".join(parts)
@@ -563,26 +568,3 @@ class PendingContent:
             return IncomingContent(self.method, self.properties, data)
         self.chunks.append(value)
         return None
-
-
-# Header tables
-
-
-def encodable_table(table: FieldTable) -> dict[str, Any]:
-    """A copy of a header table that pamqp can encode.
-
-    pamqp decodes a long string that is not valid UTF-8 as ``bytes`` but cannot
-    encode ``bytes``; such values go back out as AMQP byte arrays (``bytearray``)
-    with the same bytes, so republishing a message keeps its headers.
-    """
-    return {key: _encodable(value) for key, value in table.items()}
-
-
-def _encodable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return bytearray(value)
-    if isinstance(value, Mapping):
-        return encodable_table(value)
-    if isinstance(value, list | tuple):
-        return [_encodable(item) for item in value]
-    return value
