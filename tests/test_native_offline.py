@@ -41,7 +41,7 @@ from amqp_batch import (
     ProtocolError,
     UnknownVirtualHost,
 )
-from amqp_batch._transport._base import SessionSpec
+from amqp_batch._transport._base import Delivery, SessionSpec
 from amqp_batch._transport._native import (
     Channel,
     Connection,
@@ -403,11 +403,11 @@ async def test_a_delivery_behind_channel_close_is_never_acked() -> None:
         assert not any(isinstance(f, commands.Basic.Ack) for _, f in peer.received)
 
     async def consume(channel: Channel) -> None:
-        send, receive = anyio.create_memory_object_stream[object](10)
-        await channel.basic_consume("q", "c", send)  # type: ignore[arg-type]
+        send, receive = anyio.create_memory_object_stream[Delivery](10)
+        await channel.basic_consume("q", "c", send)
         async with receive:
             deliveries = [d async for d in receive]
-        assert [d.body for d in deliveries] == [b"one"]  # type: ignore[attr-defined]
+        assert [d.body for d in deliveries] == [b"one"]
         with pytest.raises(ChannelClosed):
             channel.ack(1)
 
@@ -433,8 +433,8 @@ async def test_our_channel_close_ignores_frames_that_crossed_it() -> None:
 
     async def body(connection: Connection) -> None:
         async with connection.channel() as channel:
-            send, receive = anyio.create_memory_object_stream[object](10)
-            await channel.basic_consume("q", "c", send)  # type: ignore[arg-type]
+            send, receive = anyio.create_memory_object_stream[Delivery](10)
+            await channel.basic_consume("q", "c", send)
         assert connection.is_open
         with receive, pytest.raises(anyio.EndOfStream):
             receive.receive_nowait()  # the late delivery was dropped
