@@ -228,6 +228,20 @@ async def test_the_opener_gets_tls_only_for_amqps(url: str) -> None:
         assert opened["ssl_context"] is opened["server_hostname"] is None
 
 
+async def test_a_connection_runs_once() -> None:
+    async def broker(peer: BrokerPeer) -> None:
+        await peer.handshake()
+        await peer.serve_close()
+
+    async def body(connection: Connection) -> None:
+        with pytest.raises(RuntimeError, match="already running"):
+            async with connection.running():
+                pass  # pragma: no cover - refused
+        assert connection.is_open
+
+    await connected(broker, body)
+
+
 # Tune negotiation ------------------------------------------------------------------
 
 
