@@ -61,8 +61,8 @@ class TransportError(AMQPBatchError):
 
     The transport records facts: the broker's ``reply_code`` and ``reply_text``,
     the ``class_id`` and ``method_id`` it names (0 when the close was not about
-    one method), and the :class:`Phase` of the session. :attr:`retryable` is
-    computed from them by :func:`classify`.
+    one method), and the ``phase`` of the session (setup or consuming).
+    ``retryable`` is computed from them by the library's one error policy.
     """
 
     def __init__(
