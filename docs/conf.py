@@ -84,6 +84,8 @@ nitpick_ignore = [
     ("py:obj", "amqp_batch._consumer.SettingsT"),
     ("py:class", "amqp_batch._consumer.SettingsT"),
     ("py:class", "amqp_batch._settings._S"),
+    # The phase a transport error happened in (a fact read by the error policy).
+    ("py:class", "amqp_batch._exceptions.Phase"),
 ]
 
 # -- HTML ---------------------------------------------------------------------------

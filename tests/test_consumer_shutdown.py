@@ -73,8 +73,8 @@ async def test_graceful_stop_finishes_batches_and_requeues_prefetched(
             await entered.wait()
 
         async def release_once_stopping() -> None:
-            assert consumer._stop_requested is not None
-            await consumer._stop_requested.wait()
+            assert consumer._run is not None
+            await consumer._run.stop_requested.wait()
             release.set()
 
         group.start_soon(release_once_stopping)

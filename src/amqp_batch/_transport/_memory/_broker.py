@@ -240,7 +240,6 @@ class MemoryBroker(BrokerCore):
                     f"it: 320 {text}",
                     reply_code=320,
                     reply_text=text,
-                    retryable=True,
                 ),
             )
         return len(victims)

@@ -469,7 +469,7 @@ class BrokerCore:
         if error is not None:
             raise error
         if channel.closed:
-            raise ChannelClosed("channel 1 is closed", retryable=True)
+            raise ChannelClosed("channel 1 is closed")
 
     def _settle(
         self, channel: Channel, tag: int, *, multiple: bool, how: Settle

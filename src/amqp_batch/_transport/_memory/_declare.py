@@ -42,12 +42,11 @@ _OVERFLOW = ("drop-head", "reject-publish", "reject-publish-dlx")
 
 def channel_error(code: int, text: str) -> ChannelClosed:
     """The error a broker-side ``channel.close`` turns into (as the native
-    transport reports it): 403 and 406 are not retryable."""
+    transport reports it)."""
     return ChannelClosed(
         f"the broker closed channel 1: {code} {text}",
         reply_code=code,
         reply_text=text,
-        retryable=code not in (403, 406),
     )
 
 

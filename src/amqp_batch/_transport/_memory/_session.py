@@ -13,7 +13,13 @@ import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..._exceptions import ChannelClosed, MessageNacked, MessageReturned
+from ..._exceptions import (
+    ChannelClosed,
+    MessageNacked,
+    MessageReturned,
+    Phase,
+    recording_phase,
+)
 from .._base import (
     BindingSpec,
     Delivery,
@@ -250,13 +256,10 @@ async def open_session(
     """
     channel = await broker._connect(spec.parameters)
     try:
-        try:
+        with recording_phase(Phase.SETUP):
             broker._declare(
                 [*spec.exchanges, *spec.queues, *spec.bindings], channel.connection_id
             )
-        except ChannelClosed as exc:
-            exc.retryable = exc.reply_code not in (403, 406)
-            raise
         send, receive = anyio.create_memory_object_stream[Delivery](_buffer(spec))
         with send, receive:
             tag = spec.consumer_tag or f"amq.ctag-memory-{next(_consumer_numbers)}"

@@ -37,6 +37,8 @@ from ..._exceptions import (
     ProtocolError,
     TransportError,
     UnknownVirtualHost,
+    connection_close_error,
+    unwrap_group,
 )
 from ..._version import __version__
 from .._url import ConnectionParameters
@@ -54,8 +56,6 @@ logger = logging.getLogger("amqp_batch.transport")
 _RECEIVE_SIZE = 65536
 #: Above this many queued bytes, publishers wait for the writer to catch up.
 _WRITE_HIGH_WATER = 1 << 20
-#: Reply codes after which reconnecting cannot help.
-_FATAL_CLOSE_CODES = {402, 403, 501, 502, 503, 504, 505, 506, 530, 540}
 _HEARTBEAT_FRAME = Heartbeat.marshal()
 _TCP = TCPNetwork()
 
@@ -160,8 +160,7 @@ class Connection:
             if scope.cancelled_caught:
                 raise ConnectionLost(
                     f"writing to {self.parameters.redacted_url} timed out after "
-                    f"{write_timeout} s",
-                    retryable=True,
+                    f"{write_timeout} s"
                 )
             if not self._drained.is_set() and self._outgoing_size <= _WRITE_HIGH_WATER:
                 self._drained.set()
@@ -220,8 +219,7 @@ class Connection:
             if now >= silent_deadline:
                 raise ConnectionLost(
                     f"no data from the broker for {2 * interval} s "
-                    f"(2 x heartbeat) on {self.parameters.redacted_url}",
-                    retryable=True,
+                    f"(2 x heartbeat) on {self.parameters.redacted_url}"
                 )
             if now >= next_send:
                 self.send(_HEARTBEAT_FRAME)
@@ -249,8 +247,7 @@ class Connection:
             if self._closing and self._close_ok.is_set():
                 return
             lost = ConnectionLost(
-                f"connection to {self.parameters.redacted_url} lost: {_describe(exc)}",
-                retryable=True,
+                f"connection to {self.parameters.redacted_url} lost: {_describe(exc)}"
             )
             lost.__cause__ = exc
             self._fail(lost)
@@ -265,7 +262,7 @@ class Connection:
         self._tasks_alive = False
         self._close_ok.set()
         gone = ConnectionLost(
-            f"connection to {self.parameters.redacted_url} is closing", retryable=True
+            f"connection to {self.parameters.redacted_url} is closing"
         )
         for channel in list(self._channels.values()):
             channel.replies_gone(gone)
@@ -355,7 +352,7 @@ class Connection:
                         self._closing = True
                         task_group.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            real = _unwrap(group, self._error)
+            real = unwrap_group(group)
             if real is group:
                 raise
             real.__suppress_context__ = True
@@ -407,15 +404,13 @@ def _describe(exc: BaseException) -> str:
 
 
 def _close_error(frame: Any) -> TransportError:
-    code, text = frame.reply_code, frame.reply_text
-    message = f"the broker closed the connection: {code} {text}"
-    if code == 403:
-        return AuthenticationError(message, reply_code=code, reply_text=text)
-    if code == 530:
-        return UnknownVirtualHost(message, reply_code=code, reply_text=text)
-    if code in _FATAL_CLOSE_CODES:
-        return ProtocolError(message, reply_code=code, reply_text=text)
-    return ConnectionLost(message, reply_code=code, reply_text=text, retryable=True)
+    return connection_close_error(
+        f"the broker closed the connection: {frame.reply_code} {frame.reply_text}",
+        reply_code=frame.reply_code,
+        reply_text=frame.reply_text,
+        class_id=frame.class_id,
+        method_id=frame.method_id,
+    )
 
 
 # Connecting and the handshake
@@ -488,7 +483,7 @@ async def _open_stream(
     except ssl.SSLCertVerificationError as exc:
         raise ConnectionRefused(
             f"TLS certificate verification failed for {where}: {exc.verify_message}",
-            retryable=False,
+            certificate_rejected=True,
         ) from exc
     except ssl.SSLError as exc:
         raise ConnectionRefused(f"TLS handshake with {where} failed: {exc}") from exc
@@ -658,22 +653,6 @@ async def connect(
     )
     async with connection.running():
         yield connection
-
-
-def _unwrap(
-    group: BaseExceptionGroup[BaseException], error: TransportError | None
-) -> BaseException:
-    """The one exception the task group wrapped (the body's own, or the
-    connection's failure), or the group itself when there is more than one."""
-    cancelled = anyio.get_cancelled_exc_class()
-    real: list[BaseException] = [
-        exc for exc in group.exceptions if not isinstance(exc, cancelled)
-    ]
-    if error is not None and all(exc is error for exc in real):
-        return error
-    if len(real) == 1:
-        return real[0]
-    return group
 
 
 def _frame_name(frame: IncomingFrame) -> str:

@@ -11,7 +11,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..._exceptions import ChannelClosed, TransportError
+from ..._exceptions import Phase, TransportError, recording_phase
 from .._base import (
     BindingSpec,
     Delivery,
@@ -193,13 +193,8 @@ async def open_session(
         connect(spec.parameters, network=network) as connection,
         connection.channel() as channel,
     ):
-        try:
+        with recording_phase(Phase.SETUP):
             await declare(channel, _topology(spec))
-        except ChannelClosed as exc:
-            # 403/406 while declaring (access refused, a queue redeclared with
-            # other arguments) cannot be fixed by reconnecting.
-            exc.retryable = exc.reply_code not in (403, 406)
-            raise
         await channel.basic_qos(spec.prefetch_count)
         send, receive = anyio.create_memory_object_stream[Delivery](buffer)
         tag = spec.consumer_tag or _consumer_tag("amqp-batch")
