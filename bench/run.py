@@ -764,14 +764,9 @@ def summarise(bench: Bench) -> list[dict[str, Any]]:
                 reference = rate(workload, consumer.rsplit(", ", 1)[0] + ", 1 process")
             else:
                 reference = rate(workload, APB) if workload != "W3" else apb_w1
-                # W1 and W2 have a ceiling per backend; W3 is W1 on trio.
+                # A ceiling per backend and workload (W3 is W1 on trio).
                 trio = "(trio)" in consumer or workload == "W3"
-                ceiling = rate(
-                    "W1" if workload == "W3" else workload,
-                    CEIL_TRIO if trio else CEIL_AIO,
-                )
-                if workload == "W3":
-                    ceiling = rate("W3", CEIL_TRIO)
+                ceiling = rate(workload, CEIL_TRIO if trio else CEIL_AIO)
             rows.append(
                 {
                     "workload": workload,
@@ -950,21 +945,24 @@ def render(bench: Bench, args: argparse.Namespace, elapsed: float) -> str:
             if bench.baseline
             else ""
         ),
-        "",
-        f"W1/W3 {n['W1']:,} × 256 B, W2 {n['W2']:,}, W4 {n['W4']:,} (handler sleeps "
-        f"20 ms per batch), W5 200 msg/s for {n['W5_seconds']} s, W6 {n['W6']:,} × 4 KiB. "
-        "Batch 100, timeout 0.5 s (W5: 0.1 s), prefetch 1000. Throughput counts the "
-        "consumer from start until every message is settled and it has stopped "
-        "(W2: until the queue is empty and the DLQ holds 20%); the bare consumers "
-        "(bench/transport.py) time from consume to the last ack (W2's ceiling: "
-        "until the queue is empty and the DLQ holds 20%). CPU is µs per message "
-        "(W2: per original message) over the timed window: the consumer's own "
-        "process(es) (getrusage), and the broker's beam.smp (/proc).",
-        "",
-        "| workload | consumer | median | vs aio-pika-batch | vs transport ceiling "
-        "| CPU µs/msg | broker CPU µs/msg | runs |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    if rows:
+        lines += [
+            "",
+            f"W1/W3 {n['W1']:,} × 256 B, W2 {n['W2']:,}, W4 {n['W4']:,} (handler sleeps "
+            f"20 ms per batch), W5 200 msg/s for {n['W5_seconds']} s, W6 {n['W6']:,} × 4 KiB. "
+            "Batch 100, timeout 0.5 s (W5: 0.1 s), prefetch 1000. Throughput counts the "
+            "consumer from start until every message is settled and it has stopped "
+            "(W2: until the queue is empty and the DLQ holds 20%); the bare consumers "
+            "(bench/transport.py) time from consume to the last ack (W2's ceiling: "
+            "until the queue is empty and the DLQ holds 20%). CPU is µs per message "
+            "(W2: per original message) over the timed window: the consumer's own "
+            "process(es) (getrusage), and the broker's beam.smp (/proc).",
+            "",
+            "| workload | consumer | median | vs aio-pika-batch | vs transport ceiling "
+            "| CPU µs/msg | broker CPU µs/msg | runs |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
     for row in rows:
         runs = ", ".join(
             f"{r[0]:.0f}/{r[1]:.0f}"

@@ -147,8 +147,9 @@ async def consume_native_mixed(
     expect_dead: int,
     max_requeue: int = 3,
     clock: Meter | None = None,
-) -> float:
-    """W2's broker work on the bare transport: its ceiling; returns seconds.
+) -> tuple[float, int]:
+    """W2's broker work on the bare transport: its ceiling; returns seconds and
+    the number of deliveries.
 
     Message ``i`` (the body starts with it) is rejected (the broker dead-letters
     it) if ``i % 10 == 0``, always requeued if ``i % 10 == 1``, else acked. A
@@ -177,7 +178,7 @@ async def consume_native_mixed(
         confirms_in, confirms_out = anyio.create_memory_object_stream[Any](math.inf)
         async with anyio.create_task_group() as group:
             group.start_soon(_confirm_in_order, confirms_out, ledger)
-            await _mixed_deliveries(
+            received = await _mixed_deliveries(
                 session,
                 publisher,
                 ledger,
@@ -194,7 +195,7 @@ async def consume_native_mixed(
             for name in (queue, dead_letter_queue)
         ] != [0, expect_dead]:
             await anyio.sleep(0.005)
-        return clock.stop()
+        return clock.stop(), received
 
 
 async def _confirm_in_order(confirms: Any, ledger: _MixedLedger) -> None:
@@ -216,8 +217,9 @@ async def _mixed_deliveries(
     queue: str,
     dead_letter_exchange: str,
     max_requeue: int,
-) -> None:
-    """Decide every delivery until each of the ``count`` messages is final."""
+) -> int:
+    """Decide every delivery until each of the ``count`` messages is final;
+    returns the number of deliveries."""
     final = received = 0
     deliveries, pending = session.deliveries, ledger.pending
     while final < count:
@@ -259,6 +261,7 @@ async def _mixed_deliveries(
         if received % ACK_EVERY == 0:
             ledger.flush()
     ledger.flush()
+    return received
 
 
 async def consume_aiormq(url: str, count: int, clock: Meter | None = None) -> float:

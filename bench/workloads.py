@@ -353,10 +353,11 @@ async def consume_bare(args: argparse.Namespace) -> dict[str, Any]:
     """bench/transport.py's bare consumers: our transport's ceilings, raw aiormq."""
     baseline = rss_kib()
     meter = Meter()
+    handled = args.count
     if args.consumer == "aiormq":
         seconds = await transport.consume_aiormq(args.url, args.count, meter)
     elif args.mode == "mixed":
-        seconds = await transport.consume_native_mixed(
+        seconds, handled = await transport.consume_native_mixed(
             args.url,
             args.count,
             queue=args.queue,
@@ -370,7 +371,7 @@ async def consume_bare(args: argparse.Namespace) -> dict[str, Any]:
         seconds = await transport.consume_native(args.url, args.count, meter)
     return {
         "seconds": seconds,
-        "handled": args.count,
+        "handled": handled,
         "baseline_rss_kib": baseline,
         **meter.figures(),
     }
