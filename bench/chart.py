@@ -3,6 +3,7 @@ one panel each."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,12 @@ def draw(rows: list[dict[str, Any]], path: Path, subtitle: str = "") -> None:
         1,
         figsize=(10, 2.8 + 0.3 * sum(heights)),
         gridspec_kw={"height_ratios": heights},
+        layout="constrained",
     )
-    figure.suptitle("amqp-batch benchmark (median of runs)\n" + subtitle, fontsize=10)
+    figure.suptitle(
+        "amqp-batch benchmark (median of runs)\n" + textwrap.fill(subtitle, 140),
+        fontsize=9,
+    )
 
     axis = axes[0]
     if throughput:
@@ -139,6 +144,5 @@ def draw(rows: list[dict[str, Any]], path: Path, subtitle: str = "") -> None:
     axis.set_xlabel("peak RSS, MiB (lower is better)")
     axis.set_title("W6: peak RSS draining 4 KiB messages, prefetch 1000", fontsize=9)
 
-    figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
