@@ -160,9 +160,10 @@ async def consume_native_mixed(
     routing key and acked after that confirm. What the library adds is gone:
     no batches, no handler, no actors and streams between them. Publishes are
     pipelined, confirms awaited in order by one task, settlement in tag order with
-    one ``ack(multiple=True)`` per run, every 100 deliveries and whenever a
-    confirm unblocks the lowest tag. Timed like the library's W2: until the queue
-    is empty and the dead-letter queue holds ``expect_dead``.
+    one ``ack(multiple=True)`` per run, every 100 deliveries, whenever the delivery
+    buffer runs dry and whenever a confirm unblocks the lowest tag. Timed like the
+    library's W2: until the queue is empty and the dead-letter queue holds
+    ``expect_dead``.
     """
     clock = clock or Meter()
     parameters = parse_url(url)
