@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -27,7 +27,7 @@ from ._core import Settle
 from ._model import Channel, Consumer
 
 if TYPE_CHECKING:
-    from ._broker import MemoryBroker
+    from ._core import BrokerCore
 
 __all__ = [
     "MemoryConfirmation",
@@ -45,12 +45,12 @@ class MemorySession:
 
     def __init__(
         self,
-        broker: MemoryBroker,
+        core: BrokerCore,
         channel: Channel,
         consumer: Consumer,
         deliveries: MemoryObjectReceiveStream[Delivery],
     ) -> None:
-        self._broker = broker
+        self._core = core
         self._channel = channel
         self._consumer = consumer
         self._deliveries = deliveries
@@ -78,7 +78,7 @@ class MemorySession:
         return self._consumer.cancelled_by_broker
 
     async def _settle(self, tag: int, *, multiple: bool, how: Settle) -> None:
-        self._broker._settle(self._channel, tag, multiple=multiple, how=how)
+        self._core.settle(self._channel, tag, multiple=multiple, how=how)
         if self._channel.closed:
             # Like the broker's channel.close arriving: the session body is
             # cancelled here and the error is raised out of ``open_session``.
@@ -108,15 +108,17 @@ class MemorySession:
         """Stop deliveries; the stream ends after what it already holds.
         Unacknowledged deliveries can still be settled."""
         await anyio.lowlevel.checkpoint()
-        self._broker._remove_consumer(self._consumer)
+        self._core.remove_consumer(self._consumer)
 
 
 class MemoryConfirmation:
     """A publish started on a :class:`MemoryPublisher`: routed at once, or when
     the broker unblocks publishers; :meth:`wait` gives its outcome."""
 
-    def __init__(self, publisher: MemoryPublisher, route: Callable[[], None]) -> None:
-        self._publisher = publisher
+    def __init__(
+        self, route: Callable[[], None], unblocked: Callable[[], Awaitable[None]]
+    ) -> None:
+        self._unblocked = unblocked
         self._route: Callable[[], None] | None = route
         self._error: BaseException | None = None
 
@@ -133,8 +135,7 @@ class MemoryConfirmation:
     async def wait(self) -> None:
         """Return once the message is routed; raise what routing it raised."""
         if self._route is not None:
-            await self._publisher._broker._wait_unblocked()
-            self._publisher._route_started()
+            await self._unblocked()
         await anyio.lowlevel.checkpoint()
         if self._error is not None:
             raise self._error
@@ -143,8 +144,8 @@ class MemoryConfirmation:
 class MemoryPublisher:
     """A confirm-mode publisher on a :class:`~amqp_batch.testing.MemoryBroker`."""
 
-    def __init__(self, broker: MemoryBroker, channel: Channel) -> None:
-        self._broker = broker
+    def __init__(self, core: BrokerCore, channel: Channel) -> None:
+        self._core = core
         self._channel = channel
         #: Started while publishers were blocked; routed in order on unblock.
         self._started: deque[MemoryConfirmation] = deque()
@@ -169,13 +170,13 @@ class MemoryPublisher:
         :class:`~amqp_batch.ChannelClosed` at once if this publisher's channel is
         closed.
         """
-        self._broker._check_open(self._channel)
+        self._core.check_open(self._channel)
         confirmation = MemoryConfirmation(
-            self,
             lambda: self._route(body, exchange, routing_key, properties, mandatory),
+            self._wait_unblocked,
         )
         self._started.append(confirmation)
-        if not self._broker._blocked:
+        if not self._core.gate.blocked:
             self._route_started()
         return confirmation
 
@@ -188,7 +189,7 @@ class MemoryPublisher:
         mandatory: bool,
     ) -> None:
         try:
-            self._broker._publish(
+            self._core.publish(
                 body,
                 exchange=exchange,
                 routing_key=routing_key,
@@ -196,12 +197,17 @@ class MemoryPublisher:
                 mandatory=mandatory,
             )
         except ChannelClosed as exc:
-            self._broker._fail(self._channel, exc)
+            self._core.fail(self._channel, exc)
             raise
 
     def _route_started(self) -> None:
         while self._started:
             self._started.popleft().settle()
+
+    async def _wait_unblocked(self) -> None:
+        # Then route, in order, what was started while publishers were blocked.
+        await self._core.gate.wait_unblocked()
+        self._route_started()
 
     async def publish(
         self,
@@ -221,9 +227,8 @@ class MemoryPublisher:
         which this publisher's channel is closed. Waits while the broker blocks
         publishers.
         """
-        await self._broker._wait_unblocked()
-        self._route_started()
-        self._broker._check_open(self._channel)
+        await self._wait_unblocked()
+        self._core.check_open(self._channel)
         try:
             self._route(body, exchange, routing_key, properties, mandatory)
         finally:
@@ -238,7 +243,7 @@ def _buffer(spec: SessionSpec) -> float:
 
 @asynccontextmanager
 async def open_session(
-    broker: MemoryBroker, spec: SessionSpec
+    core: BrokerCore, spec: SessionSpec
 ) -> AsyncIterator[MemorySession]:
     """Connect, declare the topology, consume; yield the session.
 
@@ -248,10 +253,10 @@ async def open_session(
     :class:`~amqp_batch.ConnectionLost`; a broker-side channel close (an unknown
     delivery tag) as :class:`~amqp_batch.ChannelClosed`.
     """
-    channel = await broker._connect(spec.parameters)
+    channel = await core.connect(spec.parameters)
     try:
         try:
-            broker._declare(
+            core.declare(
                 [*spec.exchanges, *spec.queues, *spec.bindings], channel.connection_id
             )
         except ChannelClosed as exc:
@@ -262,18 +267,18 @@ async def open_session(
             tag = spec.consumer_tag or f"amq.ctag-memory-{next(_consumer_numbers)}"
             consumer = Consumer(
                 tag=tag,
-                queue=broker._queue(spec.queue),
+                queue=core.queue_named(spec.queue),
                 channel=channel,
                 prefetch=max(spec.prefetch_count, 0),
                 sink=send,
             )
-            broker._consume(channel, consumer)
+            core.consume(channel, consumer)
             with anyio.CancelScope() as scope:
                 channel.on_failure = scope.cancel
-                yield MemorySession(broker, channel, consumer, receive)
+                yield MemorySession(core, channel, consumer, receive)
     finally:
         channel.on_failure = None
-        broker._close_channel(channel)
+        core.close_channel(channel)
     error = channel.connection_error or channel.error
     if error is not None:
         raise error
@@ -281,7 +286,7 @@ async def open_session(
 
 @asynccontextmanager
 async def open_publisher(
-    broker: MemoryBroker,
+    core: BrokerCore,
     parameters: ConnectionParameters,
     declare: Sequence[ExchangeSpec | QueueSpec | BindingSpec] = (),
 ) -> AsyncIterator[MemoryPublisher]:
@@ -289,16 +294,16 @@ async def open_publisher(
 
     A forced close is raised out of the block as :class:`~amqp_batch.ConnectionLost`.
     """
-    channel = await broker._connect(parameters)
+    channel = await core.connect(parameters)
     try:
-        broker._declare(declare, channel.connection_id)
+        core.declare(declare, channel.connection_id)
         with anyio.CancelScope() as scope:
             channel.on_failure = lambda: (
                 scope.cancel() if channel.connection_error is not None else None
             )
-            yield MemoryPublisher(broker, channel)
+            yield MemoryPublisher(core, channel)
     finally:
         channel.on_failure = None
-        broker._close_channel(channel)
+        core.close_channel(channel)
     if channel.connection_error is not None:
         raise channel.connection_error
