@@ -12,6 +12,7 @@ See ``docs/testing.md`` for the fixtures and the differences from RabbitMQ.
 
 from __future__ import annotations
 
+from ._exports import set_public_module
 from ._transport._base import (
     BindingSpec,
     Delivery,
@@ -43,3 +44,6 @@ __all__ = [
     "QueueSpec",
     "SessionSpec",
 ]
+
+set_public_module(__name__, globals(), __all__)
+del set_public_module
