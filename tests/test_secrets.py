@@ -1,4 +1,4 @@
-"""RELIABILITY.md row S2: a password never shows.
+"""Reliability row S2 (docs/reliability.md): a password never shows.
 
 A marker password (with characters that must be percent-encoded) is given in the
 URL and in ``failover_urls``. It is searched for, in every form, in:
