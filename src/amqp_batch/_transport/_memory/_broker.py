@@ -147,13 +147,7 @@ class MemoryBroker:
         """Publish without opening a connection (same routing and errors as a
         publisher session)."""
         await anyio.lowlevel.checkpoint()
-        self._core.publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=properties,
-            mandatory=mandatory,
-        )
+        self._core.publish(body, exchange, routing_key, properties, mandatory)
 
     def queue_messages(self, name: str) -> list[BrokerMessage]:
         """The queue's ready messages, head first (expired ones are applied)."""

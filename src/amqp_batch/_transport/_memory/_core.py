@@ -269,7 +269,6 @@ class BrokerCore:
     def publish(
         self,
         body: bytes,
-        *,
         exchange: str,
         routing_key: str,
         properties: Properties | None,

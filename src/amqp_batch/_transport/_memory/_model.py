@@ -1,6 +1,6 @@
 """The memory broker's state: messages, queues, exchanges, channels, consumers.
 
-Plain records only; the rules that change them live in ``_broker``.
+Plain records only; the rules that change them live in ``_core``.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
@@ -16,10 +17,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from ..._exceptions import ChannelClosed, MessageNacked, MessageReturned
 from .._base import (
     BindingSpec,
+    Confirmation,
     Delivery,
     ExchangeSpec,
     Properties,
+    PublisherSession,
     QueueSpec,
+    Session,
     SessionSpec,
 )
 from .._url import ConnectionParameters
@@ -39,8 +43,11 @@ __all__ = [
 
 _consumer_numbers = itertools.count(1)
 
+#: The arguments of one publish: body, exchange, routing key, properties, mandatory.
+_Publish = tuple[bytes, str, str, Properties | None, bool]
 
-class MemorySession:
+
+class MemorySession(Session):
     """A consuming session on a :class:`~amqp_batch.testing.MemoryBroker`."""
 
     def __init__(
@@ -68,13 +75,10 @@ class MemorySession:
 
     @property
     def deliveries(self) -> MemoryObjectReceiveStream[Delivery]:
-        """Deliveries in arrival order; ends after cancel or a broker cancel."""
         return self._deliveries
 
     @property
     def consumer_cancelled_by_broker(self) -> bool:
-        """True once the broker cancelled the consumer (e.g. its queue was
-        deleted)."""
         return self._consumer.cancelled_by_broker
 
     async def _settle(self, tag: int, *, multiple: bool, how: Settle) -> None:
@@ -95,23 +99,19 @@ class MemorySession:
     async def nack(
         self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True
     ) -> None:
-        """Negatively acknowledge; ``requeue=False`` dead-letters."""
         how: Settle = "requeue" if requeue else "reject"
         await self._settle(delivery_tag, multiple=multiple, how=how)
 
     async def reject(self, delivery_tag: int, *, requeue: bool = True) -> None:
-        """Reject one delivery; ``requeue=False`` dead-letters."""
         how: Settle = "requeue" if requeue else "reject"
         await self._settle(delivery_tag, multiple=False, how=how)
 
     async def cancel(self) -> None:
-        """Stop deliveries; the stream ends after what it already holds.
-        Unacknowledged deliveries can still be settled."""
         await anyio.lowlevel.checkpoint()
         self._core.remove_consumer(self._consumer)
 
 
-class MemoryConfirmation:
+class MemoryConfirmation(Confirmation):
     """A publish started on a :class:`MemoryPublisher`: routed at once, or when
     the broker unblocks publishers; :meth:`wait` gives its outcome."""
 
@@ -133,7 +133,6 @@ class MemoryConfirmation:
             self._error = exc
 
     async def wait(self) -> None:
-        """Return once the message is routed; raise what routing it raised."""
         if self._route is not None:
             await self._unblocked()
         await anyio.lowlevel.checkpoint()
@@ -141,7 +140,7 @@ class MemoryConfirmation:
             raise self._error
 
 
-class MemoryPublisher:
+class MemoryPublisher(PublisherSession):
     """A confirm-mode publisher on a :class:`~amqp_batch.testing.MemoryBroker`."""
 
     def __init__(self, core: BrokerCore, channel: Channel) -> None:
@@ -171,32 +170,19 @@ class MemoryPublisher:
         closed.
         """
         self._core.check_open(self._channel)
+        arguments = (body, exchange, routing_key, properties, mandatory)
         confirmation = MemoryConfirmation(
-            lambda: self._route(body, exchange, routing_key, properties, mandatory),
-            self._wait_unblocked,
+            partial(self._route, arguments), self._wait_unblocked
         )
         self._started.append(confirmation)
         if not self._core.gate.blocked:
             self._route_started()
         return confirmation
 
-    def _route(
-        self,
-        body: bytes,
-        exchange: str,
-        routing_key: str,
-        properties: Properties | None,
-        mandatory: bool,
-    ) -> None:
+    def _route(self, arguments: _Publish) -> None:
         try:
-            self._core.publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=mandatory,
-            )
-        except ChannelClosed as exc:
+            self._core.publish(*arguments)
+        except ChannelClosed as exc:  # RabbitMQ closes the publisher's channel
             self._core.fail(self._channel, exc)
             raise
 
@@ -230,7 +216,7 @@ class MemoryPublisher:
         await self._wait_unblocked()
         self._core.check_open(self._channel)
         try:
-            self._route(body, exchange, routing_key, properties, mandatory)
+            self._route((body, exchange, routing_key, properties, mandatory))
         finally:
             await anyio.lowlevel.checkpoint()
 
