@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -74,6 +74,15 @@ def _default_clock() -> float:
         return time.monotonic()
 
 
+_Spec = TypeVar("_Spec", ExchangeSpec, QueueSpec)
+
+
+def _with_own_arguments(spec: _Spec) -> _Spec:
+    # A copy of the arguments: the caller's mapping may change after declaring.
+    arguments = dict(spec.arguments) if spec.arguments else None
+    return attrs.evolve(spec, arguments=arguments)
+
+
 def _not_found(kind: str, name: str) -> ChannelClosed:
     return channel_error(404, f"NOT_FOUND - no {kind} '{name}' in vhost '/'")
 
@@ -89,7 +98,8 @@ class BrokerCore:
         self._clock = clock or _default_clock
         self.gate = gate
         self.exchanges: dict[str, Exchange] = {
-            name: Exchange(name=name, type=kind) for name, kind in _PREDEFINED.items()
+            name: Exchange(spec=ExchangeSpec(name=name, type=kind))
+            for name, kind in _PREDEFINED.items()
         }
         self.queues: dict[str, Queue] = {}
         self.channels: dict[int, Channel] = {}
@@ -160,16 +170,9 @@ class BrokerCore:
             )
         existing = self.exchanges.get(spec.name)
         if existing is not None:
-            check_exchange_equivalent(existing, spec)
+            check_exchange_equivalent(existing.spec, spec)
             return
-        self.exchanges[spec.name] = Exchange(
-            name=spec.name,
-            type=spec.type,
-            durable=spec.durable,
-            auto_delete=spec.auto_delete,
-            internal=spec.internal,
-            arguments=dict(spec.arguments) if spec.arguments else None,
-        )
+        self.exchanges[spec.name] = Exchange(spec=_with_own_arguments(spec))
 
     def _declare_queue(self, spec: QueueSpec, owner: int | None) -> None:
         if not spec.name:
@@ -183,16 +186,11 @@ class BrokerCore:
         existing = self.queues.get(spec.name)
         if existing is not None:
             self._check_exclusive(existing, owner)
-            check_queue_equivalent(existing, spec)
+            check_queue_equivalent(existing.spec, spec)
             return
         check_queue_arguments(spec)
         self.queues[spec.name] = Queue(
-            name=spec.name,
-            durable=spec.durable,
-            exclusive=spec.exclusive,
-            auto_delete=spec.auto_delete,
-            arguments=dict(spec.arguments) if spec.arguments else None,
-            owner=owner if spec.exclusive else None,
+            spec=_with_own_arguments(spec), owner=owner if spec.exclusive else None
         )
 
     @staticmethod
@@ -243,18 +241,18 @@ class BrokerCore:
     ) -> list[Queue]:
         seen: set[str] = set()
         current: Exchange | None = exchange
-        while current is not None and current.name not in seen:
-            seen.add(current.name)
+        while current is not None and current.spec.name not in seen:
+            seen.add(current.spec.name)
             names = dict.fromkeys(
                 b.queue
                 for b in current.bindings
                 if matches(
-                    current.type, b.routing_key, b.arguments, routing_key, headers
+                    current.spec.type, b.routing_key, b.arguments, routing_key, headers
                 )
             )
             if names:
                 return [self.queues[name] for name in names]
-            alternate = (current.arguments or {}).get("alternate-exchange")
+            alternate = (current.spec.arguments or {}).get("alternate-exchange")
             current = self.exchanges.get(alternate) if alternate else None
         return []
 
@@ -285,7 +283,7 @@ class BrokerCore:
             raise channel_error(
                 406, f"PRECONDITION_FAILED - invalid expiration '{expiration}'"
             )
-        if exchange and self.exchange_named(exchange).internal:
+        if exchange and self.exchange_named(exchange).spec.internal:
             raise channel_error(
                 403,
                 f"ACCESS_REFUSED - cannot publish to internal exchange '{exchange}' "
@@ -367,7 +365,7 @@ class BrokerCore:
         )
 
     def _dead_letter(self, queue: Queue, message: StoredMessage, reason: str) -> None:
-        arguments = queue.arguments or {}
+        arguments = queue.spec.arguments or {}
         if "x-dead-letter-exchange" not in arguments:
             return  # no DLX: the message is dropped
         exchange = str(arguments["x-dead-letter-exchange"])
@@ -474,7 +472,7 @@ class BrokerCore:
             queue.consumers.remove(consumer)
         consumer.channel.consumers.pop(consumer.tag, None)
         consumer.sink.close()
-        if queue.auto_delete and not queue.consumers and not queue.deleted:
+        if queue.spec.auto_delete and not queue.consumers and not queue.deleted:
             self.delete_queue(queue)
         self.notify()
 

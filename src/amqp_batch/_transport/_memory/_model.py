@@ -13,7 +13,7 @@ import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ..._exceptions import TransportError
-from .._base import Delivery, FieldTable, Properties
+from .._base import Delivery, ExchangeSpec, FieldTable, Properties, QueueSpec
 
 __all__ = [
     "BrokerMessage",
@@ -97,26 +97,18 @@ class Binding:
 
 @attrs.define(eq=False, kw_only=True)
 class Exchange:
-    """An exchange and its bindings."""
+    """An exchange, as it was declared, and its bindings."""
 
-    name: str
-    type: str
-    durable: bool = True
-    auto_delete: bool = False
-    internal: bool = False
-    arguments: FieldTable | None = None
+    spec: ExchangeSpec
     bindings: list[Binding] = attrs.field(factory=list)
 
 
 @attrs.define(eq=False, kw_only=True)
 class Queue:
-    """A queue: ready messages in order, unacknowledged ones, its consumers."""
+    """A queue, as it was declared: ready messages in order, unacknowledged ones,
+    its consumers."""
 
-    name: str
-    durable: bool = True
-    exclusive: bool = False
-    auto_delete: bool = False
-    arguments: FieldTable | None = None
+    spec: QueueSpec
     #: The connection that owns an exclusive queue.
     owner: int | None = None
     ready: list[StoredMessage] = attrs.field(factory=list)  # a heap by seq
@@ -124,9 +116,14 @@ class Queue:
     consumers: list[Consumer] = attrs.field(factory=list)
     deleted: bool = False
 
+    @property
+    def name(self) -> str:
+        """The queue's name."""
+        return self.spec.name
+
     def argument(self, key: str) -> Any:
         """One ``x-`` argument, or None."""
-        return (self.arguments or {}).get(key)
+        return (self.spec.arguments or {}).get(key)
 
     def push(self, message: StoredMessage) -> None:
         """Put a message at its place (by ``seq``)."""
