@@ -27,7 +27,6 @@ from ..._exceptions import (
 )
 from .._base import (
     BindingSpec,
-    Delivery,
     ExchangeSpec,
     Properties,
     QueueSpec,
@@ -436,15 +435,7 @@ class BrokerCore:
         channel.unacked[tag] = Unacked(queue, message, consumer)
         consumer.unacked += 1
         queue.unacked[message.seq] = message
-        delivery = Delivery(
-            delivery_tag=tag,
-            redelivered=message.redelivered,
-            exchange=message.exchange,
-            routing_key=message.routing_key,
-            consumer_tag=consumer.tag,
-            body=message.body,
-            properties=message.properties,
-        )
+        delivery = message.delivery(tag, consumer.tag)
         # Nobody reading any more: like a client that dropped it, it stays unacked
         # until the channel closes and then goes back to the queue.
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):

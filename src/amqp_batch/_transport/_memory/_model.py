@@ -75,15 +75,23 @@ class StoredMessage:
     def __lt__(self, other: StoredMessage) -> bool:
         return self.seq < other.seq
 
+    def _view(self) -> dict[str, Any]:
+        # Every field of BrokerMessage is a field of this class; a Delivery has
+        # them all too, with its tags.
+        return {name: getattr(self, name) for name in _VIEW_FIELDS}
+
     def snapshot(self) -> BrokerMessage:
         """A public, immutable view."""
-        return BrokerMessage(
-            body=self.body,
-            properties=self.properties,
-            exchange=self.exchange,
-            routing_key=self.routing_key,
-            redelivered=self.redelivered,
+        return BrokerMessage(**self._view())
+
+    def delivery(self, delivery_tag: int, consumer_tag: str) -> Delivery:
+        """This message as delivered with ``delivery_tag`` to ``consumer_tag``."""
+        return Delivery(
+            delivery_tag=delivery_tag, consumer_tag=consumer_tag, **self._view()
         )
+
+
+_VIEW_FIELDS = tuple(field.name for field in attrs.fields(BrokerMessage))
 
 
 @attrs.define(eq=False, kw_only=True)
