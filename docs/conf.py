@@ -106,8 +106,6 @@ nitpick_ignore = [
     ("py:class", "amqp_batch._transport._base.Session"),
     ("py:class", "amqp_batch._transport._base.PublisherSession"),
     ("py:class", "amqp_batch._transport._base.FieldTable"),
-    ("py:class", "amqp_batch._transport._memory._core.BrokerCore"),
-    ("py:class", "amqp_batch._transport._memory._model.Channel"),
     ("py:class", "amqp_batch._transport._memory._session.MemoryConfirmation"),
     ("py:class", "amqp_batch._transport._base.Confirmation"),
     ("py:class", "amqp_batch._transport._native._channel.Waiter"),
