@@ -1,4 +1,4 @@
-"""Shutdown as DESIGN.md describes it, against a real broker, on asyncio and trio."""
+"""Shutdown as docs/design.md has it, against a real broker, on asyncio and trio."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RELIABILITY.md rows F8, F9, F11-F13, B1-B3, S1 and S3, against a real broker.
+"""docs/reliability.md rows F8, F9, F11-F13, B1-B3, S1 and S3, against a real broker.
 
 Every test runs on asyncio and trio. Where messages flow, the Jepsen total-queue
 invariant (``tests/support/invariant.py``) is checked, and each row records what it
