@@ -366,12 +366,12 @@ def _log_failed(message: Message, planned: Publish, what: str) -> None:
     """Log (with the exception) that ``planned``'s publish ``what``."""
     fallback = planned.fallback
     instead = (
-        "rejecting it (the broker dead-letters it)"
+        "rejecting it instead (the broker dead-letters it)"
         if isinstance(fallback, Settle)
-        else "dead-lettering it"
+        else "dead-lettering it instead"
     )
     logger.exception(
-        "%s message %r to %r %s; %s instead",
+        "%s message %r to %r %s; %s",
         "republishing" if isinstance(planned, Republish) else "dead-lettering",
         message.message_id,
         planned.exchange,
