@@ -4,6 +4,7 @@ channel) and its republish / dead-letter decisions (with in-test fakes)."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 
 import anyio
 import pytest
@@ -12,8 +13,8 @@ from hypothesis import strategies as st
 
 from amqp_batch import MessageNacked, MessageResult, MessageReturned
 from amqp_batch._actors.acker import Acker, DeadLetter, Outcome
-from amqp_batch._actors.planner import Applied, Fate
 from amqp_batch._actors.ledger import AckLedger, Action, Settle
+from amqp_batch._actors.planner import Applied, Fate
 from amqp_batch._message import Message
 from amqp_batch._retry import RetryPolicy
 from amqp_batch._transport._base import Delivery, Properties
@@ -146,26 +147,41 @@ def _message(tag: int, message_id: str, **headers: object) -> Message:
     return Message(delivery, retry_count=retry)
 
 
+def _opener(publisher: FakePublisher) -> Callable[[], _Open]:
+    return lambda: _Open(publisher)
+
+
+class _Open:
+    def __init__(self, publisher: FakePublisher) -> None:
+        self.publisher = publisher
+
+    async def __aenter__(self) -> FakePublisher:
+        return self.publisher
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def _ledger(tags: Iterable[int]) -> AckLedger:
+    ledger = AckLedger()
+    for tag in sorted(tags):
+        ledger.register(tag)
+    return ledger
+
+
 async def _run_acker(
     batches: list[list[Outcome]],
     *,
     policy: RetryPolicy,
     publisher: FakePublisher,
+    on_applied: Callable[[Sequence[Applied]], None] | None = None,
 ) -> tuple[FakeSession, Counter[str]]:
     session = FakeSession()
-    ledger = AckLedger()
-    for tag in sorted(m.delivery_tag for batch in batches for m, _ in batch):
-        ledger.register(tag)
+    ledger = _ledger(m.delivery_tag for batch in batches for m, _ in batch)
     counts: Counter[str] = Counter()
-
-    class _Open:
-        async def __aenter__(self) -> FakePublisher:
-            return publisher
-
-        async def __aexit__(self, *exc: object) -> None:
-            return None
-
-    acker = Acker(session, ledger, policy, _Open, counts)
+    acker = Acker(
+        session, ledger, policy, _opener(publisher), counts, on_applied=on_applied
+    )
     send, receive = anyio.create_memory_object_stream[list[Outcome]](len(batches))
     with send:
         for batch in batches:
@@ -418,19 +434,8 @@ async def test_health_counts_a_result_only_once_its_frame_is_sent() -> None:
     publisher = HeldPublisher()
     policy = RetryPolicy(queue="q", max_requeue_attempts=3)
     session = FakeSession()
-    ledger = AckLedger()
-    for tag in (1, 2):
-        ledger.register(tag)
     counts: Counter[str] = Counter()
-
-    class _Open:
-        async def __aenter__(self) -> FakePublisher:
-            return publisher
-
-        async def __aexit__(self, *exc: object) -> None:
-            return None
-
-    acker = Acker(session, ledger, policy, _Open, counts)
+    acker = Acker(session, _ledger([1, 2]), policy, _opener(publisher), counts)
     send, receive = anyio.create_memory_object_stream[list[Outcome]](1)
     async with anyio.create_task_group() as group:
         group.start_soon(acker.run, receive)
@@ -480,25 +485,9 @@ async def test_on_applied_hears_every_settlement_once_with_its_fate() -> None:
         (_message(7, "g"), MessageResult.REQUEUE),
     ]
     heard: list[Applied] = []
-    session = FakeSession()
-    ledger = AckLedger()
-    for tag in range(1, 8):
-        ledger.register(tag)
-    counts: Counter[str] = Counter()
-
-    class _Open:
-        async def __aenter__(self) -> FakePublisher:
-            return publisher
-
-        async def __aexit__(self, *exc: object) -> None:
-            return None
-
-    acker = Acker(session, ledger, policy, _Open, counts, on_applied=heard.extend)
-    send, receive = anyio.create_memory_object_stream[list[Outcome]](1)
-    with send:
-        send.send_nowait(batch)
-    await acker.run(receive)
-    session.close()
+    _, counts = await _run_acker(
+        [batch], policy=policy, publisher=publisher, on_applied=heard.extend
+    )
     assert [(r.message.delivery_tag, r.fate, r.reason) for r in heard] == [
         (1, Fate.ACKED, None),
         (2, Fate.REQUEUED, None),
