@@ -72,9 +72,6 @@ _ToStart = tuple[Message, Disposition, Publish]
 #: A publish in flight: the message, its disposition, the plan, its confirm.
 _InFlight = tuple[Message, Disposition, Publish, Confirmation]
 
-#: The health counter each result is counted under.
-_RESULT_KEYS = {result: result.name.lower() for result in MessageResult}
-
 
 class Acker:
     """Settles one session's deliveries. Lives exactly as long as the session.
@@ -152,9 +149,10 @@ class Acker:
         publishes: list[_ToStart] = []
         resolve = self._ledger.resolve
         bare_ack, policy = self._bare_ack, self._policy
+        ack = Action.ACK
         for message, disposition in batch:
             if disposition is bare_ack:  # the common case, inline
-                resolve(message.delivery_tag, Action.ACK)
+                resolve(message.delivery_tag, ack)
                 continue
             planned = plan(message, disposition, policy)
             if planned.reason == MAX_REQUEUE_ATTEMPTS:
@@ -320,13 +318,14 @@ class Acker:
     async def _send(self, frames: list[Frame]) -> None:
         """Send ``frames`` in order; count what was sent, even if a send fails."""
         session = self._session
+        ack, reject = Action.ACK, Action.REJECT
         bare = 0
         applied: list[Applied] = []
         try:
             for frame in frames:
-                if frame.action is Action.ACK:
+                if frame.action is ack:
                     await session.ack(frame.delivery_tag, multiple=frame.multiple)
-                elif frame.action is Action.REJECT:
+                elif frame.action is reject:
                     await session.reject(frame.delivery_tag, requeue=False)
                 else:
                     await session.nack(frame.delivery_tag, requeue=True)
@@ -347,7 +346,10 @@ class Acker:
         for record in applied:
             disposition = record.disposition
             if isinstance(disposition, MessageResult):  # not a DeadLetter
-                counts[_RESULT_KEYS[disposition]] += 1
+                # The key is the result's value ("ack", "nack", "requeue",
+                # "requeue_immediate"); _value_ is a plain attribute, unlike
+                # .value, and an enum-keyed dict would hash in Python.
+                counts[disposition._value_] += 1
             if record.fate.dead_letters:
                 counts["dead_lettered"] += 1
         if self._on_applied is not None:
