@@ -986,7 +986,7 @@ def render(bench: Bench, args: argparse.Namespace, elapsed: float) -> str:
         "its backend (asyncio or trio) in the same workload.",
         *bench.callgrind_lines(),
         "",
-        "## Goals (issue 5)",
+        "## Performance goals",
         "",
         "| goal | status |",
         "| --- | --- |",
