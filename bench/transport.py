@@ -167,20 +167,25 @@ async def consume_native_mixed(
     """
     clock = clock or Meter()
     parameters = parse_url(url)
-    spec = SessionSpec(parameters=parameters, queue=queue, prefetch_count=PREFETCH)
+    sink, deliveries = anyio.create_memory_object_stream[Delivery](PREFETCH + 16)
     async with (
         connect(parameters) as probe_connection,
         probe_connection.channel() as probe,
-        open_session(spec) as session,
+        connect(parameters) as connection,
+        connection.channel() as channel,
         open_publisher(parameters) as publisher,
+        sink,
+        deliveries,
     ):
+        await channel.basic_qos(PREFETCH)
+        await channel.basic_consume(queue, f"amqp-batch.bench.{os.getpid()}", sink)
         clock.start()
-        ledger = _MixedLedger(session._channel)
+        ledger = _MixedLedger(channel)
         confirms_in, confirms_out = anyio.create_memory_object_stream[Any](math.inf)
         async with anyio.create_task_group() as group:
             group.start_soon(_confirm_in_order, confirms_out, ledger)
             received = await _mixed_deliveries(
-                session,
+                deliveries,
                 publisher,
                 ledger,
                 confirms_in,
@@ -210,7 +215,7 @@ async def _confirm_in_order(confirms: Any, ledger: _MixedLedger) -> None:
 
 
 async def _mixed_deliveries(
-    session: Any,
+    deliveries: Any,
     publisher: Any,
     ledger: _MixedLedger,
     confirms: Any,
@@ -222,7 +227,7 @@ async def _mixed_deliveries(
     """Decide every delivery until each of the ``count`` messages is final;
     returns the number of deliveries."""
     final = received = 0
-    deliveries, pending = session.deliveries, ledger.pending
+    pending = ledger.pending
     while final < count:
         try:
             delivery = deliveries.receive_nowait()
