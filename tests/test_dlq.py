@@ -1,0 +1,148 @@
+"""The pure parts of ``amqp-batch dlq``: what a dead letter says, filters, copies."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from amqp_batch._dlq import (
+    REPLAY_KEY_HEADER,
+    DeadLetter,
+    Filters,
+    group,
+    parse_duration,
+    parse_header_filter,
+    replay_properties,
+)
+from amqp_batch._transport._base import Delivery, Properties
+
+NOW = datetime.datetime(2026, 1, 2, tzinfo=datetime.timezone.utc)
+
+
+def letter(headers: dict[str, object], **properties: object) -> DeadLetter:
+    return DeadLetter.from_delivery(
+        Delivery(
+            delivery_tag=1,
+            redelivered=False,
+            exchange="orders.dlx",
+            routing_key="orders.created",
+            consumer_tag="",
+            body=b"{}",
+            properties=Properties(headers=headers, **properties),  # type: ignore[arg-type]
+        )
+    )
+
+
+def broker_death(reason: str, minutes_ago: float = 0) -> dict[str, object]:
+    return {
+        "x-death": [
+            {
+                "reason": reason,
+                "queue": "orders",
+                "exchange": "orders",
+                "routing-keys": ["orders.created", "cc.key"],
+                "count": 1,
+                "time": NOW - datetime.timedelta(minutes=minutes_ago),
+            }
+        ]
+    }
+
+
+def test_broker_dead_letter_facts_come_from_the_newest_x_death_entry() -> None:
+    dead = letter(broker_death("expired", minutes_ago=90))
+    assert (dead.reason, dead.dead_lettered_by) == ("expired", "broker")
+    assert (dead.original_exchange, dead.original_routing_key) == (
+        "orders",
+        "orders.created",
+    )
+    assert dead.original_queue == "orders"
+    assert dead.age(NOW) == 90 * 60
+    assert dead.retry_count == 0
+
+
+def test_library_dead_letter_reason_and_original_headers_win() -> None:
+    dead = letter(
+        {
+            **broker_death("rejected"),
+            "x-dead-letter-reason": "invalid-retry-count: x-retry-count is a str",
+            "x-original-exchange": "",
+            "x-original-routing-key": "orders",
+            "x-retry-count": "3",
+        }
+    )
+    assert (dead.reason, dead.dead_lettered_by) == ("invalid-retry-count", "library")
+    assert dead.reason_detail.endswith("is a str")
+    assert (dead.original_exchange, dead.original_routing_key) == ("", "orders")
+    assert dead.retry_count is None  # not a valid count: shown as invalid
+    assert group([dead], NOW).by_retry_count == {"invalid": 1}
+
+
+def test_without_headers_the_delivery_says_where_it_came_from() -> None:
+    dead = letter({})
+    assert dead.reason == "unknown"
+    assert (dead.original_exchange, dead.original_routing_key) == (
+        "orders.dlx",
+        "orders.created",
+    )
+    assert dead.age(NOW) is None
+
+
+def test_filters_all_must_match() -> None:
+    dead = letter({**broker_death("rejected", minutes_ago=30), "tenant": "eu"})
+    assert Filters().matches(dead, NOW)
+    assert Filters(reasons=frozenset({"rejected"}), routing_key="orders.*").matches(
+        dead, NOW
+    )
+    assert Filters(headers=(("tenant", "eu"),), older_than=600).matches(dead, NOW)
+    assert not Filters(reasons=frozenset({"expired"})).matches(dead, NOW)
+    assert not Filters(routing_key="*.cancelled").matches(dead, NOW)
+    assert not Filters(headers=(("tenant", "us"),)).matches(dead, NOW)
+    assert not Filters(older_than=3600).matches(dead, NOW)
+    assert not Filters(older_than=1).matches(letter({}), NOW)  # unknown age
+
+
+def test_a_replayed_copy_resets_the_count_and_is_marked() -> None:
+    dead = letter(
+        {
+            **broker_death("expired"),
+            "x-retry-count": 2,
+            "x-dead-letter-reason": "max-requeue-attempts",
+        },
+        user_id="producer",
+        expiration="1000",
+    )
+    copy = replay_properties(dead, replay_id="run-1", now=NOW)
+    headers = dict(copy.headers or {})
+    assert "x-retry-count" not in headers
+    assert "x-dead-letter-reason" not in headers
+    assert headers["x-death"] == broker_death("expired")["x-death"]
+    assert headers["x-replay-id"] == "run-1"
+    assert headers[REPLAY_KEY_HEADER] == dead.replay_key()
+    assert copy.user_id is None
+    kept = replay_properties(dead, replay_id="run-2", now=NOW, keep_retry_count=True)
+    assert dict(kept.headers or {})["x-retry-count"] == 2
+    assert dict(kept.headers or {})[REPLAY_KEY_HEADER] == headers[REPLAY_KEY_HEADER]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("90s", 90), ("15m", 900), ("2h", 7200), ("1d", 86400),
+     ("1h30m", 5400), ("500ms", 0.5)],
+)  # fmt: skip
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-5m", "5 parsecs", "m"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+def test_header_filters() -> None:
+    assert parse_header_filter("tenant=eu=1") == ("tenant", "eu=1")
+    assert parse_header_filter("empty=") == ("empty", "")
+    for bad in ("tenant", "=eu"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            parse_header_filter(bad)
