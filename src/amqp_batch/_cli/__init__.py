@@ -38,6 +38,7 @@ from ._common import (
 from ._demo import add_demo_arguments, demo_command
 from ._dlq import add_dlq_arguments, dlq_command
 from ._run import add_run_arguments, run_command
+from ._supervisor import add_supervisor_arguments, supervise_command
 
 __all__ = ["main", "parser"]
 
@@ -112,6 +113,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(run)
+    add_supervisor_arguments(run)
     _add_common(run, log_level="INFO")
     demo = commands.add_parser(
         "demo",
@@ -139,10 +141,13 @@ def _check_backend(backend: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``amqp-batch`` console script; the exit code."""
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging(args.log_level)
     prog = f"amqp-batch {args.command}"
     try:
         _check_backend(args.backend)
+        if args.command == "run" and args.processes is not None:
+            return supervise_command(args)
         if args.command == "run":
             return run_command(args)
         if args.command == "dlq":
