@@ -78,7 +78,10 @@ def pytest_collection_modifyitems(
     for item in items:
         if "private_node" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.private_node)
-        if "broker_url" in getattr(item, "fixturenames", ()):
+        callspec = getattr(item, "callspec", None)
+        if "broker_url" in getattr(item, "fixturenames", ()) or (
+            callspec is not None and "rabbitmq" in callspec.params.values()
+        ):  # broker_url, or a fixture parametrized "rabbitmq" that asks for it
             item.add_marker(pytest.mark.broker)
     soak = config.getoption("--soak")
     keep = [
