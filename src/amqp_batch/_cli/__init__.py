@@ -37,6 +37,7 @@ from ._common import (
 )
 from ._demo import add_demo_arguments, demo_command
 from ._dlq import add_dlq_arguments, dlq_command
+from ._reload import add_reload_arguments, reload_command
 from ._run import add_run_arguments, run_command
 from ._supervisor import add_supervisor_arguments, supervise_command
 
@@ -114,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
     )
     add_run_arguments(run)
     add_supervisor_arguments(run)
+    add_reload_arguments(run)
     _add_common(run, log_level="INFO")
     demo = commands.add_parser(
         "demo",
@@ -146,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"amqp-batch {args.command}"
     try:
         _check_backend(args.backend)
+        if args.command == "run" and args.reload:
+            return reload_command(args)
         if args.command == "run" and args.processes is not None:
             return supervise_command(args)
         if args.command == "run":

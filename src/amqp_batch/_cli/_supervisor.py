@@ -81,8 +81,9 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def child_argv(argv: Sequence[str]) -> list[str]:
-    """``argv`` without ``--processes N`` (the children's command line)."""
+def child_argv(argv: Sequence[str], *, flags: Sequence[str] = ()) -> list[str]:
+    """``argv`` without ``--processes N`` and the valueless ``flags`` (the
+    children's command line)."""
     result: list[str] = []
     skip = False
     for arg in argv:
@@ -90,7 +91,7 @@ def child_argv(argv: Sequence[str]) -> list[str]:
             skip = False
         elif arg == "--processes":
             skip = True
-        elif not arg.startswith("--processes="):
+        elif not arg.startswith("--processes=") and arg not in flags:
             result.append(arg)
     return result
 
