@@ -32,6 +32,7 @@ LINT_PATHS = [
         "bench",
         "examples",
         "scripts",
+        "deploy",
         "docs/conf.py",
         "docs/diagrams",
         "noxfile.py",
