@@ -163,6 +163,7 @@ async def test_inspect_reports_exact_groups_and_moves_nothing(
     ) == sorted((top.exchange, key, 100) for key in KEYS)
     assert report["by_retry_count"] == {"0": TOTAL}
     assert report["by_dead_lettered_by"] == {"broker": TOTAL}
+    assert report["by_age"] == {"< 1 min": TOTAL}
     assert report["age_seconds"]["oldest"] >= report["age_seconds"]["newest"] >= 0
     first = report["shown"][0]
     assert first["properties"]["message_id"] == "0"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import datetime
+import io
 
 import pytest
 
+from amqp_batch._cli._dlq_output import Progress, print_groups
 from amqp_batch._dlq import (
     REPLAY_KEY_HEADER,
     DeadLetter,
     Filters,
+    age_bucket,
     group,
     parse_duration,
     parse_header_filter,
@@ -146,3 +149,35 @@ def test_header_filters() -> None:
     for bad in ("tenant", "=eu"):
         with pytest.raises(ValueError, match="KEY=VALUE"):
             parse_header_filter(bad)
+
+
+def test_age_buckets() -> None:
+    ages = [None, 5, 600, 7200, 3 * 86400, 30 * 86400]
+    assert [age_bucket(a) for a in ages] == [
+        "unknown", "< 1 min", "< 1 h", "< 1 d", "< 7 d", ">= 7 d"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("bar", [False, True])
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise(bar: bool) -> None:
+    out = io.StringIO()
+    progress = Progress(out, "replayed", quiet=False, bar=bar)
+    for scanned in range(1, 101):
+        progress.update(scanned, 100, scanned // 2)
+    progress.done(100, 100, 50)
+    text = out.getvalue()
+    if bar:
+        assert text.count("\r") == 100  # redrawn in place
+        assert text.endswith("] 100/100 scanned, 50 replayed\n")
+    else:
+        lines = text.splitlines()
+        assert len(lines) == 10  # one per tenth
+        assert lines[-1] == "progress: 100/100 scanned, 50 replayed"
+
+
+def test_text_output_neutralises_control_characters() -> None:
+    out = io.StringIO()
+    dead = letter({"x-dead-letter-reason": "bad\x1b[2Jreason"})
+    print_groups(out, "q", 1, 1, False, group([dead], NOW))
+    assert "\x1b" not in out.getvalue()
+    assert "bad?[2Jreason" in out.getvalue()

@@ -43,12 +43,14 @@ from ._retry import (
 from ._transport._base import Delivery, Properties
 
 __all__ = [
+    "AGE_BUCKETS",
     "REPLAYED_AT_HEADER",
     "REPLAY_ID_HEADER",
     "REPLAY_KEY_HEADER",
     "DeadLetter",
     "Filters",
     "Groups",
+    "age_bucket",
     "group",
     "parse_duration",
     "parse_header_filter",
@@ -265,15 +267,34 @@ def _header_text(value: Any) -> str:
     return str(value)
 
 
+#: Age buckets of :attr:`Groups.by_age`: (upper bound in seconds, label).
+AGE_BUCKETS = (
+    (60.0, "< 1 min"),
+    (3600.0, "< 1 h"),
+    (86400.0, "< 1 d"),
+    (604800.0, "< 7 d"),
+    (float("inf"), ">= 7 d"),
+)
+
+
+def age_bucket(age: float | None) -> str:
+    """The :data:`AGE_BUCKETS` label of ``age`` seconds (``unknown`` for None)."""
+    if age is None:
+        return "unknown"
+    return next(label for bound, label in AGE_BUCKETS if age < bound)
+
+
 @attrs.define
 class Groups:
-    """Counts of dead letters by reason, original destination and retry count."""
+    """Counts of dead letters by reason, original destination, retry count, who
+    dead-lettered them and age."""
 
     total: int = 0
     by_reason: Counter[str] = attrs.Factory(Counter)
     by_destination: Counter[tuple[str, str]] = attrs.Factory(Counter)
     by_retry_count: Counter[str] = attrs.Factory(Counter)
     by_dead_lettered_by: Counter[str] = attrs.Factory(Counter)
+    by_age: Counter[str] = attrs.Factory(Counter)
     oldest: float | None = None
     newest: float | None = None
 
@@ -288,6 +309,7 @@ class Groups:
         self.by_retry_count[count] += 1
         self.by_dead_lettered_by[letter.dead_lettered_by] += 1
         age = letter.age(now)
+        self.by_age[age_bucket(age)] += 1
         if age is not None:
             self.oldest = age if self.oldest is None else max(self.oldest, age)
             self.newest = age if self.newest is None else min(self.newest, age)
@@ -303,6 +325,11 @@ class Groups:
             ],
             "by_retry_count": dict(self.by_retry_count.most_common()),
             "by_dead_lettered_by": dict(self.by_dead_lettered_by.most_common()),
+            "by_age": {
+                label: self.by_age[label]
+                for label in [*(label for _, label in AGE_BUCKETS), "unknown"]
+                if self.by_age[label]
+            },
             "age_seconds": {"oldest": self.oldest, "newest": self.newest},
         }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 from typing import Any, TextIO
 
-from .._dlq import DeadLetter, Groups
+from .._dlq import AGE_BUCKETS, DeadLetter, Groups
 
 __all__ = ["Progress", "describe_letter", "format_letter", "print_groups"]
 
@@ -25,6 +25,11 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
+def _shown(text: str) -> str:
+    """``text`` without control characters (producer headers are untrusted)."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def print_groups(
     out: TextIO, queue: str, size: int, scanned: int, filtered: bool, groups: Groups
 ) -> None:
@@ -39,17 +44,21 @@ def print_groups(
         return
     line("by reason:")
     for reason, count in groups.by_reason.most_common():
-        line(f"  {count:>8}  {reason}")
+        line(f"  {count:>8}  {_shown(reason)}")
     line("by original exchange / routing key:")
     for (exchange, key), count in groups.by_destination.most_common():
-        line(f"  {count:>8}  {exchange or '(default)'} / {key}")
+        line(f"  {count:>8}  {_shown(exchange) or '(default)'} / {_shown(key)}")
     line("by retry count (x-retry-count):")
     for retry, count in groups.by_retry_count.most_common():
         line(f"  {count:>8}  {retry}")
     line("dead-lettered by:")
     for by, count in groups.by_dead_lettered_by.most_common():
         line(f"  {count:>8}  {by}")
-    line(f"age: oldest {_age(groups.oldest)}, newest {_age(groups.newest)}")
+    line("by age:")
+    for label in [*(label for _, label in AGE_BUCKETS), "unknown"]:
+        if groups.by_age[label]:
+            line(f"  {groups.by_age[label]:>8}  {label}")
+    line(f"oldest {_age(groups.oldest)}, newest {_age(groups.newest)}")
     out.flush()
 
 
@@ -97,7 +106,8 @@ def describe_letter(letter: DeadLetter, now: datetime.datetime) -> dict[str, Any
 def format_letter(described: dict[str, Any]) -> str:
     """:func:`describe_letter`'s dict as indented text."""
     lines = [
-        f"reason: {described['reason']} (by {described['dead_lettered_by']}); "
+        f"reason: {_shown(described['reason'])} "
+        f"(by {described['dead_lettered_by']}); "
         f"age {_age(described['age_seconds'])}; "
         f"retry count {described['retry_count']}",
         f"original: exchange {described['original_exchange']!r}, routing key "
