@@ -148,9 +148,11 @@ def test_probes_hit_what_the_command_serves() -> None:
     assert f"EXPOSE {served}" in stages()[-1]
     if http_flags_landed():
         # The flags are the parser's: the image's CMD parses, with our port.
-        args = run_parser().parse_args(command[2:])
-        assert args.http_port == served
-        assert run_parser().get_default("http_port") in (None, served)
+        run = run_parser()
+        action = run._option_string_actions["--http-port"]
+        args = run.parse_args(command[2:])
+        assert int(getattr(args, action.dest)) == served
+        assert action.default in (None, argparse.SUPPRESS, served, str(served))
     else:
         # The HTTP flags have not landed on this branch yet: the port and the
         # paths are checked against the documented constants only.
