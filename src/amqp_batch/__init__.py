@@ -17,6 +17,7 @@ from ._exceptions import TransportError as TransportError
 from ._exceptions import UnknownVirtualHost as UnknownVirtualHost
 from ._message import Message as Message
 from ._publisher import Publisher as Publisher
+from ._publisher import PublishTimeout as PublishTimeout
 from ._results import MessageResult as MessageResult
 from ._retry import RETRY_COUNT_HEADER as RETRY_COUNT_HEADER
 from ._settings import BatchConsumerSettings as BatchConsumerSettings
@@ -48,6 +49,7 @@ __all__ = [
     "MessageReturned",
     "Properties",
     "ProtocolError",
+    "PublishTimeout",
     "Publisher",
     "TransportError",
     "UnknownVirtualHost",

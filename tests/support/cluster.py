@@ -47,7 +47,13 @@ from tests.support.rabbit_node import (
     _wait_until,
 )
 
-__all__ = ["Cluster", "ClusterNode", "QueueMembers", "cluster_proxies"]
+__all__ = [
+    "Cluster",
+    "ClusterNode",
+    "QueueMembers",
+    "cluster_proxies",
+    "declared_queue",
+]
 
 _T = TypeVar("_T")
 
@@ -321,6 +327,22 @@ async def cluster_proxies(cluster: Cluster) -> AsyncIterator[list[FaultProxy]]:
             await stack.enter_async_context(FaultProxy("127.0.0.1", node.amqp_port))
             for node in cluster.nodes
         ]
+
+
+@contextlib.asynccontextmanager
+async def declared_queue(
+    url: str, name: str, arguments: Mapping[str, Any] | None = None
+) -> AsyncIterator[str]:
+    """Declare durable queue ``name`` (with ``arguments``) at ``url``; delete it
+    on the way out."""
+    from consumer_support import admin_channel, cleanup  # tests/ is on sys.path
+
+    async with admin_channel(url) as channel:
+        await channel.queue_declare(name, durable=True, arguments=arguments)
+    try:
+        yield name
+    finally:
+        await cleanup(url, queues=[name])
 
 
 def _parallel(job: Callable[[_T], object], items: Sequence[_T]) -> None:
