@@ -292,6 +292,19 @@ class Cluster:
 
     # --------------------------------------------------------------- faults
 
+    def heal(self) -> None:
+        """Put every node back: boot crashed or stopped VMs (in parallel), start
+        stopped broker applications; wait until all run in the cluster."""
+        down = [node for node in self.nodes if not node.running]
+        if down:
+            _parallel(lambda node: node.start(), down)
+        running = self.running_nodes()
+        stopped = [node for node in self.nodes if node.node_name not in running]
+        for node in stopped:
+            node.start_app()
+        if down or stopped:
+            self.wait_running(self.nodes)
+
     def kill9(self, index: int) -> None:
         """Crash node ``index`` (SIGKILL its VM); :meth:`start_node` boots it."""
         self.nodes[index].kill9()
@@ -312,10 +325,23 @@ class Cluster:
         self.nodes[index].stop_app()
 
     def start_app(self, index: int) -> None:
-        """``rabbitmqctl start_app`` on node ``index``; wait until it rejoined."""
-        node = self.nodes[index]
-        node.start_app()
-        self.wait_running([node])
+        """``rabbitmqctl start_app`` on node ``index`` (it returns once the broker
+        application runs again, in the cluster) and wait for its AMQP port."""
+        self.nodes[index].start_app()
+
+    def wait_queue_settled(self, name: str, timeout: float = 60.0) -> None:
+        """Wait until queue ``name`` holds no message, ready or unacknowledged,
+        as the cluster sees it (everything delivered was settled)."""
+
+        def settled() -> bool:
+            with contextlib.suppress(
+                NodeCommandError, KeyError, RuntimeError, subprocess.TimeoutExpired
+            ):
+                return self.any_running().queue_counts(name) == (0, 0)
+            return False
+
+        if not _wait_until(settled, timeout, 0.2):
+            raise TimeoutError(f"{name}: messages left after {timeout} s")
 
 
 @contextlib.asynccontextmanager
