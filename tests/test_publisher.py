@@ -84,7 +84,8 @@ async def test_publishes_survive_cuts_and_a_broker_restart(
     are copies published again (same ``message_id``), counted; the tasks never
     see an error; leaving the ``async with`` leaves no connection behind."""
     node = destructive_node
-    progress = Progress()
+    # One per publisher: a publish it confirmed after a fault means it is back.
+    progress = (Progress(), Progress())
     done = anyio.Event()
     recoveries: dict[str, float] = {}
     async with FaultProxy("127.0.0.1", node.amqp_port) as proxy:
@@ -123,14 +124,16 @@ async def test_publishes_survive_cuts_and_a_broker_restart(
                             (first, second)[n % 2],
                             queue,
                             f"t{n}",
-                            progress,
+                            progress[n % 2],
                             done,
                         )
                     for name, fault in faults:
-                        await progress.wait_more(40)
+                        await progress[0].wait_more(20)
+                        await progress[1].wait_more(20)
                         at = anyio.current_time()
                         await fault()
-                        await progress.wait_more(8)
+                        await progress[0].wait_more(4)
+                        await progress[1].wait_more(4)
                         recoveries[name] = round(anyio.current_time() - at, 3)
                     done.set()
                 republished = first.republished + second.republished
@@ -139,8 +142,9 @@ async def test_publishes_survive_cuts_and_a_broker_restart(
     assert not [c for c in left if (c["name"] or "").startswith(queue)]
     async with admin_channel(node.url) as channel:
         copies, message_ids = _copies(await drain(channel, queue))
-    returned = set(progress.confirmed)
-    assert len(returned) == len(progress.confirmed)
+    confirmed = progress[0].confirmed + progress[1].confirmed
+    returned = set(confirmed)
+    assert len(returned) == len(confirmed)
     lost = returned - set(copies)
     assert not lost, sorted(lost)[:20]
     # Only the one publish per task that was cut short may be there unreturned.
