@@ -238,3 +238,22 @@ class FaultProxyFree:
             sock.bind(("127.0.0.1", 0))
             port: int = sock.getsockname()[1]
         return port
+
+
+async def test_leaving_while_reconnecting_does_not_hang(
+    destructive_node: PrivateNode, queue: str
+) -> None:
+    """Leaving the ``async with`` while the publisher is reconnecting (stuck in
+    a handshake that gets no answer) returns at once, leaving no task behind."""
+    node = destructive_node
+    async with FaultProxy("127.0.0.1", node.amqp_port) as proxy:
+        with anyio.fail_after(20):
+            async with Publisher(proxy.url_for(), connection_name=queue) as publisher:
+                await publisher.publish(b"x", routing_key=queue)
+                proxy.stall()  # new connections hang in the handshake
+                proxy.cut()
+                await proxy.wait_connections(2)  # reconnecting: stuck connecting
+                left_at = anyio.current_time()
+            assert anyio.current_time() - left_at < 2.0
+            assert "not connected" in repr(publisher)
+            proxy.resume()

@@ -237,6 +237,9 @@ class Publisher:
         if self._link is not None:
             self._link.ended.set()
         self._notify()
+        # Also ends a connection attempt in progress; an open connection is
+        # still closed gracefully (the transport shields its close).
+        group.cancel_scope.cancel()
         # Not passing the body's exception on: the task group would wrap it in an
         # exception group. A crash of the background task is raised by itself.
         await group.__aexit__(None, None, None)
