@@ -38,7 +38,6 @@ from amqp_batch import (
     WorkerHealth,
     WorkerState,
 )
-from amqp_batch._transport._base import Properties
 from consumer_support import admin_channel, cleanup
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster, pytest.mark.private_node]
@@ -169,34 +168,25 @@ class Run:
             self.url(), self.queue, count, start=len(self.confirmed)
         )
 
-    async def publish_retrying_nacks(self, count: int) -> tuple[int, int]:
-        """Like :meth:`publish`, as a producer that publishes a nacked id again
-        (a quorum queue without a leader nacks) and, after ten nacks in a row,
-        on a new connection to the next running node. Returns (nacks, new
-        connections)."""
-        nacks, connections = 0, 0
-        todo = [str(n) for n in range(len(self.confirmed), len(self.confirmed) + count)]
-        with anyio.fail_after(60):
-            while todo:
-                urls = [node.url for node in self.cluster.nodes if node.running]
-                async with admin_channel(urls[connections % len(urls)]) as channel:
-                    connections += 1
-                    in_a_row = 0
-                    while todo and in_a_row < 10:
-                        properties = Properties(message_id=todo[0], delivery_mode=2)
-                        try:
-                            await channel.publish(
-                                todo[0].encode(),
-                                routing_key=self.queue,
-                                properties=properties,
-                            )
-                        except MessageNacked:
-                            nacks, in_a_row = nacks + 1, in_a_row + 1
-                            await anyio.sleep(0.1)  # the producer's back-off
-                        else:
-                            self.confirmed.append(todo.pop(0))
-                            in_a_row = 0
-        return nacks, connections - 1
+    async def publish_retrying_nacks(self, publisher: Publisher, count: int) -> int:
+        """Like :meth:`publish`, through the library's ``publisher``, as a
+        producer that publishes a nacked id again (a quorum queue without a
+        leader nacks; the publisher takes a new connection after a nack).
+        Returns the number of nacks."""
+        nacks = 0
+        for number in range(len(self.confirmed), len(self.confirmed) + count):
+            text = str(number)
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        await publisher.publish(
+                            text.encode(), routing_key=self.queue, message_id=text
+                        )
+                        break
+                    except MessageNacked:
+                        nacks += 1
+            self.confirmed.append(text)
+        return nacks
 
     async def check(self, max_duplicates: int, producer_copies: int = 0) -> Report:
         """Drain both queues through a running node; assert the invariant.
@@ -336,6 +326,14 @@ async def test_c2_kill_the_quorum_queue_leader(
             running(cluster, unique_name) as run,
             anyio.create_task_group() as group,
         ):
+            # Opened during the election, node 0 first (not the old leader): a
+            # channel opened then is nacked until the publisher takes a new one.
+            publisher = Publisher(
+                [node.url for node in cluster.nodes],
+                connection_name=f"{unique_name}-producer",
+                reconnect_backoff_base=0.05,
+                reconnect_backoff_cap=BACKOFF_CAP,
+            )
             async with run.consumer:
                 await run.publish(100)
                 await run.recorder.wait_seen(20, timeout=30)
@@ -344,8 +342,10 @@ async def test_c2_kill_the_quorum_queue_leader(
                 killed_at = anyio.current_time()
                 await _thread(cluster.kill9, leader)
                 # Published (and confirmed) while the queue elects a new leader.
-                nacks, reconnects = await run.publish_retrying_nacks(50)
+                async with publisher:
+                    nacks = await run.publish_retrying_nacks(publisher, 50)
                 confirmed_at = anyio.current_time()
+                reconnects = publisher.connections_opened - 1
                 after = await _thread(
                     lambda: cluster.wait_leader(run.queue, not_on=before.leader)
                 )
@@ -353,7 +353,9 @@ async def test_c2_kill_the_quorum_queue_leader(
                 group.start_soon(_thread, cluster.start_node, leader)  # meanwhile
                 await run.recorder.wait_decided(run.confirmed, timeout=60)
                 decided_at = anyio.current_time()
-            report = await run.check(max_duplicates=PREFETCH, producer_copies=nacks)
+            report = await run.check(
+                max_duplicates=PREFETCH, producer_copies=nacks + publisher.republished
+            )
     assert after.leader != before.leader
     figures.record(
         "C2",
@@ -362,7 +364,8 @@ async def test_c2_kill_the_quorum_queue_leader(
         consumer_reconnects=run.consumer.health()[0].reconnect_count,
         publish_after_kill_s=round(confirmed_at - killed_at, 3),
         nacks_while_electing=nacks,
-        producer_reconnects_for_nacks=reconnects,
+        publisher_reconnects=reconnects,
+        republished=publisher.republished,
         leader_seen_s=round(elected_at - killed_at, 3),
         all_decided_s=round(decided_at - killed_at, 3),
         **report.figures(),

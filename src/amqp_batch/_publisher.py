@@ -24,7 +24,7 @@ import anyio
 import anyio.abc
 import attrs
 
-from ._exceptions import ChannelClosed, ConnectionLost, TransportError
+from ._exceptions import ChannelClosed, ConnectionLost, MessageNacked, TransportError
 from ._settings import ConsumerSettings
 from ._transport._base import Properties, PublisherSession, Transport
 from ._transport._url import ConnectionParameters, parse_url
@@ -101,8 +101,10 @@ class Publisher:
     random UUID, hex), so a consumer can recognise duplicates. After
     ``publish_timeout`` seconds without a confirm it raises
     :class:`PublishTimeout`. It raises :class:`~amqp_batch.MessageNacked` on a
-    broker nack and :class:`~amqp_batch.MessageReturned` for an unroutable
-    ``mandatory`` message (neither is retried).
+    broker nack (and opens a new connection for the next publish: after a
+    quorum queue lost its leader, RabbitMQ may go on nacking on the old
+    channel) and :class:`~amqp_batch.MessageReturned` for an unroutable
+    ``mandatory`` message; neither is retried.
 
     Opening (``async with``) connects before it returns, trying each URL once;
     if none accepts, it raises the last connection error, and bad credentials or
@@ -394,7 +396,8 @@ class Publisher:
     ) -> None:
         """Publish on the current session; after a connection loss, again on the
         next one. A channel error is retried once (it may have been caused by
-        another task's publish on the same channel), a non-retryable one never."""
+        another task's publish on the same channel), a non-retryable one never.
+        A nack is raised, and the next publish uses a new session."""
         channel_errors = 0
         while True:
             link = await self._wait_for_link()
@@ -407,6 +410,14 @@ class Publisher:
                     mandatory=mandatory,
                 )
                 return
+            except MessageNacked as exc:
+                self._last_error = exc
+                # RabbitMQ 3.10 may go on nacking on a channel whose quorum queue
+                # lost its leader, while a new connection publishes at once
+                # (row C2): the next publish gets a new session.
+                link.ended.set()
+                self._notify()
+                raise
             except TransportError as exc:
                 self._last_error = exc
                 link.ended.set()  # the background task replaces the session
