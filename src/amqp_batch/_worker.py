@@ -97,6 +97,9 @@ def topology(
     queues: list[QueueSpec] = []
     bindings: list[BindingSpec] = []
     arguments: dict[str, Any] = dict(settings.queue_arguments or {})
+    if settings.effective_dead_letter_routing_key is not None:
+        dead_key = settings.effective_dead_letter_routing_key
+        arguments.setdefault("x-dead-letter-routing-key", dead_key)
     if settings.dead_letter_exchange:
         arguments.setdefault("x-dead-letter-exchange", settings.dead_letter_exchange)
         exchanges.append(
@@ -116,9 +119,7 @@ def topology(
                 BindingSpec(
                     queue=settings.dead_letter_queue,
                     exchange=settings.dead_letter_exchange,
-                    routing_key="#"
-                    if settings.dead_letter_exchange_type == "topic"
-                    else "",
+                    routing_key=settings.dead_letter_binding_key,
                 )
             )
     if settings.exchange_name:
@@ -153,7 +154,7 @@ def retry_policy(settings: BatchConsumerSettings) -> RetryPolicy:
     """The acker's retry and dead-letter rules for ``settings``."""
     arguments = settings.queue_arguments or {}
     exchange = settings.dead_letter_exchange or arguments.get("x-dead-letter-exchange")
-    routing_key = arguments.get("x-dead-letter-routing-key")
+    routing_key = settings.effective_dead_letter_routing_key
     return RetryPolicy(
         queue=settings.queue_name,
         max_requeue_attempts=settings.max_requeue_attempts,

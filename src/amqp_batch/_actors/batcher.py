@@ -1,9 +1,10 @@
 """Batcher: takes the session's deliveries and groups them into batches.
 
 It is the pipeline's intake: it registers every delivery with the ledger (in tag
-order), reads its retry count, and groups messages by size, bytes and a deadline
-(no timer tasks). Deliveries already buffered by the session are taken without a
-task switch each, so a full batch costs one switch, not one per message.
+order), reads its retry count, and groups messages by count and a deadline
+(no timer tasks), capped in bytes. Deliveries already buffered by the session
+are taken without a task switch each, so a full batch costs one switch, not
+one per message.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ async def run_batcher(
     max_batch_bytes: int | None = None,
     task_status: TaskStatus[Intake] = TASK_STATUS_IGNORED,
 ) -> None:
-    """Flush a batch at ``batch_size`` messages, ``max_batch_bytes`` bytes, or
-    ``batch_timeout`` seconds after its first delivery, whichever comes first.
+    """Flush a batch at ``batch_size`` messages, or ``batch_timeout`` seconds
+    after its first delivery, whichever comes first; ``max_batch_bytes`` caps
+    the bodies of a batch (a delivery that would exceed it starts the next
+    batch; one that alone exceeds it is a batch of one).
 
     Every delivery is registered with ``ledger`` before it goes anywhere (a tag the
     ledger does not know is never covered by a multiple-ack). A delivery whose
@@ -77,6 +80,9 @@ async def run_batcher(
     byte_limit = math.inf if max_batch_bytes is None else max_batch_bytes
     intake = Intake()
     register = ledger.register
+    # A delivery that would push a batch past max_batch_bytes starts the next
+    # batch instead (not yet registered: registration stays in tag order).
+    carried: Delivery | None = None
     async with to_handler, to_acker:
         task_status.started(intake)
         ended = False
@@ -87,22 +93,30 @@ async def run_batcher(
             with CancelScope() as scope:
                 intake._scope = scope
                 try:
-                    delivery = await deliveries.receive()
+                    if carried is None:
+                        delivery = await deliveries.receive()
+                    else:
+                        delivery, carried = carried, None
                     with move_on_at(current_time() + batch_timeout):
                         while True:
-                            register(delivery.delivery_tag)
                             headers = delivery.properties.headers
                             try:
                                 retry_count = (
                                     parse_retry_count(headers) if headers else 0
                                 )
                             except InvalidRetryCount as exc:
+                                register(delivery.delivery_tag)
                                 invalid.append(_dead_letter(delivery, exc))
                                 if not batch:
                                     break  # flush it now, not at the deadline
                             else:
+                                size = len(delivery.body)
+                                if batch and batch_bytes + size > byte_limit:
+                                    carried = delivery
+                                    break
+                                register(delivery.delivery_tag)
                                 batch.append(Message(delivery, retry_count=retry_count))
-                                batch_bytes += len(delivery.body)
+                                batch_bytes += size
                                 if (
                                     len(batch) >= batch_size
                                     or batch_bytes >= byte_limit
