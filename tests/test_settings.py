@@ -398,3 +398,19 @@ async def test_every_dead_letter_exchange_type_delivers_to_the_queue(
             assert delivery.routing_key == "orders.created"
         if delivery.properties.message_id.startswith("requeue"):  # type: ignore[union-attr]
             assert headers["x-original-routing-key"] == "orders.created"
+
+
+def test_configuration_page_lists_every_setting() -> None:
+    """Docs move with code: every field is in the how-to's table with its
+    variable."""
+    page = (
+        Path(__file__).resolve().parent.parent / "docs/how-to/configuration.md"
+    ).read_text()
+    for field in attrs.fields(BatchConsumerSettings):
+        variable = (
+            "never read"
+            if field.name == "ssl_context"
+            else (f"`AMQP_BATCH_{field.name.upper()}`")
+        )
+        rows = [line for line in page.splitlines() if f"| `{field.name}` |" in line]
+        assert any(variable in row for row in rows), field.name
