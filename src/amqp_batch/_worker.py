@@ -31,6 +31,7 @@ from ._actors.acker import Acker, Outcome
 from ._actors.batcher import Intake, run_batcher
 from ._actors.handler import run_handler_runner
 from ._actors.ledger import AckLedger
+from ._delays import delay_queues
 from ._exceptions import ChannelClosed, ConsumerCancelled, TransportError
 from ._message import Message
 from ._retry import RetryPolicy
@@ -137,6 +138,13 @@ def topology(
             arguments=arguments or None,
         )
     )
+    queues.extend(
+        delay_queues(
+            settings.queue_name,
+            settings.retry_delay_schedule,
+            queue_arguments=settings.queue_arguments,
+        )
+    )
     if settings.exchange_name:
         routing_key = settings.routing_key
         bindings.append(
@@ -160,6 +168,9 @@ def retry_policy(settings: BatchConsumerSettings) -> RetryPolicy:
         max_requeue_attempts=settings.max_requeue_attempts,
         dead_letter_exchange=exchange if isinstance(exchange, str) else None,
         dead_letter_routing_key=routing_key if isinstance(routing_key, str) else None,
+        signing_key=settings.header_signing_key,
+        retry_delays=settings.retry_delay_schedule,
+        dead_letter_strategy=settings.dead_letter_strategy,
     )
 
 

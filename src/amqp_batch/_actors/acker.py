@@ -33,12 +33,7 @@ from anyio.abc import ObjectReceiveStream, TaskGroup
 from .._exceptions import MessageNacked, MessageReturned
 from .._message import Message
 from .._results import MessageResult
-from .._retry import (
-    RetryPolicy,
-    dead_letter_properties,
-    original_destination,
-    requeue_properties,
-)
+from .._retry import RetryPolicy
 from .._transport._base import Confirmation, PublisherSession, Session
 from .ledger import AckLedger, Action
 
@@ -281,8 +276,8 @@ class Acker:
             confirmation = publisher.start_publish(
                 message.body,
                 exchange="",
-                routing_key=self._policy.queue,
-                properties=requeue_properties(
+                routing_key=self._policy.retry_destination(message.retry_count + 1),
+                properties=self._policy.requeue_properties(
                     message.delivery, message.retry_count + 1
                 ),
                 mandatory=True,
@@ -333,12 +328,11 @@ class Acker:
         itself (confirmed) and acks; ``always`` does the same for messages that
         need a reason header.
         """
-        exchange = self._policy.dead_letter_exchange
-        if exchange is None or not (always or self._policy.is_copy(message.delivery)):
+        policy = self._policy
+        destination = policy.dead_letter_destination(message.delivery)
+        if destination is None or not (always or policy.is_copy(message.delivery)):
             return Action.REJECT
-        _, routing_key = original_destination(message.delivery)
-        if self._policy.dead_letter_routing_key is not None:
-            routing_key = self._policy.dead_letter_routing_key
+        exchange, routing_key = destination
         return partial(
             self._publish_dead_letter, message, exchange, routing_key, reason
         )
@@ -357,7 +351,9 @@ class Acker:
                 message.body,
                 exchange=exchange,
                 routing_key=routing_key,
-                properties=dead_letter_properties(message.delivery, reason),
+                properties=self._policy.dead_letter_properties(
+                    message.delivery, reason
+                ),
             )
         except (ValueError, TypeError):
             logger.exception(
