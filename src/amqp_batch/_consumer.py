@@ -24,10 +24,12 @@ from anyio.abc import TaskStatus
 from ._exceptions import AMQPBatchError
 from ._message import Message
 from ._publisher import default_transport
+from ._ratelimit import RateLimiter
 from ._results import MessageResult
 from ._settings import BatchConsumerSettings, ConsumerSettings
 from ._transport._base import Transport
 from ._worker import Worker, WorkerHealth, WorkerState, inside_consumer
+from .idempotency import IdempotencyStore
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -47,9 +49,18 @@ class BatchConsumer(Generic[SettingsT]):
     consumer.serve)``, or ``async with consumer:``. A consumer runs once.
     """
 
-    def __init__(self, settings: SettingsT, *, transport: Transport | None = None):
+    def __init__(
+        self,
+        settings: SettingsT,
+        *,
+        transport: Transport | None = None,
+        idempotency: IdempotencyStore | None = None,
+    ):
         self.settings: SettingsT = settings
         self._transport = transport
+        #: Messages whose key this store has seen are acked without reaching
+        #: the handler (see :mod:`amqp_batch.idempotency`).
+        self.idempotency = idempotency
         self._workers: list[Worker] = []
         self._started = False
         self._running = False
@@ -160,6 +171,10 @@ class BatchConsumer(Generic[SettingsT]):
             self._running = False
             self._stopped.set()
             raise
+        for warning in settings.timing_warnings():
+            logger.warning("%s", warning)
+        rate = settings.max_messages_per_second
+        limiter = None if rate is None else RateLimiter(rate)
         try:
             self._workers = [
                 Worker(
@@ -170,6 +185,8 @@ class BatchConsumer(Generic[SettingsT]):
                     self._stop_requested,
                     self._worker_consuming,
                     on_state_change=self._worker_state_changed,
+                    limiter=limiter,
+                    idempotency=self.idempotency,
                 )
                 for index in range(settings.num_workers)
             ]
@@ -324,8 +341,9 @@ class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):
         handler: Callable[[Sequence[Message]], Any],
         *,
         transport: Transport | None = None,
+        idempotency: IdempotencyStore | None = None,
     ) -> None:
-        super().__init__(settings, transport=transport)
+        super().__init__(settings, transport=transport, idempotency=idempotency)
         self._function = handler
 
     def _handler(self) -> Callable[[Sequence[Message]], Any]:
@@ -338,15 +356,19 @@ async def batch_consumer(
     handler: Callable[[Sequence[Message]], Any],
     *,
     transport: Transport | None = None,
+    idempotency: IdempotencyStore | None = None,
 ) -> AsyncIterator[BatchConsumer[BatchConsumerSettings]]:
     """Consume with ``handler`` while the ``async with`` body runs.
 
     Every worker consumes when the body starts; leaving the body (normally or by
     an exception) drains gracefully: no new deliveries, the current batches finish
     and settle, prefetched messages go back to the queue, within
-    ``shutdown_timeout``.
+    ``shutdown_timeout``. With ``idempotency``, messages whose key the store has
+    seen are acked without reaching ``handler``.
     """
-    consumer = _FunctionConsumer(settings, handler, transport=transport)
+    consumer = _FunctionConsumer(
+        settings, handler, transport=transport, idempotency=idempotency
+    )
     async with consumer:
         yield consumer
 

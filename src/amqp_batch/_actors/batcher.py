@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 
 from anyio import (
     TASK_STATUS_IGNORED,
@@ -62,6 +63,7 @@ async def run_batcher(
     batch_size: int,
     batch_timeout: float,
     max_batch_bytes: int | None = None,
+    gate: Callable[[], Awaitable[None]] | None = None,
     task_status: TaskStatus[Intake] = TASK_STATUS_IGNORED,
 ) -> None:
     """Flush a batch at ``batch_size`` messages, or ``batch_timeout`` seconds
@@ -75,7 +77,8 @@ async def run_batcher(
     handler: it goes to the acker to be dead-lettered. When ``deliveries`` ends or
     the :class:`Intake` reported through ``task_status`` is cancelled, the batch
     being collected is flushed at once and ``to_handler`` is closed (the
-    end-of-input signal downstream).
+    end-of-input signal downstream). ``gate``, when given, is awaited before
+    each batch starts (the kill switch; cancelled with the intake).
     """
     byte_limit = math.inf if max_batch_bytes is None else max_batch_bytes
     intake = Intake()
@@ -93,10 +96,8 @@ async def run_batcher(
             with CancelScope() as scope:
                 intake._scope = scope
                 try:
-                    if carried is None:
-                        delivery = await deliveries.receive()
-                    else:
-                        delivery, carried = carried, None
+                    delivery = await _first(deliveries, carried, gate)
+                    carried = None
                     with move_on_at(current_time() + batch_timeout):
                         while True:
                             headers = delivery.properties.headers
@@ -135,6 +136,19 @@ async def run_batcher(
                 await to_acker.send(invalid)
             if batch:
                 await to_handler.send(batch)
+
+
+async def _first(
+    deliveries: MemoryObjectReceiveStream[Delivery],
+    carried: Delivery | None,
+    gate: Callable[[], Awaitable[None]] | None,
+) -> Delivery:
+    """The first delivery of the next batch, once the gate lets it start."""
+    if gate is not None:
+        await gate()  # the kill switch lets this batch start
+    if carried is not None:
+        return carried
+    return await deliveries.receive()
 
 
 def _dead_letter(delivery: Delivery, exc: InvalidRetryCount) -> Outcome:
