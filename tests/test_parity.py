@@ -407,6 +407,7 @@ async def test_nack_dead_letters_under_the_original_exchange_and_key(
         exchange_type="topic",
         routing_key="orders.#",
         dead_letter_exchange=dlx,
+        dead_letter_strategy="broker",
     )
     async with batch_consumer(settings, handle, transport=broker.transport) as consumer:
         await broker.publish(
@@ -592,6 +593,7 @@ async def test_handler_raises_the_rest_get_the_unhandled_action(
         dead_letter_exchange=dlx,
         dead_letter_queue=dlq,
         unhandled_exception_action="NACK",
+        dead_letter_strategy="broker",
     )
     await broker.declare_topology(settings)
     await broker.publish(range(6), routing_key=queue)
@@ -901,6 +903,7 @@ async def test_dead_letter_routing_key_argument_is_used_by_both_paths(
         dead_letter_exchange=dlx,
         queue_arguments={"x-dead-letter-routing-key": "dead.letter"},
         max_requeue_attempts=1,
+        dead_letter_strategy="broker",
     )
     async with batch_consumer(settings, handle, transport=broker.transport) as consumer:
         await broker.publish(

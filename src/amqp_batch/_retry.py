@@ -93,7 +93,7 @@ class RetryPolicy:
     retry_delays: tuple[float, ...] = ()
     #: ``"publish"``: dead-letter by a confirmed publish to the DLX, then ack,
     #: whenever the DLX is known; ``"broker"``: ``basic.reject`` originals.
-    dead_letter_strategy: str = "publish"
+    dead_letter_strategy: str = "broker"
 
     def is_copy(self, delivery: Delivery) -> bool:
         """True for a copy this library republished: default exchange, our

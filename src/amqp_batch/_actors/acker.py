@@ -322,15 +322,18 @@ class Acker:
     ) -> Action | _Publish:
         """Dead-letter with the original exchange and routing key.
 
-        An original is rejected and the broker dead-letters it (keeping its key,
-        adding ``x-death``). A republished copy would be dead-lettered under the
-        queue's name, so when the DLX is known the library publishes it there
-        itself (confirmed) and acks; ``always`` does the same for messages that
-        need a reason header.
+        When the DLX is known the library publishes the dead letter there
+        itself (confirmed) and then acks: always with ``dead_letter_strategy
+        = "publish"`` (crash-safe), and with ``"broker"`` for copies and for
+        messages that need a reason header (``always``), since the broker
+        would dead-letter a copy under the queue's name. Otherwise the
+        delivery is rejected and the broker dead-letters it (adding
+        ``x-death``).
         """
         policy = self._policy
         destination = policy.dead_letter_destination(message.delivery)
-        if destination is None or not (always or policy.is_copy(message.delivery)):
+        publish = always or policy.dead_letter_strategy == "publish"
+        if destination is None or not (publish or policy.is_copy(message.delivery)):
             return Action.REJECT
         exchange, routing_key = destination
         return partial(
