@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import pytest
 from tests.support.invariant import Recorder, Report, check, publish_numbered
+from tests.support.rabbit_node import PrivateNode
 
 from amqp_batch import (
     BatchConsumer,
@@ -21,7 +22,15 @@ from amqp_batch import (
 from amqp_batch._delays import delay_queues
 from amqp_batch._retry import RetryPolicy, sign_original, trusted_original
 from amqp_batch._transport._base import Delivery, Properties
-from consumer_support import admin_channel, cleanup, publish_ids, take, unique_name
+from amqp_batch.idempotency import MemoryIdempotencyStore
+from consumer_support import (
+    admin_channel,
+    cleanup,
+    message_count,
+    publish_ids,
+    take,
+    unique_name,
+)
 
 
 @pytest.mark.parametrize("queue_type", ["quorum", "classic"])
@@ -359,3 +368,226 @@ async def test_forged_headers_never_choose_the_dead_letter_key(
         forged = dead["forged-copy"]
         assert forged.routing_key == queue  # its real key, not "evil.key"
         assert (forged.properties.headers or {})["x-original-exchange"] == ""
+
+
+# ------------------------------------------- a broker crash with work in flight
+
+
+async def test_broker_kill9_with_nacks_and_requeues_in_flight_loses_nothing(
+    destructive_node: PrivateNode,
+) -> None:
+    """The private node is SIGKILLed while NACK dead letters and REQUEUE copies
+    (delayed) are in flight, then booted again on its data. With
+    dead_letter_strategy="publish" every NACKed id is in the dead-letter queue
+    (a dead letter is confirmed before its original is acked; a crash between
+    the two gives a duplicate, never a loss), every other id is acked, and
+    nothing is lost."""
+    node = destructive_node
+    url = node.url
+    queue, dlx, dlq = unique_name("crash"), unique_name("dlx"), unique_name("dlq")
+    decided = anyio.Event()
+
+    def decide(message: Message) -> MessageResult:
+        number = int(message.message_id or 0)
+        if recorder.seen.total() >= 120:
+            decided.set()
+        if number % 3 == 0:
+            return MessageResult.NACK
+        if number % 3 == 1 and message.retry_count == 0:
+            return MessageResult.REQUEUE
+        return MessageResult.ACK
+
+    recorder = Recorder(decide, max_requeue=2)
+    settings = _outage_settings(
+        url,
+        queue,
+        dlx,
+        dlq,
+        prefetch_count=50,
+        batch_size=10,
+        max_requeue_attempts=2,
+        retry_delays=(0.2,),
+        dead_letter_strategy="publish",
+        reconnect_backoff_base=0.05,
+        reconnect_backoff_cap=0.5,
+    )
+    delay_names = [spec.name for spec in delay_queues(queue, (0.2,))]
+    try:
+        with anyio.fail_after(150):
+            async with _Consumer(settings, recorder.handler):
+                confirmed = await publish_numbered(url, queue, 300)
+                await decided.wait()
+                await anyio.to_thread.run_sync(node.kill9)
+                await anyio.to_thread.run_sync(node.start)
+                await recorder.wait_decided(confirmed, timeout=90)
+        report = await check(url, queue, dlq, recorder, confirmed)
+    finally:
+        await cleanup(url, queues=[queue, dlq, *delay_names], exchanges=[dlx])
+    nacked = {str(n) for n in range(300) if n % 3 == 0}
+    assert report.lost == frozenset(), sorted(report.lost)[:20]
+    assert report.unexpected == frozenset()
+    assert set(report.dead_lettered) == nacked  # every NACK reached the DLQ
+    assert report.acked == report.confirmed - nacked
+    assert not (report.acked & set(report.dead_lettered))
+    assert not report.still_queued
+
+
+# ------------------------------------ handler_timeout, rate limit, idempotency
+
+
+async def test_handler_timeout_cancels_a_hung_handler(broker_url: str) -> None:
+    """A handler that hangs on its dependency is cancelled after
+    handler_timeout: the result it gave still applies, the rest get
+    unhandled_exception_action (NACK here, so they are in the DLQ), and the
+    worker goes on with the next batch."""
+    queue, dlx, dlq = unique_name(), unique_name("dlx"), unique_name("dlq")
+    hung = anyio.Event()  # never set: the dependency does not answer
+    acked: list[str] = []
+    cancelled_at: list[float] = []
+    done = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        ids = [m.message_id or "" for m in messages]
+        if ids[0] == "h0":
+            yield MessageResult.ACK
+            started = anyio.current_time()
+            try:
+                await hung.wait()
+            finally:
+                cancelled_at.append(anyio.current_time() - started)
+        for message_id in ids:
+            acked.append(message_id)
+            yield MessageResult.ACK
+        done.set()
+
+    settings = _outage_settings(
+        broker_url,
+        queue,
+        dlx,
+        dlq,
+        batch_size=3,
+        handler_timeout=0.5,
+        unhandled_exception_action="NACK",
+    )
+    try:
+        async with batch_consumer(settings, handle) as consumer:
+            async with admin_channel(broker_url) as channel:
+                await publish_ids(channel, ["h0", "h1", "h2"], routing_key=queue)
+                await publish_ids(channel, ["n0"], routing_key=queue)
+            with anyio.fail_after(20):
+                await done.wait()
+        dead = await take(broker_url, dlq, 2)
+    finally:
+        await cleanup(broker_url, queues=[queue, dlq], exchanges=[dlx])
+    assert sorted(d.properties.message_id or "" for d in dead) == ["h1", "h2"]
+    assert acked == ["n0"]
+    assert cancelled_at and cancelled_at[0] >= 0.5
+    assert consumer.health()[0].results["ack"] == 2  # h0 and n0
+
+
+async def test_rate_limit_is_shared_by_all_workers(broker_url: str) -> None:
+    """Two workers, max_messages_per_second=20: however the 60 messages are
+    split, by any moment t at most 20 + 20 t of them reached a handler."""
+    queue = unique_name()
+    reached: list[float] = []
+    done = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        now = anyio.current_time()
+        for _ in messages:
+            reached.append(now)
+            yield MessageResult.ACK
+        if len(reached) == 60:
+            done.set()
+
+    settings = BatchConsumerSettings(
+        url=broker_url,
+        queue_name=queue,
+        num_workers=2,
+        prefetch_count=20,
+        batch_size=5,
+        batch_timeout=0.05,
+        max_messages_per_second=20,
+        connection_name=queue,
+    )
+    try:
+        async with batch_consumer(settings, handle) as consumer:
+            async with admin_channel(broker_url) as channel:
+                start = anyio.current_time()
+                await publish_ids(channel, range(60), routing_key=queue)
+            with anyio.fail_after(30):
+                await done.wait()
+    finally:
+        await cleanup(broker_url, queues=[queue])
+    reached.sort()
+    for count, at in enumerate(reached, start=1):
+        assert count <= 20 + 20 * (at - start) + 1e-6, (count, at - start)
+    assert reached[-1] - start >= 2.0  # 40 messages past the burst, at 20/s
+    assert sum(w.results.get("ack", 0) for w in consumer.health()) == 60
+    assert all(w.results.get("ack", 0) for w in consumer.health())  # both worked
+
+
+async def test_idempotency_store_skips_what_was_handled(broker_url: str) -> None:
+    """With an idempotency store, a message id that was handled (and ACKed)
+    before is acked without reaching the handler, and counted as a duplicate."""
+    queue = unique_name()
+    handled: list[str] = []
+    store = MemoryIdempotencyStore(ttl=60)
+    done = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for message in messages:
+            handled.append(message.message_id or "")
+            yield MessageResult.ACK
+        if handled.count("b") == 1:
+            done.set()
+
+    settings = BatchConsumerSettings(
+        url=broker_url,
+        queue_name=queue,
+        batch_size=1,
+        batch_timeout=0.05,
+        connection_name=queue,
+    )
+    try:
+        async with batch_consumer(settings, handle, idempotency=store) as consumer:
+            async with admin_channel(broker_url) as channel:
+                await publish_ids(channel, ["a", "a", "a", "b"], routing_key=queue)
+            with anyio.fail_after(20):
+                await done.wait()
+            async with admin_channel(broker_url) as channel:
+                assert await message_count(channel, queue) == 0
+    finally:
+        await cleanup(broker_url, queues=[queue])
+    assert handled == ["a", "b"]
+    results = consumer.health()[0].results
+    assert results["duplicate"] == 2
+    assert results["ack"] == 4
+
+
+async def test_timing_warnings_are_logged_at_start(
+    broker_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = unique_name()
+    settings = BatchConsumerSettings(
+        url=broker_url,
+        queue_name=queue,
+        batch_timeout=5,
+        handler_timeout=60,
+        broker_consumer_timeout=30,
+        connection_name=queue,
+    )
+
+    async def handle(messages: Sequence[Message]) -> list[MessageResult]:
+        return [MessageResult.ACK] * len(messages)
+
+    try:
+        with caplog.at_level("WARNING", logger="amqp_batch.consumer"):
+            async with batch_consumer(settings, handle):
+                pass
+    finally:
+        await cleanup(broker_url, queues=[queue])
+    assert any(
+        "batch_timeout + handler_timeout (65 s) does not fit" in r.getMessage()
+        for r in caplog.records
+    )

@@ -256,8 +256,11 @@ class Worker:
         self, limiter: RateLimiter | None, idempotency: IdempotencyStore | None
     ) -> HandlerGuards | None:
         settings = self._settings
-        if not (
-            limiter or idempotency or settings.handler_timeout or self._kill_switch
+        if (
+            limiter is None
+            and idempotency is None
+            and settings.handler_timeout is None
+            and self._kill_switch is None
         ):
             return None  # the plain path, exactly as without these settings
         return HandlerGuards(
