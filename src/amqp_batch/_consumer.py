@@ -171,10 +171,7 @@ class BatchConsumer(Generic[SettingsT]):
             self._running = False
             self._stopped.set()
             raise
-        for warning in settings.timing_warnings():
-            logger.warning("%s", warning)
-        rate = settings.max_messages_per_second
-        limiter = None if rate is None else RateLimiter(rate)
+        limiter = _shared_limiter(settings)
         try:
             self._workers = [
                 Worker(
@@ -332,6 +329,15 @@ class BatchConsumer(Generic[SettingsT]):
                 error.__suppress_context__ = True  # keep its own __cause__
                 raise error  # noqa: B904 - the group only wrapped it
             raise
+
+
+def _shared_limiter(settings: BatchConsumerSettings) -> RateLimiter | None:
+    """Log what cannot fit the broker's consumer_timeout; the rate limiter all
+    workers share (``None``: no limit)."""
+    for warning in settings.timing_warnings():
+        logger.warning("%s", warning)
+    rate = settings.max_messages_per_second
+    return None if rate is None else RateLimiter(rate)
 
 
 class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):

@@ -26,6 +26,7 @@ from anyio import (
     current_time,
     move_on_after,
 )
+from anyio.abc import TaskGroup
 
 from ._actors.acker import Acker, Outcome
 from ._actors.batcher import Intake, run_batcher
@@ -144,20 +145,7 @@ def topology(
                 durable=settings.exchange_durable,
             )
         )
-    queues.append(
-        QueueSpec(
-            name=settings.queue_name,
-            durable=settings.queue_durable,
-            arguments=arguments or None,
-        )
-    )
-    queues.extend(
-        delay_queues(
-            settings.queue_name,
-            settings.retry_delay_schedule,
-            queue_arguments=settings.queue_arguments,
-        )
-    )
+    queues.extend(_work_queues(settings, arguments))
     if settings.exchange_name:
         routing_key = settings.routing_key
         bindings.append(
@@ -169,6 +157,23 @@ def topology(
             )
         )
     return exchanges, queues, bindings
+
+
+def _work_queues(
+    settings: BatchConsumerSettings, arguments: dict[str, Any]
+) -> list[QueueSpec]:
+    """The work queue, then its delay queues (if ``retry_delays``)."""
+    work = QueueSpec(
+        name=settings.queue_name,
+        durable=settings.queue_durable,
+        arguments=arguments or None,
+    )
+    delays = delay_queues(
+        settings.queue_name,
+        settings.retry_delay_schedule,
+        queue_arguments=settings.queue_arguments,
+    )
+    return [work, *delays]
 
 
 def retry_policy(settings: BatchConsumerSettings) -> RetryPolicy:
@@ -510,16 +515,7 @@ class Worker:
                         )
                         handler_input.close()
                         to_acker.close()
-                        supervisor.start_soon(
-                            self._stop_when_requested,
-                            session,
-                            intake,
-                            pipeline_scope,
-                        )
-                        if self._kill_switch is not None:
-                            supervisor.start_soon(
-                                self._stop_when_tripped, session, intake
-                            )
+                        self._watch(supervisor, session, intake, pipeline_scope)
                 if pipeline_scope.cancelled_caught:
                     logger.warning(
                         "worker %d: shutdown_timeout (%s s) passed; cancelled the "
@@ -534,6 +530,18 @@ class Worker:
         finally:
             for end in ends:
                 end.close()
+
+    def _watch(
+        self,
+        group: TaskGroup,
+        session: Session,
+        intake: Intake,
+        pipeline_scope: CancelScope,
+    ) -> None:
+        """Start the tasks that end the pipeline on a stop or a kill-switch trip."""
+        group.start_soon(self._stop_when_requested, session, intake, pipeline_scope)
+        if self._kill_switch is not None:
+            group.start_soon(self._stop_when_tripped, session, intake)
 
     async def _stop_when_requested(
         self, session: Session, intake: Intake, pipeline_scope: CancelScope

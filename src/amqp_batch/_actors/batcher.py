@@ -66,25 +66,21 @@ async def run_batcher(
     gate: Callable[[], Awaitable[None]] | None = None,
     task_status: TaskStatus[Intake] = TASK_STATUS_IGNORED,
 ) -> None:
-    """Flush a batch at ``batch_size`` messages, or ``batch_timeout`` seconds
-    after its first delivery, whichever comes first; ``max_batch_bytes`` caps
-    the bodies of a batch (a delivery that would exceed it starts the next
-    batch; one that alone exceeds it is a batch of one).
+    """Flush at ``batch_size`` messages or ``batch_timeout`` seconds after the
+    batch's first delivery; ``max_batch_bytes`` caps a batch's bodies (a
+    delivery that would exceed it starts the next batch; one that alone
+    exceeds it is a batch of one). ``gate`` is awaited before each batch.
 
     Every delivery is registered with ``ledger`` before it goes anywhere (a tag the
-    ledger does not know is never covered by a multiple-ack). A delivery whose
-    ``x-retry-count`` is not a plain non-negative integer never reaches the
-    handler: it goes to the acker to be dead-lettered. When ``deliveries`` ends or
-    the :class:`Intake` reported through ``task_status`` is cancelled, the batch
-    being collected is flushed at once and ``to_handler`` is closed (the
-    end-of-input signal downstream). ``gate``, when given, is awaited before
-    each batch starts (the kill switch; cancelled with the intake).
+    ledger does not know is never covered by a multiple-ack). A bad
+    ``x-retry-count`` sends the delivery to the acker to be dead-lettered. When
+    ``deliveries`` ends or the :class:`Intake` is cancelled, the batch being
+    collected is flushed and ``to_handler`` closed (end of input downstream).
     """
     byte_limit = math.inf if max_batch_bytes is None else max_batch_bytes
     intake = Intake()
     register = ledger.register
-    # A delivery that would push a batch past max_batch_bytes starts the next
-    # batch instead (not yet registered: registration stays in tag order).
+    # Starts the next batch (not yet registered: tags stay in order).
     carried: Delivery | None = None
     async with to_handler, to_acker:
         task_status.started(intake)
@@ -100,14 +96,10 @@ async def run_batcher(
                     carried = None
                     with move_on_at(current_time() + batch_timeout):
                         while True:
-                            headers = delivery.properties.headers
-                            try:
-                                retry_count = (
-                                    parse_retry_count(headers) if headers else 0
-                                )
-                            except InvalidRetryCount as exc:
-                                register(delivery.delivery_tag)
-                                invalid.append(_dead_letter(delivery, exc))
+                            retry_count: int | None = 0
+                            if delivery.properties.headers:
+                                retry_count = _retry_count(delivery, invalid, register)
+                            if retry_count is None:
                                 if not batch:
                                     break  # flush it now, not at the deadline
                             else:
@@ -130,12 +122,34 @@ async def run_batcher(
                 except EndOfStream:
                     ended = True
             intake._scope = None
-            # Sent outside the cancel scope: a cancelled send could not tell
-            # whether the item was taken.
-            if invalid:
-                await to_acker.send(invalid)
-            if batch:
-                await to_handler.send(batch)
+            await _flush(invalid, to_acker, batch, to_handler)
+
+
+async def _flush(
+    invalid: list[Outcome],
+    to_acker: ObjectSendStream[list[Outcome]],
+    batch: list[Message],
+    to_handler: ObjectSendStream[list[Message]],
+) -> None:
+    """Sent outside the intake's cancel scope: a cancelled send could not tell
+    whether the item was taken."""
+    if invalid:
+        await to_acker.send(invalid)
+    if batch:
+        await to_handler.send(batch)
+
+
+def _retry_count(
+    delivery: Delivery, invalid: list[Outcome], register: Callable[[int], None]
+) -> int | None:
+    """The delivery's retry count; ``None`` (and registered for the acker to
+    dead-letter) when its header is bad."""
+    try:
+        return parse_retry_count(delivery.properties.headers)
+    except InvalidRetryCount as exc:
+        register(delivery.delivery_tag)
+        invalid.append(_dead_letter(delivery, exc))
+        return None
 
 
 async def _first(
