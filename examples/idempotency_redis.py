@@ -71,15 +71,16 @@ class RedisIdempotencyStore:
 
     async def seen(self, keys: Sequence[str]) -> set[str]:
         """The keys Redis still holds (one pipelined ``EXISTS`` per key)."""
-        replies = await self._pipeline([("EXISTS", self.prefix + k) for k in keys])
+        replies = await self.execute([("EXISTS", self.prefix + k) for k in keys])
         return {key for key, reply in zip(keys, replies, strict=True) if reply == 1}
 
     async def remember(self, keys: Sequence[str]) -> None:
         """Store every key with its expiry (one pipelined ``SET`` per key)."""
         ttl = str(self.ttl)
-        await self._pipeline([("SET", self.prefix + k, "1", "EX", ttl) for k in keys])
+        await self.execute([("SET", self.prefix + k, "1", "EX", ttl) for k in keys])
 
-    async def _pipeline(self, commands: Sequence[tuple[str, ...]]) -> list[Any]:
+    async def execute(self, commands: Sequence[tuple[str, ...]]) -> list[Any]:
+        """Send ``commands`` in one pipeline; their replies, in order."""
         if not commands:
             return []
         assert self._stream is not None, "use the store as an async context manager"

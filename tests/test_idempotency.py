@@ -130,11 +130,11 @@ async def test_redis_store_round_trip() -> None:
         await store.remember(["a"])
         assert await store.seen(["a", "b"]) == {"a"}
         # The key expires in Redis: its TTL is set, not left forever.
-        ((ttl,),) = [await store._pipeline([("TTL", prefix + "a")])]
+        ((ttl,),) = [await store.execute([("TTL", prefix + "a")])]
         assert 0 < ttl <= 60
-        await store._pipeline([("DEL", prefix + "a")])
+        await store.execute([("DEL", prefix + "a")])
         with pytest.raises(module.RedisError):
-            await store._pipeline([("NO-SUCH-COMMAND",)])
+            await store.execute([("NO-SUCH-COMMAND",)])
 
 
 async def test_redis_example_handles_a_duplicate_once(
@@ -161,7 +161,7 @@ async def test_redis_example_handles_a_duplicate_once(
         await cleanup(broker_url, queues=[queue])
         async with _redis_example().RedisIdempotencyStore() as store:
             prefix = environ["EXAMPLE_REDIS_PREFIX"]
-            await store._pipeline([("DEL", prefix + "order-1", prefix + "order-2")])
+            await store.execute([("DEL", prefix + "order-1", prefix + "order-2")])
     lines = result.stdout.decode().splitlines()
     assert result.returncode == 0, lines
     assert sorted(line for line in lines if line.startswith("handled")) == [

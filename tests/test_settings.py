@@ -16,7 +16,7 @@ from amqp_batch import (
     MessageResult,
     batch_consumer,
 )
-from amqp_batch._worker import retry_policy, topology
+from amqp_batch._topology import retry_policy, topology
 from consumer_support import (
     admin_channel,
     cleanup,

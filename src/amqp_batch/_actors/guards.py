@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import attrs
 
 from .._message import Message
 from .._ratelimit import RateLimiter
-from .._results import MessageResult
+from .._results import BatchHandler, MessageResult
 from ..idempotency import IdempotencyStore, message_id_key
 from .acker import Outcome
 
@@ -56,7 +55,7 @@ Collect = Callable[..., Awaitable[list[MessageResult]]]
 
 async def run_guarded(
     batch: list[Message],
-    handler: Callable[[Sequence[Message]], Any],
+    handler: BatchHandler,
     fallback: MessageResult,
     guards: HandlerGuards,
     collect_results: Collect,

@@ -5,39 +5,24 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Sequence,
-)
+from collections.abc import AsyncIterable, Iterable, Sequence
 from contextlib import aclosing
-from typing import Any
 
 from anyio import move_on_after
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from .._message import Message
-from .._results import MessageResult
+from .._results import BatchHandler, MessageResult
 from .acker import Outcome
 from .guards import HandlerGuards, run_guarded
 
-__all__ = ["BatchHandler", "collect_results", "run_handler_runner"]
+__all__ = ["collect_results", "run_handler_runner"]
 
 logger = logging.getLogger("amqp_batch.handler")
 
-#: A batch handler: an async generator yielding one result per message in order,
-#: or an async function returning a sequence of results.
-BatchHandler = Callable[
-    [Sequence[Message]],
-    AsyncIterator[MessageResult] | Awaitable[Sequence[MessageResult]],
-]
-
 
 async def collect_results(
-    handler: Callable[[Sequence[Message]], Any],
+    handler: BatchHandler,
     messages: Sequence[Message],
     *,
     fallback: MessageResult,
@@ -86,7 +71,7 @@ async def collect_results(
 
 
 async def _run_handler(
-    handler: Callable[[Sequence[Message]], Any],
+    handler: BatchHandler,
     messages: Sequence[Message],
     results: list[MessageResult],
     fallback: MessageResult,
@@ -94,7 +79,8 @@ async def _run_handler(
     """Run the handler, appending its results; returns how many extra it gave."""
     extra = 0
     try:
-        produced = handler(messages)
+        # object: a handler that breaks its type still gets its messages settled.
+        produced: object = handler(messages)
         if inspect.isawaitable(produced):
             produced = await produced
         if isinstance(produced, AsyncIterable):
@@ -196,7 +182,7 @@ def _consume(
 async def run_handler_runner(
     batches: ObjectReceiveStream[list[Message]],
     to_acker: ObjectSendStream[list[Outcome]],
-    handler: Callable[[Sequence[Message]], Any],
+    handler: BatchHandler,
     *,
     fallback: MessageResult,
     guards: HandlerGuards | None = None,
