@@ -598,3 +598,46 @@ async def test_timing_warnings_are_logged_at_start(
         "batch_timeout + handler_timeout (65 s) does not fit" in r.getMessage()
         for r in caplog.records
     )
+
+
+async def test_a_missing_delay_queue_dead_letters_and_health_counts_what_applied(
+    broker_url: str,
+) -> None:
+    """Someone deleted the delay queue: the copy is returned (mandatory), so
+    its original is dead-lettered (republish-failed), never acked or lost; and
+    health counts what was applied (a requeue that ended as a dead letter),
+    with each of the other message's requeues counted once its copy was
+    confirmed."""
+    queue, dlx, dlq = unique_name(), unique_name("dlx"), unique_name("dlq")
+    (delay,) = delay_queues(queue, (0.2,))
+    handled: list[tuple[str, int]] = []
+    done = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for message in messages:
+            handled.append((message.message_id or "", message.retry_count))
+            yield (
+                MessageResult.REQUEUE if message.retry_count == 0 else MessageResult.ACK
+            )
+        if ("kept", 1) in handled:
+            done.set()
+
+    settings = _outage_settings(
+        broker_url, queue, dlx, dlq, batch_size=1, retry_delays=(0.2,)
+    )
+    try:
+        async with batch_consumer(settings, handle) as consumer:
+            async with admin_channel(broker_url) as channel:
+                await publish_ids(channel, ["kept"], routing_key=queue)
+                with anyio.fail_after(20):
+                    await done.wait()
+                await channel.queue_delete(delay.name)
+                await publish_ids(channel, ["orphan"], routing_key=queue)
+                (dead,) = await take(broker_url, dlq, 1)
+        results = consumer.health()[0].results
+    finally:
+        await cleanup(broker_url, queues=[queue, dlq, delay.name], exchanges=[dlx])
+    assert dead.properties.message_id == "orphan"
+    assert (dead.properties.headers or {})["x-dead-letter-reason"] == "republish-failed"
+    assert handled == [("kept", 0), ("kept", 1), ("orphan", 0)]
+    assert results == {"requeue": 2, "ack": 1, "dead_lettered": 1}
