@@ -262,9 +262,12 @@ async def open_session(
                 sink=send,
             )
             core.consume(channel, consumer)
-            with anyio.CancelScope() as scope:
-                channel.on_failure = scope.cancel
-                yield MemorySession(core, channel, consumer, receive)
+            async with anyio.create_task_group() as timers:
+                timers.start_soon(core.expire_on_time)
+                with anyio.CancelScope() as scope:
+                    channel.on_failure = scope.cancel
+                    yield MemorySession(core, channel, consumer, receive)
+                timers.cancel_scope.cancel()
     finally:
         channel.on_failure = None
         core.close_channel(channel)
