@@ -15,6 +15,7 @@ from tests.support.rabbit_node import PrivateNode
 from amqp_batch import (
     BatchConsumer,
     BatchConsumerSettings,
+    ChannelClosed,
     Message,
     MessageResult,
     batch_consumer,
@@ -159,19 +160,22 @@ class _Consumer(BatchConsumer[BatchConsumerSettings]):
         return self._handle(messages)  # type: ignore[no-any-return]
 
 
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 async def test_outage_delayed_retries_and_kill_switch_lose_nothing(
-    broker_url: str,
+    broker_url: str, queue_type: str
 ) -> None:
     """Delayed retries + kill switch: the dependency is down for OUTAGE_S; no
     message is dead-lettered, every message is acked exactly once after the
     recovery, attempts are spaced by at least their delays, the kill switch
-    opened, probed and closed again, and nothing is lost."""
+    opened, probed and closed again, and nothing is lost; on a classic and on a
+    quorum work queue (``queue_type``)."""
     queue, dlx, dlq = unique_name("outage"), unique_name("dlx"), unique_name("dlq")
     settings = _outage_settings(
         broker_url,
         queue,
         dlx,
         dlq,
+        queue_type=queue_type,
         retry_delays=DELAYS,
         max_requeue_attempts=20,
         kill_switch_threshold=0.5,
@@ -202,6 +206,45 @@ async def test_outage_delayed_retries_and_kill_switch_lose_nothing(
     assert health.kill_switch == "closed"
     assert health.results.get("dead_lettered", 0) == 0
     assert health.results["ack"] == MESSAGES
+
+
+async def test_queue_type_quorum_declares_every_queue_quorum(broker_url: str) -> None:
+    """``queue_type="quorum"``: the work queue, its delay queues and the
+    dead-letter queue are quorum queues (redeclaring one as classic is refused
+    with 406), and a message REQUEUEd through a delay queue comes back."""
+    queue, dlx, dlq = unique_name("qtype"), unique_name("dlx"), unique_name("dlq")
+    settings = _outage_settings(
+        broker_url, queue, dlx, dlq, queue_type="quorum", retry_delays=(0.2,)
+    )
+    seen: list[int] = []
+    done = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for message in messages:
+            seen.append(message.retry_count)
+            if message.retry_count == 0:
+                yield MessageResult.REQUEUE
+            else:
+                done.set()
+                yield MessageResult.ACK
+
+    delay_names = [spec.name for spec in delay_queues(queue, (0.2,))]
+    try:
+        async with batch_consumer(settings, handle):
+            async with admin_channel(broker_url) as channel:
+                await publish_ids(channel, ["m"], routing_key=queue)
+            with anyio.fail_after(20):
+                await done.wait()
+        for name in [queue, dlq, *delay_names]:
+            async with admin_channel(broker_url) as channel:
+                with pytest.raises(ChannelClosed) as refused:
+                    await channel.queue_declare(
+                        name, durable=True, arguments={"x-queue-type": "classic"}
+                    )
+            assert refused.value.reply_code == 406, name
+    finally:
+        await cleanup(broker_url, queues=[queue, dlq, *delay_names], exchanges=[dlx])
+    assert seen == [0, 1]
 
 
 async def test_outage_without_them_dead_letters_like_today(broker_url: str) -> None:

@@ -414,3 +414,29 @@ def test_configuration_page_lists_every_setting() -> None:
         )
         rows = [line for line in page.splitlines() if f"| `{field.name}` |" in line]
         assert any(variable in row for row in rows), field.name
+
+
+def test_queue_type_quorum_sets_the_queue_arguments() -> None:
+    settings = BatchConsumerSettings(queue_name="q", queue_type="quorum")
+    assert settings.work_queue_arguments == {"x-queue-type": "quorum"}
+    assert BatchConsumerSettings(queue_name="q").work_queue_arguments == {}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"queue_type": "stream"}, "not supported"),
+        ({"queue_type": "lazy"}, "must be one of"),
+        ({"queue_type": 1}, "must be a str"),
+        (
+            {"queue_type": "quorum", "queue_arguments": {"x-queue-type": "classic"}},
+            "set it in one place",
+        ),
+        ({"queue_type": "quorum", "queue_durable": False}, "queue_durable"),
+    ],
+)
+def test_bad_queue_types_are_refused(
+    overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        BatchConsumerSettings(queue_name="q", **overrides)  # type: ignore[arg-type]

@@ -100,6 +100,27 @@ def _exchange_type(
         )
 
 
+_QUEUE_TYPES = frozenset({"classic", "quorum"})
+
+
+def _queue_type(
+    instance: object, attribute: attrs.Attribute[Any], value: str | None
+) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"{attribute.name} must be a str, not {type(value).__name__}")
+    if value == "stream":
+        raise ValueError(
+            "queue_type 'stream' is not supported: a stream has no per-message "
+            "acknowledgement or dead-lettering (see the design notes)"
+        )
+    if value not in _QUEUE_TYPES:
+        raise ValueError(
+            f"{attribute.name} must be one of {sorted(_QUEUE_TYPES)}, got {value!r}"
+        )
+
+
 def _to_result(value: MessageResult | str) -> MessageResult:
     if isinstance(value, MessageResult):
         return value
@@ -266,6 +287,11 @@ class ConsumerSettings:
     routing_key: str | None = None
     queue_durable: bool = True
     exchange_durable: bool = True
+    #: ``classic`` or ``quorum`` (RabbitMQ's replicated queue, for data safety):
+    #: declares the work queue, its delay queues and the library's dead-letter
+    #: queue with this ``x-queue-type``. ``None`` leaves the type to
+    #: ``queue_arguments`` or the broker's default.
+    queue_type: str | None = attrs.field(default=None, validator=_queue_type)
     #: Queue arguments (``x-dead-letter-exchange``, ``x-queue-type``, ...).
     queue_arguments: Mapping[str, Any] | None = attrs.field(
         default=None, converter=_to_arguments, eq=False
@@ -384,11 +410,32 @@ class ConsumerSettings:
         _check_types(self)
         self._check_retry()
         self._check_dead_lettering()
+        self._check_queue_type()
         if self.reconnect_backoff_cap < self.reconnect_backoff_base:
             raise ValueError(
                 "reconnect_backoff_cap must be >= reconnect_backoff_base, got "
                 f"{self.reconnect_backoff_cap!r} < {self.reconnect_backoff_base!r}"
             )
+
+    def _check_queue_type(self) -> None:
+        if self.queue_type is None:
+            return
+        argument = (self.queue_arguments or {}).get("x-queue-type")
+        if argument is not None and argument != self.queue_type:
+            raise ValueError(
+                f"queue_type {self.queue_type!r} differs from x-queue-type "
+                f"{argument!r} in queue_arguments; set it in one place"
+            )
+        if self.queue_type == "quorum" and not self.queue_durable:
+            raise ValueError("queue_type 'quorum' needs queue_durable=True")
+
+    @property
+    def work_queue_arguments(self) -> Mapping[str, Any]:
+        """``queue_arguments`` with ``x-queue-type`` from :attr:`queue_type`."""
+        arguments = dict(self.queue_arguments or {})
+        if self.queue_type is not None:
+            arguments.setdefault("x-queue-type", self.queue_type)
+        return arguments
 
     def _check_retry(self) -> None:
         if self.retry_delays and self.retry_backoff_base is not None:

@@ -20,7 +20,7 @@ def topology(
     exchanges: list[ExchangeSpec] = []
     queues: list[QueueSpec] = []
     bindings: list[BindingSpec] = []
-    arguments: dict[str, Any] = dict(settings.queue_arguments or {})
+    arguments: dict[str, Any] = dict(settings.work_queue_arguments)
     if settings.effective_dead_letter_routing_key is not None:
         dead_key = settings.effective_dead_letter_routing_key
         arguments.setdefault("x-dead-letter-routing-key", dead_key)
@@ -34,9 +34,12 @@ def topology(
             )
         )
         if settings.dead_letter_queue:
+            quorum = settings.queue_type == "quorum"
             queues.append(
                 QueueSpec(
-                    name=settings.dead_letter_queue, durable=settings.queue_durable
+                    name=settings.dead_letter_queue,
+                    durable=settings.queue_durable,
+                    arguments={"x-queue-type": "quorum"} if quorum else None,
                 )
             )
             bindings.append(
@@ -80,7 +83,7 @@ def _work_queues(
     delays = delay_queues(
         settings.queue_name,
         settings.retry_delay_schedule,
-        queue_arguments=settings.queue_arguments,
+        queue_arguments=settings.work_queue_arguments,
     )
     return [work, *delays]
 

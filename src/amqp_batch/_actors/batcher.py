@@ -45,13 +45,14 @@ class Intake:
 
     def __init__(self) -> None:
         self.stopped = False
-        self._scope: CancelScope | None = None
+        #: The scope of the batch being collected (set by :func:`run_batcher`).
+        self.scope: CancelScope | None = None
 
     def cancel(self) -> None:
         """Stop taking deliveries (idempotent)."""
         self.stopped = True
-        if self._scope is not None:
-            self._scope.cancel()
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 async def run_batcher(
@@ -88,41 +89,62 @@ async def run_batcher(
         while not (ended or intake.stopped):
             batch: list[Message] = []
             invalid: list[Outcome] = []
-            batch_bytes = 0
             with CancelScope() as scope:
-                intake._scope = scope
+                intake.scope = scope
                 try:
                     delivery = await _first(deliveries, carried, gate)
                     carried = None
                     with move_on_at(current_time() + batch_timeout):
-                        while True:
-                            retry_count: int | None = 0
-                            if delivery.properties.headers:
-                                retry_count = _retry_count(delivery, invalid, register)
-                            if retry_count is None:
-                                if not batch:
-                                    break  # flush it now, not at the deadline
-                            else:
-                                size = len(delivery.body)
-                                if batch and batch_bytes + size > byte_limit:
-                                    carried = delivery
-                                    break
-                                register(delivery.delivery_tag)
-                                batch.append(Message(delivery, retry_count=retry_count))
-                                batch_bytes += size
-                                if (
-                                    len(batch) >= batch_size
-                                    or batch_bytes >= byte_limit
-                                ):
-                                    break
-                            try:
-                                delivery = deliveries.receive_nowait()
-                            except WouldBlock:
-                                delivery = await deliveries.receive()
+                        carried = await _collect(
+                            delivery,
+                            deliveries,
+                            register,
+                            batch,
+                            invalid,
+                            batch_size=batch_size,
+                            byte_limit=byte_limit,
+                        )
                 except EndOfStream:
                     ended = True
-            intake._scope = None
+            intake.scope = None
             await _flush(invalid, to_acker, batch, to_handler)
+
+
+async def _collect(
+    delivery: Delivery,
+    deliveries: MemoryObjectReceiveStream[Delivery],
+    register: Callable[[int], None],
+    batch: list[Message],
+    invalid: list[Outcome],
+    *,
+    batch_size: int,
+    byte_limit: float,
+) -> Delivery | None:
+    """Add ``delivery`` and the ones after it to ``batch`` (bad retry headers to
+    ``invalid``) until the batch is full; the delivery that would have overflowed
+    its byte cap, which starts the next batch, or ``None``. The caller's deadline
+    cancels the wait for more."""
+    batch_bytes = 0
+    while True:
+        retry_count: int | None = 0
+        if delivery.properties.headers:
+            retry_count = _retry_count(delivery, invalid, register)
+        if retry_count is None:
+            if not batch:
+                return None  # flush it now, not at the deadline
+        else:
+            size = len(delivery.body)
+            if batch and batch_bytes + size > byte_limit:
+                return delivery
+            register(delivery.delivery_tag)
+            batch.append(Message(delivery, retry_count=retry_count))
+            batch_bytes += size
+            if len(batch) >= batch_size or batch_bytes >= byte_limit:
+                return None
+        try:
+            delivery = deliveries.receive_nowait()
+        except WouldBlock:
+            delivery = await deliveries.receive()
 
 
 async def _flush(
