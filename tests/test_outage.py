@@ -626,14 +626,16 @@ async def test_a_missing_delay_queue_dead_letters_and_health_counts_what_applied
         broker_url, queue, dlx, dlq, batch_size=1, retry_delays=(0.2,)
     )
     try:
-        async with batch_consumer(settings, handle) as consumer:
-            async with admin_channel(broker_url) as channel:
-                await publish_ids(channel, ["kept"], routing_key=queue)
-                with anyio.fail_after(20):
-                    await done.wait()
-                await channel.queue_delete(delay.name)
-                await publish_ids(channel, ["orphan"], routing_key=queue)
-                (dead,) = await take(broker_url, dlq, 1)
+        async with (
+            batch_consumer(settings, handle) as consumer,
+            admin_channel(broker_url) as channel,
+        ):
+            await publish_ids(channel, ["kept"], routing_key=queue)
+            with anyio.fail_after(20):
+                await done.wait()
+            await channel.queue_delete(delay.name)
+            await publish_ids(channel, ["orphan"], routing_key=queue)
+            (dead,) = await take(broker_url, dlq, 1)
         results = consumer.health()[0].results
     finally:
         await cleanup(broker_url, queues=[queue, dlq, delay.name], exchanges=[dlx])
