@@ -1082,8 +1082,8 @@ def render(bench: Bench, args: argparse.Namespace, elapsed: float) -> str:
             "",
             f"W1/W3 {n['W1']:,} × 256 B, W2 {n['W2']:,}, W4 {n['W4']:,} (handler sleeps "
             f"20 ms per batch), W5 200 msg/s for {n['W5_seconds']} s, W6 {n['W6']:,} × 4 KiB, "
-            f"W1Q and W2Q W1 and W2 on quorum queues, W7 {n['W7']:,} with every "
-            f"message failing (REQUEUE) for the first {OUTAGE_SECONDS:g} s of the consumer. "
+            f"W1Q/W2Q: W1/W2 on quorum queues, W7 {n['W7']:,} with every message "
+            f"failing (REQUEUE) for the first {OUTAGE_SECONDS:g} s of the consumer. "
             "Batch 100, timeout 0.5 s (W5: 0.1 s), prefetch 1000. Throughput counts the "
             "consumer from start until every message is settled and it has stopped "
             "(W2: until the queue is empty and the DLQ holds 20%); the bare consumers "

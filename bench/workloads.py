@@ -449,11 +449,7 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
         # Leaving the block drains: every result is applied, republishes confirmed.
         if args.mode in ("mixed", "outage"):
             expect = state.dead if outage else args.expect_dlq
-            while [
-                (await channel.queue_declare(name, passive=True)).message_count
-                for name in (args.queue, dlq)
-            ] != [0, expect]:
-                await anyio.sleep(0.005)
+            await wait_for_queues(channel, args.queue, dlq, expect)
         ended = time.monotonic()
         seconds = meter.stop()
     result: dict[str, Any] = {
@@ -478,6 +474,32 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
         result["rss_samples"] = state.rss_samples
         result["soak_growth_kib"] = state.rss_samples[-1][1] - warm
     return result
+
+
+async def wait_for_queues(
+    channel: Any, queue: str, dlq: str | None, expect: int, patience: float = 30.0
+) -> None:
+    """Poll until ``queue`` is empty and ``dlq`` holds ``expect``; raise when the
+    counts stay elsewhere for ``patience`` seconds (messages left behind by a
+    consumer that stopped, instead of a measurement that never ends)."""
+    last: list[int] = []
+    since = time.monotonic()
+    while True:
+        counts = [
+            (await channel.queue_declare(name, passive=True)).message_count
+            for name in (queue, dlq)
+            if name
+        ]
+        if counts == [0, expect][: len(counts)]:
+            return
+        if counts != last:
+            last, since = counts, time.monotonic()
+        elif time.monotonic() - since > patience:
+            raise RuntimeError(
+                f"{queue} and {dlq} hold {counts} message(s) for {patience:g} s after "
+                f"the consumer stopped, expected [0, {expect}]"
+            )
+        await anyio.sleep(0.005)
 
 
 async def consume_bare(args: argparse.Namespace) -> dict[str, Any]:
