@@ -24,15 +24,11 @@ def topology(
     if settings.effective_dead_letter_routing_key is not None:
         dead_key = settings.effective_dead_letter_routing_key
         arguments.setdefault("x-dead-letter-routing-key", dead_key)
-    if settings.dead_letter_exchange:
-        arguments.setdefault("x-dead-letter-exchange", settings.dead_letter_exchange)
-        exchanges.append(
-            ExchangeSpec(
-                name=settings.dead_letter_exchange,
-                type=settings.dead_letter_exchange_type,
-                durable=settings.exchange_durable,
-            )
-        )
+    durable = settings.exchange_durable
+    if dlx := settings.dead_letter_exchange:
+        arguments.setdefault("x-dead-letter-exchange", dlx)
+        kind = settings.dead_letter_exchange_type
+        exchanges.append(ExchangeSpec(name=dlx, type=kind, durable=durable))
         if settings.dead_letter_queue:
             quorum = settings.queue_type == "quorum"
             queues.append(
@@ -49,14 +45,9 @@ def topology(
                     routing_key=settings.dead_letter_binding_key,
                 )
             )
-    if settings.exchange_name:
-        exchanges.append(
-            ExchangeSpec(
-                name=settings.exchange_name,
-                type=settings.exchange_type,
-                durable=settings.exchange_durable,
-            )
-        )
+    if exchange := settings.exchange_name:
+        kind = settings.exchange_type
+        exchanges.append(ExchangeSpec(name=exchange, type=kind, durable=durable))
     queues.extend(_work_queues(settings, arguments))
     if settings.exchange_name:
         routing_key = settings.routing_key
