@@ -149,6 +149,31 @@ async def _ride(
     return report, consumer
 
 
+def _record_outage(
+    figures: Any, row: str, dependency: Dependency, report: Report, **extra: object
+) -> None:
+    """The row's figures: handler calls during the outage, how long after the
+    recovery the last id was acked, the smallest gap between two attempts."""
+    recovered = dependency.recovered_at or 0.0
+    last = [attempts[-1][1] for attempts in dependency.attempts.values()]
+    gaps = [
+        after - before
+        for attempts in dependency.attempts.values()
+        for (_, before), (_, after) in pairwise(attempts)
+    ]
+    figures.record(
+        row,
+        outage_s=OUTAGE_S,
+        calls_during_outage=sum(
+            1 for a in dependency.attempts.values() for _, t in a if t < recovered
+        ),
+        drained_after_recovery_s=round(max(last, default=recovered) - recovered, 3),
+        min_attempt_gap_s=round(min(gaps, default=0.0), 3),
+        **extra,
+        **report.figures(),
+    )
+
+
 class _Consumer(BatchConsumer[BatchConsumerSettings]):
     def __init__(self, settings: BatchConsumerSettings, handler: Any) -> None:
         super().__init__(settings)
@@ -161,8 +186,8 @@ class _Consumer(BatchConsumer[BatchConsumerSettings]):
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
-async def test_outage_delayed_retries_and_kill_switch_lose_nothing(
-    broker_url: str, queue_type: str
+async def test_r1_outage_delayed_retries_and_kill_switch_lose_nothing(
+    broker_url: str, queue_type: str, figures: Any
 ) -> None:
     """Delayed retries + kill switch: the dependency is down for OUTAGE_S; no
     message is dead-lettered, every message is acked exactly once after the
@@ -185,6 +210,7 @@ async def test_outage_delayed_retries_and_kill_switch_lose_nothing(
     )
     dependency = Dependency()
     report, consumer = await _ride(broker_url, settings, dependency)
+    _record_outage(figures, "R1", dependency, report, queue_type=queue_type)
     report.assert_holds(max_duplicates=0)
     assert report.lost == frozenset()
     assert not report.dead_lettered, "nothing may be dead-lettered"
@@ -247,7 +273,9 @@ async def test_queue_type_quorum_declares_every_queue_quorum(broker_url: str) ->
     assert seen == [0, 1]
 
 
-async def test_outage_without_them_dead_letters_like_today(broker_url: str) -> None:
+async def test_r2_outage_without_them_dead_letters_like_today(
+    broker_url: str, figures: Any
+) -> None:
     """The same outage with immediate retries and no kill switch: copies go
     round the queue in milliseconds, run out of attempts and are dead-lettered
     while the dependency is still down. Nothing is lost: each id ends acked or
@@ -256,6 +284,7 @@ async def test_outage_without_them_dead_letters_like_today(broker_url: str) -> N
     settings = _outage_settings(broker_url, queue, dlx, dlq, max_requeue_attempts=3)
     dependency = Dependency()
     report, consumer = await _ride(broker_url, settings, dependency)
+    _record_outage(figures, "R2", dependency, report)
     report.assert_holds(max_duplicates=0)
     assert report.lost == frozenset()
     assert set(report.dead_lettered) | report.acked == report.confirmed
@@ -347,7 +376,7 @@ def test_with_a_signing_key_only_signed_copies_are_trusted() -> None:
 
 
 @pytest.mark.parametrize("signed", [False, True])
-async def test_forged_headers_never_choose_the_dead_letter_key(
+async def test_r7_forged_headers_never_choose_the_dead_letter_key(
     broker_url: str, signed: bool
 ) -> None:
     """On the broker: a producer message with forged x-original-* headers, and
@@ -416,7 +445,7 @@ async def test_forged_headers_never_choose_the_dead_letter_key(
 # ------------------------------------------- a broker crash with work in flight
 
 
-async def test_broker_kill9_with_nacks_and_requeues_in_flight_loses_nothing(
+async def test_r3_broker_kill9_with_nacks_and_requeues_in_flight_loses_nothing(
     destructive_node: PrivateNode, figures: Any
 ) -> None:
     """The private node is SIGKILLed while NACK dead letters and REQUEUE copies
@@ -469,7 +498,7 @@ async def test_broker_kill9_with_nacks_and_requeues_in_flight_loses_nothing(
         await cleanup(url, queues=[queue, dlq, *delay_names], exchanges=[dlx])
     nacked = {str(n) for n in range(300) if n % 3 == 0}
     figures.record(
-        "outage-kill9",
+        "R3",
         nacked=len(nacked),
         dead_letter_duplicates=sum(n - 1 for n in report.dead_lettered.values()),
         **report.figures(),
@@ -485,7 +514,7 @@ async def test_broker_kill9_with_nacks_and_requeues_in_flight_loses_nothing(
 # ------------------------------------ handler_timeout, rate limit, idempotency
 
 
-async def test_handler_timeout_cancels_a_hung_handler(broker_url: str) -> None:
+async def test_r4_handler_timeout_cancels_a_hung_handler(broker_url: str) -> None:
     """A handler that hangs on its dependency is cancelled after
     handler_timeout: the result it gave still applies, the rest get
     unhandled_exception_action (NACK here, so they are in the DLQ), and the
@@ -535,7 +564,7 @@ async def test_handler_timeout_cancels_a_hung_handler(broker_url: str) -> None:
     assert consumer.health()[0].results["ack"] == 2  # h0 and n0
 
 
-async def test_rate_limit_is_shared_by_all_workers(broker_url: str) -> None:
+async def test_r5_rate_limit_is_shared_by_all_workers(broker_url: str) -> None:
     """Two workers, max_messages_per_second=20: however the 60 messages are
     split, by any moment t at most 20 + 20 t of them reached a handler."""
     queue = unique_name()
@@ -577,7 +606,7 @@ async def test_rate_limit_is_shared_by_all_workers(broker_url: str) -> None:
     assert all(w.results.get("ack", 0) for w in consumer.health())  # both worked
 
 
-async def test_idempotency_store_skips_what_was_handled(broker_url: str) -> None:
+async def test_r6_idempotency_store_skips_what_was_handled(broker_url: str) -> None:
     """With an idempotency store, a message id that was handled (and ACKed)
     before is acked without reaching the handler, and counted as a duplicate."""
     queue = unique_name()

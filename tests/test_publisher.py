@@ -75,7 +75,7 @@ def _copies(deliveries: list[Any]) -> tuple[collections.Counter[str], dict[str, 
     return copies, message_ids
 
 
-async def test_publishes_survive_cuts_and_a_broker_restart(
+async def test_p1_publishes_survive_cuts_and_a_broker_restart(
     destructive_node: PrivateNode, queue: str, figures: Any
 ) -> None:
     """Two publishers, four tasks each, publish while their connections are cut
