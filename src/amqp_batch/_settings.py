@@ -329,9 +329,18 @@ class ConsumerSettings:
     )
     #: Declared and bound to the dead-letter exchange (``#`` for topic, all keys).
     dead_letter_queue: str | None = None
-    #: More broker URLs; reconnects rotate through ``url`` and these.
+    #: More broker URLs (other nodes of a cluster, or a standby broker); see
+    #: ``url_order`` for which one a worker uses.
     failover_urls: tuple[str, ...] = attrs.field(
         default=(), converter=_to_urls, validator=_check_urls, repr=_redact_urls_repr
+    )
+    #: Which URL a worker connects to first: ``primary`` (every worker starts on
+    #: ``url`` and fails over in list order) or ``spread`` (worker *i* starts on
+    #: URL *i* mod *n*, to spread the workers over the nodes on purpose). Either
+    #: way a URL where a session failed to start in the last
+    #: ``reconnect_backoff_cap`` seconds is skipped while another one has not.
+    url_order: str = attrs.field(
+        default="primary", validator=attrs.validators.in_(("primary", "spread"))
     )
     #: TLS context for ``amqps://`` URLs (default: verify against system CAs).
     ssl_context: ssl.SSLContext | None = attrs.field(

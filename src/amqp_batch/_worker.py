@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -127,7 +128,10 @@ class Worker:
         self._reconnect_count = 0
         self._last_error: str | None = None
         self._counts: Counter[str] = Counter()
-        self._url = settings.connection_parameters(index).redacted_url
+        first = index if settings.url_order == "spread" else 0
+        self._url = settings.connection_parameters(first).redacted_url
+        #: URL index -> when a session on it last failed to start (to skip it).
+        self._url_failed_at: dict[int, float] = {}
         self.fatal_error: TransportError | None = None
         #: Whether the last session got as far as consuming (resets the backoff).
         self._consumed_last = False
@@ -222,6 +226,22 @@ class Worker:
             ),
         )
 
+    def _next_url(self) -> int:
+        """The index of the URL to connect to: the first in the worker's order
+        (``url_order``) where no session failed to start in the last
+        ``reconnect_backoff_cap`` seconds, else the one that failed longest ago.
+        (A session lost after consuming does not count: the next attempt finds
+        out whether that node is down.)"""
+        count = len(self._settings.urls)
+        start = self.index % count if self._settings.url_order == "spread" else 0
+        order = [(start + offset) % count for offset in range(count)]
+        failed_at = self._url_failed_at
+        since = current_time() - self._settings.reconnect_backoff_cap
+        for index in order:
+            if failed_at.get(index, -math.inf) < since:
+                return index
+        return min(order, key=lambda index: failed_at[index])
+
     def _connection_name(self) -> str:
         base = (
             self._settings.connection_name or f"amqp-batch:{self._settings.queue_name}"
@@ -239,9 +259,8 @@ class Worker:
         failures = 0
         try:
             while not self._stop_requested.is_set():
-                parameters = self._settings.connection_parameters(
-                    self.index + self._reconnect_count
-                )
+                url_index = self._next_url()
+                parameters = self._settings.connection_parameters(url_index)
                 self._url = parameters.redacted_url
                 self._set_state(WorkerState.CONNECTING)
                 try:
@@ -250,6 +269,8 @@ class Worker:
                     error = first_library_error(exc, TransportError)
                     if error is None:
                         raise
+                    if not self._consumed_last:  # it failed to connect or set up
+                        self._url_failed_at[url_index] = current_time()
                     if self._stop_requested.is_set():
                         break
                     self._last_error = f"{type(error).__name__}: {error}"
