@@ -24,6 +24,7 @@ from .._base import (
 )
 from .._url import ConnectionParameters
 from ._core import Settle
+from ._declare import channel_error
 from ._model import Channel, Consumer
 
 if TYPE_CHECKING:
@@ -202,6 +203,18 @@ class MemoryPublisher:
     def _route_started(self) -> None:
         while self._started:
             self._started.popleft().settle()
+
+    async def queue_counts(self, queue: str) -> tuple[int, int]:
+        """A passive ``queue.declare``: (ready messages, consumers). A missing
+        queue closes this publisher's channel (:class:`~amqp_batch.ChannelClosed`,
+        404), as on RabbitMQ."""
+        await anyio.lowlevel.checkpoint()
+        self._broker._check_open(self._channel)
+        if not self._broker.has_queue(queue):
+            error = channel_error(404, f"NOT_FOUND - no queue '{queue}'")
+            self._broker._fail(self._channel, error)
+            raise error
+        return self._broker.message_count(queue), self._broker.consumer_count(queue)
 
     async def publish(
         self,
