@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -289,51 +289,48 @@ class PrometheusHooks(ConsumerHooks):
     ) -> None:
         """Every ``interval`` seconds, read each queue's ready messages and
         consumers with a passive ``queue.declare``, until cancelled;
-        ``task_status.started()`` after the first sample (or its failure).
+        ``task_status.started()`` after the first round.
 
-        Runs on a connection of its own; a failure is logged and retried at the
-        next interval (a missing queue's gauges are removed), never raised.
+        Runs on a connection of its own, kept between rounds. A missing queue
+        (its gauges are removed) closes the channel: the connection is reopened
+        for the next queue. Failures are logged and retried at the next round,
+        never raised.
         """
-        started = False
-        while True:
-            try:
-                async with transport.open_publisher(parameters) as session:
-                    while True:
-                        try:
-                            await self._sample(session, queues, dead_letter_queues)
-                        finally:
-                            if not started:
-                                started = True
-                                task_status.started()
-                        await anyio.sleep(interval)
-            except TransportError as exc:
-                logger.warning(
-                    "broker sample failed: %s",
-                    exc,
-                    extra={"reason": type(exc).__name__},
-                )
-            if not started:
-                started = True
-                task_status.started()
-            await anyio.sleep(interval)
-
-    async def _sample(
-        self, session: Any, queues: Sequence[str], dead_letter_queues: Sequence[str]
-    ) -> None:
         targets = [(name, False) for name in queues] + [
             (name, True) for name in dead_letter_queues
         ]
-        for name, dead_letter in targets:
-            try:
-                messages, consumers = await session.queue_counts(name)
-            except ChannelClosed:
-                self._forget(name, dead_letter)
-                raise
-            if dead_letter:
-                self.dead_letter_messages.labels(queue=name).set(messages)
-            else:
-                self.queue_messages.labels(queue=name).set(messages)
-                self.queue_consumers.labels(queue=name).set(consumers)
+        async with AsyncExitStack() as stack:
+            session: Any = None
+            while True:
+                for name, dead_letter in targets:
+                    try:
+                        if session is None:
+                            session = await stack.enter_async_context(
+                                transport.open_publisher(parameters)
+                            )
+                        await self._sample(session, name, dead_letter)
+                    except TransportError as exc:
+                        logger.warning(
+                            "broker sample of %r failed: %s",
+                            name,
+                            exc,
+                            extra={"queue": name, "reason": type(exc).__name__},
+                        )
+                        if isinstance(exc, ChannelClosed) and exc.reply_code == 404:
+                            self._forget(name, dead_letter)
+                        session = None
+                        await stack.aclose()
+                task_status.started()
+                task_status = TASK_STATUS_IGNORED
+                await anyio.sleep(interval)
+
+    async def _sample(self, session: Any, name: str, dead_letter: bool) -> None:
+        messages, consumers = await session.queue_counts(name)
+        if dead_letter:
+            self.dead_letter_messages.labels(queue=name).set(messages)
+        else:
+            self.queue_messages.labels(queue=name).set(messages)
+            self.queue_consumers.labels(queue=name).set(consumers)
 
     def _forget(self, name: str, dead_letter: bool) -> None:
         gauges = (

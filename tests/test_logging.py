@@ -1,0 +1,139 @@
+"""The JSON log formatter: one object per line, extra and context fields,
+passwords redacted."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from amqp_batch._logging import (
+    ContextFilter,
+    JSONFormatter,
+    log_context,
+    log_fields,
+    set_log_context,
+)
+
+
+@pytest.fixture
+def captured() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JSONFormatter())
+    handler.addFilter(ContextFilter())
+    logger = logging.getLogger("amqp_batch.test_logging")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        yield logger, out
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def lines(out: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_one_object_per_line_with_extra_fields(
+    captured: tuple[logging.Logger, io.StringIO],
+) -> None:
+    logger, out = captured
+    logger.info("worker %d: %s", 2, "consuming", extra={"worker": 2, "queue": "q"})
+    logger.warning("multi\nline", extra={"when": object()})
+    first, second = lines(out)
+    assert first["message"] == "worker 2: consuming"
+    assert first["level"] == "INFO"
+    assert first["logger"] == "amqp_batch.test_logging"
+    assert first["worker"] == 2
+    assert first["queue"] == "q"
+    assert first["time"].endswith("+00:00")
+    assert second["message"] == "multi\nline"
+    assert second["when"].startswith("<object object")  # not serialisable: str()
+
+
+def test_exceptions_are_one_field(captured: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, out = captured
+    try:
+        raise ValueError("bad value")
+    except ValueError:
+        logger.exception("handler raised")
+    (entry,) = lines(out)
+    assert "Traceback" in entry["exception"]
+    assert "ValueError: bad value" in entry["exception"]
+
+
+def test_passwords_never_appear(captured: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, out = captured
+    logger.error(
+        "cannot connect to %s",
+        "amqp://app:s3cret@rabbit:5672/",
+        extra={"url": "amqps://app:s3cret@rabbit/vhost"},
+    )
+    try:
+        raise ConnectionError("amqp://user:hunter2@host/")
+    except ConnectionError:
+        logger.exception("failed")
+    text = out.getvalue()
+    assert "s3cret" not in text
+    assert "hunter2" not in text
+    assert "amqp://app:***@rabbit:5672/" in text
+    assert len(lines(out)) == 2
+
+
+def test_context_fields(captured: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, out = captured
+    with log_context(queue="orders"):
+        with log_context(worker=3):
+            logger.info("inside")
+            assert log_fields() == {"queue": "orders", "worker": 3}
+        logger.info("queue only", extra={"queue": "explicit wins"})
+    logger.info("outside")
+    inside, queue_only, outside = lines(out)
+    assert (inside["queue"], inside["worker"]) == ("orders", 3)
+    assert queue_only["queue"] == "explicit wins"
+    assert "worker" not in queue_only
+    assert "queue" not in outside
+
+
+async def test_context_fields_reach_tasks_started_inside(
+    captured: tuple[logging.Logger, io.StringIO],
+) -> None:
+    """A worker sets its fields once; its child tasks (the handler's) inherit
+    them, and other tasks do not see them."""
+    logger, out = captured
+
+    async def worker(index: int) -> None:
+        set_log_context(worker=index)
+        async with anyio.create_task_group() as group:
+            group.start_soon(handler)
+
+    async def handler() -> None:
+        await anyio.lowlevel.checkpoint()
+        logger.info("handling")
+
+    with log_context(queue="orders"):
+        async with anyio.create_task_group() as group:
+            group.start_soon(worker, 0)
+            group.start_soon(worker, 1)
+        logger.info("consumer")
+    entries = lines(out)
+    assert sorted(e["worker"] for e in entries if e["message"] == "handling") == [0, 1]
+    (consumer,) = [e for e in entries if e["message"] == "consumer"]
+    assert consumer["queue"] == "orders" and "worker" not in consumer
+
+
+def test_the_filter_stamps_records_where_they_are_logged() -> None:
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
+    with log_context(queue="orders"):
+        assert ContextFilter().filter(record)
+    assert record.queue == "orders"  # type: ignore[attr-defined]
+    # Formatted later, outside the context (e.g. by a QueueListener's thread).
+    assert json.loads(JSONFormatter().format(record))["queue"] == "orders"
