@@ -3,13 +3,16 @@ logged, counted and ignored; cancellation and other BaseExceptions pass."""
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import anyio
 import pytest
 
 from amqp_batch import MessageResult, WorkerHealth, WorkerState
+from amqp_batch._actors.handler import run_handler_runner
 from amqp_batch._hooks import (
     EVENTS,
     BatchInfo,
@@ -173,3 +176,107 @@ def test_batch_info_is_compared_by_identity() -> None:
     second = BatchInfo(worker=0, queue="q", messages=messages)
     assert first != second
     assert first == first
+
+
+class BatchRecorder(ConsumerHooks):
+    def __init__(self) -> None:
+        self.started: list[BatchInfo] = []
+        self.handled: list[tuple[BatchInfo, list[MessageResult], BaseException | None]]
+        self.handled = []
+
+    def batch_started(self, batch: BatchInfo) -> None:
+        self.started.append(batch)
+
+    def batch_handled(
+        self,
+        batch: BatchInfo,
+        results: Sequence[MessageResult],
+        duration: float,
+        error: BaseException | None,
+    ) -> None:
+        assert duration >= 0
+        self.handled.append((batch, list(results), error))
+
+
+async def run_one_batch(
+    handler: Callable[[Sequence[Message]], Any], hooks: HookDispatcher
+) -> list[Any]:
+    """One batch of two messages through a handler runner; what reached the
+    acker."""
+    to_runner, batches = anyio.create_memory_object_stream[list[Message]](1)
+    to_acker, outcomes = anyio.create_memory_object_stream[list[Any]](1)
+    async with anyio.create_task_group() as group, outcomes:
+        group.start_soon(
+            functools.partial(
+                run_handler_runner,
+                batches,
+                to_acker,
+                handler,
+                fallback=MessageResult.NACK,
+                hooks=hooks,
+                worker=3,
+                queue="orders",
+            )
+        )
+        async with to_runner:
+            await to_runner.send([message(1), message(2)])
+        return [outcome async for outcome in outcomes]
+
+
+async def test_the_runner_reports_each_batch_around_the_handler() -> None:
+    recorder = BatchRecorder()
+
+    async def handler(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        # The handler runs between the two calls.
+        assert len(recorder.started) == 1 and not recorder.handled
+        for _ in messages:
+            yield MessageResult.ACK
+
+    sent = await run_one_batch(handler, HookDispatcher([recorder]))
+    assert len(sent) == 1
+    (batch,) = recorder.started
+    assert (batch.worker, batch.queue, len(batch.messages)) == (3, "orders", 2)
+    assert recorder.handled == [(batch, [MessageResult.ACK] * 2, None)]
+
+
+async def test_the_runner_reports_what_the_handler_raised() -> None:
+    recorder = BatchRecorder()
+    boom = ValueError("boom")
+
+    async def handler(messages: Sequence[Message]) -> list[MessageResult]:
+        raise boom
+
+    sent = await run_one_batch(handler, HookDispatcher([recorder]))
+    assert [result for _, result in sent[0]] == [MessageResult.NACK] * 2
+    assert recorder.handled == [(recorder.started[0], [MessageResult.NACK] * 2, boom)]
+
+
+async def test_a_cancelled_handler_is_reported_and_stays_cancelled() -> None:
+    recorder = BatchRecorder()
+    scope = anyio.CancelScope()
+
+    async def handler(messages: Sequence[Message]) -> list[MessageResult]:
+        scope.cancel()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    with scope:
+        await run_one_batch(handler, HookDispatcher([recorder]))
+    assert scope.cancelled_caught
+    ((_, results, error),) = recorder.handled
+    assert results == []
+    assert isinstance(error, anyio.get_cancelled_exc_class())
+
+
+async def test_a_failing_hook_does_not_change_the_results() -> None:
+    class Broken(ConsumerHooks):
+        def batch_started(self, batch: BatchInfo) -> None:
+            raise RuntimeError("observer bug")
+
+    async def handler(messages: Sequence[Message]) -> list[MessageResult]:
+        return [MessageResult.ACK] * len(messages)
+
+    dispatcher = HookDispatcher([Broken()])
+    sent = await run_one_batch(handler, dispatcher)
+    assert [result for _, result in sent[0]] == [MessageResult.ACK] * 2
+    assert dispatcher.hook_errors == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -18,11 +19,12 @@ from typing import Any
 
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from .._hooks import BatchInfo, HookDispatcher
 from .._message import Message
 from .._results import MessageResult
 from .acker import Outcome
 
-__all__ = ["BatchHandler", "collect_results", "run_handler_runner"]
+__all__ = ["BatchHandler", "collect_results", "handle_batch", "run_handler_runner"]
 
 logger = logging.getLogger("amqp_batch.handler")
 
@@ -48,24 +50,25 @@ async def collect_results(
     Extra results are logged and never applied. An async generator is run to its
     end (code after its loop runs) unless it yields a non-result.
     """
+    results, _ = await handle_batch(handler, messages, fallback=fallback)
+    return results
+
+
+async def handle_batch(
+    handler: Callable[[Sequence[Message]], Any],
+    messages: Sequence[Message],
+    *,
+    fallback: MessageResult,
+) -> tuple[list[MessageResult], BaseException | None]:
+    """:func:`collect_results`, and the exception the handler raised (logged,
+    and its messages given ``fallback``), None when it raised none."""
     results: list[MessageResult] = []
     extra = 0
+    error: BaseException | None = None
     try:
-        produced = handler(messages)
-        if inspect.isawaitable(produced):
-            produced = await produced
-        if isinstance(produced, AsyncIterable):
-            extra = await _consume_async(produced, results, len(messages))
-        elif isinstance(produced, Iterable) and not isinstance(produced, (str, bytes)):
-            extra = _consume(produced, results, len(messages))
-        else:
-            logger.error(
-                "handler returned %s, not results; applying %s to %d message(s)",
-                type(produced).__name__,
-                fallback.name,
-                len(messages),
-            )
-    except Exception:
+        extra = await _run(handler, messages, results, fallback)
+    except Exception as exc:
+        error = exc
         logger.exception(
             "handler raised after %d of %d result(s); applying %s to %d message(s)",
             len(results),
@@ -78,6 +81,7 @@ async def collect_results(
             raise
         # Not a cancellation of ours: letting it through would silently end the
         # session, and the batch would come back (and do it again) forever.
+        error = exc
         logger.error(
             "handler raised CancelledError without being cancelled (did it await "
             "a future that something else cancelled?); applying %s to %d "
@@ -86,23 +90,54 @@ async def collect_results(
             len(messages) - len(results),
             exc_info=True,
         )
+    _complete(results, extra, len(messages), fallback)
+    return results, error
+
+
+async def _run(
+    handler: Callable[[Sequence[Message]], Any],
+    messages: Sequence[Message],
+    results: list[MessageResult],
+    fallback: MessageResult,
+) -> int:
+    """Call ``handler`` and collect what it gives into ``results``; how many
+    results it gave beyond the messages."""
+    produced = handler(messages)
+    if inspect.isawaitable(produced):
+        produced = await produced
+    if isinstance(produced, AsyncIterable):
+        return await _consume_async(produced, results, len(messages))
+    if isinstance(produced, Iterable) and not isinstance(produced, (str, bytes)):
+        return _consume(produced, results, len(messages))
+    logger.error(
+        "handler returned %s, not results; applying %s to %d message(s)",
+        type(produced).__name__,
+        fallback.name,
+        len(messages),
+    )
+    return 0
+
+
+def _complete(
+    results: list[MessageResult], extra: int, count: int, fallback: MessageResult
+) -> None:
+    """Log extra results; give the messages without one ``fallback``."""
     if extra:
         logger.error(
             "handler gave %d result(s) more than the %d message(s); ignored them",
             extra,
-            len(messages),
+            count,
         )
-    missing = len(messages) - len(results)
+    missing = count - len(results)
     if missing > 0:
         logger.warning(
             "handler gave %d result(s) for %d message(s); applying %s to %d",
             len(results),
-            len(messages),
+            count,
             fallback.name,
             missing,
         )
         results.extend([fallback] * missing)
-    return results
 
 
 def _stray_cancellation(exc: BaseException) -> bool:
@@ -172,13 +207,53 @@ async def run_handler_runner(
     handler: Callable[[Sequence[Message]], Any],
     *,
     fallback: MessageResult,
+    hooks: HookDispatcher | None = None,
+    worker: int = 0,
+    queue: str = "",
 ) -> None:
     """Take batches, run the handler, send one outcome per message to the acker.
 
     A worker starts ``max_concurrent_batches`` of these on clones of the same
-    streams; the acker's input ends when the last clone closes.
+    streams; the acker's input ends when the last clone closes. ``hooks`` hear
+    ``batch_started``/``batch_handled`` in this task, around the handler;
+    without listeners the batch costs nothing more.
     """
+    observed = hooks is not None and (
+        hooks.batch_started is not None or hooks.batch_handled is not None
+    )
     async with batches, to_acker:
         async for batch in batches:
-            results = await collect_results(handler, batch, fallback=fallback)
+            if observed:
+                assert hooks is not None
+                results = await _observed(
+                    hooks, handler, batch, fallback, worker, queue
+                )
+            else:
+                results, _ = await handle_batch(handler, batch, fallback=fallback)
             await to_acker.send(list(zip(batch, results, strict=True)))
+
+
+async def _observed(
+    hooks: HookDispatcher,
+    handler: Callable[[Sequence[Message]], Any],
+    batch: list[Message],
+    fallback: MessageResult,
+    worker: int,
+    queue: str,
+) -> list[MessageResult]:
+    """:func:`handle_batch` between ``batch_started`` and ``batch_handled``
+    (which also hears a cancellation, with no results)."""
+    info = BatchInfo(worker=worker, queue=queue, messages=batch)
+    started, handled = hooks.batch_started, hooks.batch_handled
+    if started is not None:
+        started(info)
+    begin = time.perf_counter()
+    try:
+        results, error = await handle_batch(handler, batch, fallback=fallback)
+    except BaseException as exc:
+        if handled is not None:
+            handled(info, (), time.perf_counter() - begin, exc)
+        raise
+    if handled is not None:
+        handled(info, results, time.perf_counter() - begin, error)
+    return results
