@@ -50,6 +50,9 @@ def tests(session: nox.Session) -> None:
     # Installs Debian's rabbitmq-server when missing (root only; never starts or
     # stops the machine's own broker), else explains what to install.
     session.run("python", "-m", "tests.support.rabbit_node", "--ensure")
+    # Debian's prometheus for the one real-scrape test; never fails (without apt
+    # that test skips and says why).
+    session.run("python", "-m", "tests.support.prometheus_server", "--ensure")
     session.run("python", "-m", "pytest", *session.posargs)
 
 

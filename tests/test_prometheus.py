@@ -5,7 +5,10 @@ consumer on RabbitMQ)."""
 from __future__ import annotations
 
 import datetime
+import json
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -242,3 +245,18 @@ def _sampler(
     return lambda task_status: hooks.sample_broker(
         broker, parameters, queues, dlqs, interval=3600, task_status=task_status
     )
+
+
+def test_the_grafana_dashboard_uses_only_metrics_we_expose() -> None:
+    path = Path(__file__).parent.parent / "docs" / "dashboards" / "amqp-batch.json"
+    dashboard = json.loads(path.read_text())
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used |= set(re.findall(r"amqp_batch_[a-z_]+", target["expr"]))
+    histograms = {"_bucket", "_sum", "_count"}
+    exposed = set(METRIC_NAMES)
+    for name in used:
+        base = next((name[: -len(s)] for s in histograms if name.endswith(s)), name)
+        assert name in exposed or base in exposed, name
+    assert len(used) >= 10

@@ -23,7 +23,16 @@ from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["JSONFormatter", "log_context", "log_fields"]
+from ._exceptions import AMQPBatchError
+
+__all__ = [
+    "ContextFilter",
+    "JSONFormatter",
+    "configure_json_logging",
+    "log_context",
+    "log_fields",
+    "set_log_context",
+]
 
 #: Fields added to every record logged in this context (a worker's tasks set
 #: ``worker``; the consumer sets ``queue``).
@@ -82,7 +91,17 @@ def _redact(text: str) -> str:
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per record, on one line, passwords redacted."""
+    """One JSON object per record, on one line, passwords redacted.
+
+    A record with an exception gets ``error`` (``Type: message``) and
+    ``exception`` (the traceback); with ``library_tracebacks=False`` an
+    amqp-batch error (an expected, operational event such as a lost
+    connection) gets only ``error``.
+    """
+
+    def __init__(self, *, library_tracebacks: bool = True) -> None:
+        super().__init__()
+        self._library_tracebacks = library_tracebacks
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as a JSON line."""
@@ -99,10 +118,34 @@ class JSONFormatter(logging.Formatter):
         for name, value in vars(record).items():
             if name not in _STANDARD and not name.startswith("_"):
                 entry[name] = value
-        if record.exc_info:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None:
+            text = str(error)
+            entry["error"] = (
+                f"{type(error).__name__}: {text}" if text else type(error).__name__
+            )
+        if record.exc_info and (
+            self._library_tracebacks or not isinstance(error, AMQPBatchError)
+        ):
             entry["exception"] = self.formatException(record.exc_info)
-        elif record.exc_text:
+        elif record.exc_text and error is None:
             entry["exception"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return _redact(json.dumps(entry, default=str, ensure_ascii=False))
+
+
+def configure_json_logging(level: str, stream: Any = None) -> None:
+    """Log JSON lines to ``stream`` (default stderr) at ``level``, replacing the
+    root logger's handlers. Library errors carry a traceback only at
+    ``DEBUG``."""
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(JSONFormatter(library_tracebacks=level.upper() == "DEBUG"))
+    handler.addFilter(ContextFilter())
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level.upper())

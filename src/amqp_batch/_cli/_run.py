@@ -7,6 +7,7 @@ import argparse
 import enum
 import json
 import logging
+import logging.config
 import os
 import ssl
 import sys
@@ -21,6 +22,7 @@ import attrs
 
 from .._consumer import BatchConsumer, _FunctionConsumer
 from .._exceptions import AMQPBatchError, TransportError
+from .._logging import configure_json_logging
 from .._message import Message
 from .._settings import BatchConsumerSettings, _read_env_file
 from .._transport._native import NativeTransport
@@ -328,6 +330,34 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="log a summary (batches, results per kind, reconnects) this often; "
         "0 only at the end [default 30]",
     )
+    observe = parser.add_argument_group("monitoring")
+    observe.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics (Prometheus), /healthz and /readyz on this port "
+        "(needs amqp-batch[prometheus]) [default: no server]",
+    )
+    observe.add_argument(
+        "--http-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the --http-port server binds; 0.0.0.0 for a container "
+        "[default 127.0.0.1]",
+    )
+    observe.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line with the queue, worker and "
+        "other fields [default text]",
+    )
+    observe.add_argument(
+        "--log-config",
+        metavar="FILE",
+        help="a JSON file with a logging.config.dictConfig dictionary; replaces "
+        "--log-level and --log-format",
+    )
     command.add_argument(
         "--check",
         action="store_true",
@@ -603,8 +633,29 @@ async def serve(
     return EXIT_OK
 
 
+def configure_run_logging(args: argparse.Namespace) -> None:
+    """``--log-config`` or ``--log-format json`` (``--log-format text`` is what
+    the command set up already)."""
+    if args.log_config is not None:
+        where = f"--log-config {args.log_config!r}"
+        try:
+            config = json.loads(Path(args.log_config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"{where}: {describe(exc)}") from None
+        if not isinstance(config, dict):
+            raise CLIError(f"{where}: expected a JSON object (a dictConfig dict)")
+        config.setdefault("version", 1)
+        try:
+            logging.config.dictConfig(config)
+        except (ValueError, TypeError, AttributeError, ImportError) as exc:
+            raise CLIError(f"{where}: {describe(exc)}") from None
+    elif args.log_format == "json":
+        configure_json_logging(args.log_level)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """``amqp-batch run``: the exit code (raises :class:`CLIError`)."""
+    configure_run_logging(args)
     target = load_target(args.target)
     settings = build_settings(args)
     code: int = anyio.run(serve, target, settings, args, backend=args.backend)
