@@ -22,6 +22,7 @@ from anyio import (
 from anyio.abc import TaskStatus
 
 from ._exceptions import AMQPBatchError
+from ._hooks import ConsumerHooks, HookDispatcher
 from ._message import Message
 from ._publisher import default_transport
 from ._results import MessageResult
@@ -47,9 +48,16 @@ class BatchConsumer(Generic[SettingsT]):
     consumer.serve)``, or ``async with consumer:``. A consumer runs once.
     """
 
-    def __init__(self, settings: SettingsT, *, transport: Transport | None = None):
+    def __init__(
+        self,
+        settings: SettingsT,
+        *,
+        transport: Transport | None = None,
+        hooks: Sequence[ConsumerHooks] = (),
+    ):
         self.settings: SettingsT = settings
         self._transport = transport
+        self._hooks: list[ConsumerHooks] = list(HookDispatcher(hooks).hooks)
         self._workers: list[Worker] = []
         self._started = False
         self._running = False
@@ -59,6 +67,7 @@ class BatchConsumer(Generic[SettingsT]):
         self._all_consuming: anyio.Event | None = None
         self._exit_stack: AsyncExitStack | None = None
         self._reported = False
+        self._dispatcher = HookDispatcher()
 
     # -- what subclasses provide -------------------------------------------------
 
@@ -87,6 +96,14 @@ class BatchConsumer(Generic[SettingsT]):
         quick and must not block; an exception it raises is logged and ignored.
         Override it to log or export state changes; the default does nothing.
         """
+
+    def add_hooks(self, *hooks: ConsumerHooks) -> None:
+        """Add observers (see :class:`~amqp_batch.ConsumerHooks`); before the
+        consumer starts only."""
+        if self._started:
+            raise RuntimeError("hooks must be added before the consumer starts")
+        HookDispatcher(hooks)  # checks their types
+        self._hooks.extend(hooks)
 
     # -- health --------------------------------------------------------------------
 
@@ -153,6 +170,7 @@ class BatchConsumer(Generic[SettingsT]):
         assert self._stopped is not None
         settings = self._batch_settings()
         transport = self._transport or default_transport()
+        self._dispatcher = HookDispatcher(self._hooks)
         self._running = True
         try:
             await self.on_start()
@@ -170,6 +188,7 @@ class BatchConsumer(Generic[SettingsT]):
                     self._stop_requested,
                     self._worker_consuming,
                     on_state_change=self._worker_state_changed,
+                    hooks=self._dispatcher,
                 )
                 for index in range(settings.num_workers)
             ]
@@ -227,10 +246,14 @@ class BatchConsumer(Generic[SettingsT]):
             self._all_consuming.set()
 
     def _worker_state_changed(self, worker: Worker, previous: WorkerState) -> None:
+        health = worker.health()
         try:
-            self.on_worker_state_change(worker.health(), previous)
+            self.on_worker_state_change(health, previous)
         except Exception:
             logger.exception("on_worker_state_change raised; ignored")
+        changed = self._dispatcher.worker_state_changed
+        if changed is not None:
+            changed(health, previous)
 
     async def start(self) -> None:
         """Consume until stopped (aio-pika-batch's name for :meth:`serve`)."""
@@ -324,8 +347,9 @@ class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):
         handler: Callable[[Sequence[Message]], Any],
         *,
         transport: Transport | None = None,
+        hooks: Sequence[ConsumerHooks] = (),
     ) -> None:
-        super().__init__(settings, transport=transport)
+        super().__init__(settings, transport=transport, hooks=hooks)
         self._function = handler
 
     def _handler(self) -> Callable[[Sequence[Message]], Any]:
@@ -338,15 +362,16 @@ async def batch_consumer(
     handler: Callable[[Sequence[Message]], Any],
     *,
     transport: Transport | None = None,
+    hooks: Sequence[ConsumerHooks] = (),
 ) -> AsyncIterator[BatchConsumer[BatchConsumerSettings]]:
     """Consume with ``handler`` while the ``async with`` body runs.
 
     Every worker consumes when the body starts; leaving the body (normally or by
     an exception) drains gracefully: no new deliveries, the current batches finish
     and settle, prefetched messages go back to the queue, within
-    ``shutdown_timeout``.
+    ``shutdown_timeout``. ``hooks`` observe it (:class:`~amqp_batch.ConsumerHooks`).
     """
-    consumer = _FunctionConsumer(settings, handler, transport=transport)
+    consumer = _FunctionConsumer(settings, handler, transport=transport, hooks=hooks)
     async with consumer:
         yield consumer
 

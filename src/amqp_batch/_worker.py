@@ -32,6 +32,8 @@ from ._actors.batcher import Intake, run_batcher
 from ._actors.handler import run_handler_runner
 from ._actors.ledger import AckLedger
 from ._exceptions import ChannelClosed, ConsumerCancelled, TransportError
+from ._hooks import HookDispatcher
+from ._logging import set_log_context
 from ._message import Message
 from ._retry import RetryPolicy
 from ._settings import BatchConsumerSettings
@@ -203,6 +205,7 @@ class Worker:
         *,
         rng: random.Random | None = None,
         on_state_change: Callable[[Worker, WorkerState], None] | None = None,
+        hooks: HookDispatcher | None = None,
     ) -> None:
         self.index = index
         self._settings = settings
@@ -212,6 +215,9 @@ class Worker:
         self._on_consuming = on_consuming
         self._on_state_change = on_state_change
         self._rng = rng or random.Random()
+        self._hooks = hooks or HookDispatcher()
+        #: The error that ended the last session (for the ``reconnecting`` hook).
+        self._last_exception: BaseException | None = None
         self._policy = retry_policy(settings)
         self._exchanges, self._queues, self._bindings = topology(settings)
         self._state = WorkerState.CONNECTING
@@ -258,6 +264,8 @@ class Worker:
         bug and propagates.
         """
         inside_consumer.set(True)
+        # This task's context (and its children's, the handler's) logs these.
+        set_log_context(queue=self._settings.queue_name, worker=self.index)
         failures = 0
         try:
             while not self._stop_requested.is_set():
@@ -275,6 +283,7 @@ class Worker:
                     if self._stop_requested.is_set():
                         break
                     self._last_error = f"{type(error).__name__}: {error}"
+                    self._last_exception = error
                     if not self._is_retryable(error):
                         logger.exception("worker %d: not retrying", self.index)
                         self.fatal_error = error
@@ -300,6 +309,11 @@ class Worker:
     async def _back_off(self, failures: int) -> None:
         self._reconnect_count += 1
         self._set_state(WorkerState.BACKING_OFF)
+        reconnecting = self._hooks.reconnecting
+        if reconnecting is not None:
+            error, self._last_exception = self._last_exception, None
+            reason = type(error).__name__ if error is not None else "SessionEnded"
+            reconnecting(self.health(), reason, error)
         ceiling = min(
             self._settings.reconnect_backoff_cap,
             self._settings.reconnect_backoff_base * 2 ** min(failures, 32),
@@ -376,6 +390,9 @@ class Worker:
                                     a,
                                     self._handler,
                                     fallback=settings.unhandled_exception_action,
+                                    hooks=self._hooks,
+                                    worker=self.index,
+                                    queue=settings.queue_name,
                                 ),
                                 _track(ends, handler_input.clone()),
                                 _track(ends, to_acker.clone()),

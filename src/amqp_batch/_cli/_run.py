@@ -13,17 +13,17 @@ import ssl
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
 
 from .._consumer import BatchConsumer, _FunctionConsumer
 from .._exceptions import AMQPBatchError, TransportError
-from .._logging import configure_json_logging
-from .._message import Message
+from .._hooks import BatchInfo, ConsumerHooks
+from .._logging import configure_json_logging, log_context
 from .._settings import BatchConsumerSettings, _read_env_file
 from .._transport._native import NativeTransport
 from .._version import __version__
@@ -34,6 +34,9 @@ from ._target import Target, load_target
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
+if TYPE_CHECKING:
+    from ..prometheus import PrometheusHooks
+
 __all__ = ["ENV_PREFIX", "add_run_arguments", "run_command"]
 
 logger = logging.getLogger("amqp_batch.cli")
@@ -43,7 +46,6 @@ ENV_PREFIX = "AMQP_BATCH_"
 #: Result counts the summary shows, in this order (``WorkerHealth.results`` keys).
 RESULT_KEYS = ("ack", "nack", "requeue", "requeue_immediate", "dead_lettered")
 
-_C = TypeVar("_C", bound="BatchConsumer[Any]")
 _FIELDS = {field.name: field for field in attrs.fields(BatchConsumerSettings)}
 
 
@@ -432,8 +434,9 @@ def settings_lines(settings: BatchConsumerSettings) -> list[str]:
 # -- observing the consumer -----------------------------------------------------------
 
 
-class Monitor:
-    """Logs worker state changes, counts batches, and writes summaries."""
+class Monitor(ConsumerHooks):
+    """Logs worker state changes, counts batches, and writes summaries (a
+    consumer hook)."""
 
     def __init__(self, settings: BatchConsumerSettings) -> None:
         self.settings = settings
@@ -441,7 +444,7 @@ class Monitor:
         self.seen_consuming = False
         self._started = time.monotonic()
 
-    def state_changed(self, health: WorkerHealth, previous: WorkerState) -> None:
+    def worker_state_changed(self, health: WorkerHealth, previous: WorkerState) -> None:
         """One log line per worker state change."""
         state = health.state
         detail = ""
@@ -461,18 +464,12 @@ class Monitor:
             previous.value,
             state.value,
             detail,
+            extra={"state": state.value, "previous_state": previous.value},
         )
 
-    def counting(
-        self, handler: Callable[[Sequence[Message]], Any]
-    ) -> Callable[[Sequence[Message]], Any]:
-        """``handler``, counting the batches it is called with."""
-
-        def counted(messages: Sequence[Message]) -> Any:
-            self.batches += 1
-            return handler(messages)
-
-        return counted
+    def batch_started(self, batch: BatchInfo) -> None:
+        """Count the batch."""
+        self.batches += 1
 
     def summary(self, consumer: BatchConsumer[Any]) -> str:
         """``batches=… ack=… … reconnects=… consuming=n/N`` for ``consumer``."""
@@ -499,44 +496,25 @@ class Monitor:
         logger.info("stopped after %.1f s: %s", elapsed, self.summary(consumer))
 
 
-def _observed(base: type[_C], monitor: Monitor) -> type[_C]:
-    """A subclass of ``base`` reporting to ``monitor`` (``base``'s own hooks run)."""
-
-    class Observed(base):  # type: ignore[valid-type,misc]
-        def on_worker_state_change(
-            self, health: WorkerHealth, previous: WorkerState
-        ) -> None:
-            try:
-                super().on_worker_state_change(health, previous)
-            finally:
-                monitor.state_changed(health, previous)
-
-        def _handler(self) -> Callable[[Sequence[Message]], Any]:
-            return monitor.counting(super()._handler())
-
-    Observed.__name__ = base.__name__
-    Observed.__qualname__ = base.__qualname__
-    Observed.__module__ = base.__module__
-    return Observed
-
-
 def make_consumer(
-    target: Target, settings: BatchConsumerSettings, monitor: Monitor
+    target: Target, settings: BatchConsumerSettings, hooks: Sequence[ConsumerHooks]
 ) -> BatchConsumer[Any]:
     """The consumer for ``target``: a handler in a function consumer, or the
-    consumer class instantiated with ``settings``."""
+    consumer class instantiated with ``settings``; ``hooks`` observe it."""
     if target.handler is not None:
-        function_consumer = _observed(_FunctionConsumer, monitor)
-        return function_consumer(settings, target.handler, transport=NativeTransport())
+        return _FunctionConsumer(
+            settings, target.handler, transport=NativeTransport(), hooks=hooks
+        )
     assert target.consumer_class is not None
-    consumer_class = _observed(target.consumer_class, monitor)
     try:
-        return consumer_class(settings)
+        consumer: BatchConsumer[Any] = target.consumer_class(settings)
     except Exception as exc:
         raise CLIError(
             f"target {target.spec!r}: cannot create "
             f"{target.consumer_class.__name__}(settings): {describe(exc)}"
         ) from None
+    consumer.add_hooks(*hooks)
+    return consumer
 
 
 # -- running --------------------------------------------------------------------------
@@ -586,13 +564,29 @@ def _library_error(exc: BaseException) -> AMQPBatchError | None:
     return found
 
 
+def metrics_hooks(args: argparse.Namespace) -> PrometheusHooks | None:
+    """``PrometheusHooks`` on prometheus_client's registry with ``--http-port``."""
+    if args.http_port is None:
+        return None
+    try:
+        from ..prometheus import PrometheusHooks
+    except ImportError:
+        raise CLIError(
+            "--http-port needs prometheus-client and h11: "
+            "pip install 'amqp-batch[prometheus]'"
+        ) from None
+    return PrometheusHooks()
+
+
 async def serve(
     target: Target, settings: BatchConsumerSettings, args: argparse.Namespace
 ) -> int:
     """Check the broker, then consume until SIGINT/SIGTERM (or print the settings
     with ``--check``); the exit code."""
     monitor = Monitor(settings)
-    consumer = make_consumer(target, settings, monitor)
+    metrics = metrics_hooks(args)
+    hooks = [monitor] if metrics is None else [monitor, metrics]
+    consumer = make_consumer(target, settings, hooks)
     where = await check_broker(settings)
     if args.check:
         print(f"target: {target.spec} ({target.kind})")
@@ -601,21 +595,44 @@ async def serve(
         for line in settings_lines(settings):
             print(f"  {line}")
         return EXIT_OK
-    logger.info(
-        "amqp-batch %s: starting on queue %r at %s with %s (%s), %d worker(s), "
-        "batch_size %d, batch_timeout %s s, on %s; SIGINT or SIGTERM stops",
-        __version__,
-        settings.queue_name,
-        where,
-        target.spec,
-        target.kind,
-        settings.num_workers,
-        settings.batch_size,
-        settings.batch_timeout,
-        args.backend,
-    )
+    with log_context(queue=settings.queue_name):
+        logger.info(
+            "amqp-batch %s: starting on queue %r at %s with %s (%s), %d worker(s), "
+            "batch_size %d, batch_timeout %s s, on %s; SIGINT or SIGTERM stops",
+            __version__,
+            settings.queue_name,
+            where,
+            target.spec,
+            target.kind,
+            settings.num_workers,
+            settings.batch_size,
+            settings.batch_timeout,
+            args.backend,
+        )
+        return await consume(consumer, monitor, metrics, args)
+
+
+async def consume(
+    consumer: BatchConsumer[Any],
+    monitor: Monitor,
+    metrics: PrometheusHooks | None,
+    args: argparse.Namespace,
+) -> int:
+    """Run ``consumer`` (and the HTTP server and broker sampler with
+    ``metrics``) until it stops; the exit code."""
     try:
         async with anyio.create_task_group() as group:
+            if metrics is not None:
+                from ..prometheus import serve_http
+
+                await group.start(
+                    serve_http,
+                    consumer,
+                    args.http_host,
+                    args.http_port,
+                    metrics.registry,
+                )
+                group.start_soon(metrics.sample_consumer, consumer)
             if args.summary_interval > 0:
                 group.start_soon(monitor.report_every, consumer, args.summary_interval)
             await consumer.run()
