@@ -15,6 +15,11 @@ from ._exceptions import MessageReturned as MessageReturned
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import TransportError as TransportError
 from ._exceptions import UnknownVirtualHost as UnknownVirtualHost
+from ._hooks import BatchInfo as BatchInfo
+from ._hooks import ConsumerHooks as ConsumerHooks
+from ._hooks import Settlement as Settlement
+from ._hooks import SettleOutcome as SettleOutcome
+from ._logging import JSONFormatter as JSONFormatter
 from ._message import Message as Message
 from ._publisher import Publisher as Publisher
 from ._results import MessageResult as MessageResult
@@ -34,6 +39,7 @@ __all__ = [
     "AuthenticationError",
     "BatchConsumer",
     "BatchConsumerSettings",
+    "BatchInfo",
     "ChannelClosed",
     "ConnectionBlockedTimeout",
     "ConnectionLost",
@@ -41,7 +47,9 @@ __all__ = [
     "ConnectionRefused",
     "Consumer",
     "ConsumerCancelled",
+    "ConsumerHooks",
     "ConsumerSettings",
+    "JSONFormatter",
     "Message",
     "MessageNacked",
     "MessageResult",
@@ -49,6 +57,8 @@ __all__ = [
     "Properties",
     "ProtocolError",
     "Publisher",
+    "SettleOutcome",
+    "Settlement",
     "TransportError",
     "UnknownVirtualHost",
     "WorkerHealth",
