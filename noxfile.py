@@ -95,7 +95,7 @@ def docs(session: nox.Session) -> None:
     Warnings are errors (``-W``, nitpicky). The diagrams are checked against
     ``docs/diagrams/render.py`` first; ``nox -s docs -- --render`` rewrites them.
     """
-    session.install("-e", ".", *_group("docs"))
+    session.install("-e", ".[prometheus,otel]", *_group("docs"))
     render = ["python", "docs/diagrams/render.py"]
     if "--render" in session.posargs:
         session.run(*render)

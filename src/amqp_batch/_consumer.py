@@ -46,6 +46,7 @@ class BatchConsumer(Generic[SettingsT]):
 
     Run it with :meth:`run` (handles SIGINT/SIGTERM), ``await nursery.start(
     consumer.serve)``, or ``async with consumer:``. A consumer runs once.
+    ``hooks`` observe it (:class:`~amqp_batch.ConsumerHooks`: metrics, tracing).
     """
 
     def __init__(

@@ -377,6 +377,8 @@ class Worker:
             self._policy,
             lambda: self._transport.open_publisher(publisher_parameters),
             self._counts,
+            hooks=self._hooks,
+            worker=self.index,
         )
         try:
             async with create_task_group() as supervisor:

@@ -109,7 +109,7 @@ class PrometheusHooks(ConsumerHooks):
     ``registry`` defaults to prometheus_client's global ``REGISTRY``; give each
     consumer its own ``CollectorRegistry`` when several run in one process and
     should be exposed apart (with one registry, their queue labels keep them
-    apart).
+    apart). The metrics are in ``self.registry``; give it to :func:`serve_http`.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:

@@ -108,8 +108,8 @@ class PrometheusServer:
             json.dumps(
                 {
                     "global": {
-                        "scrape_interval": f"{self.interval}s",
-                        "scrape_timeout": f"{self.interval}s",
+                        "scrape_interval": f"{round(self.interval * 1000)}ms",
+                        "scrape_timeout": f"{round(self.interval * 1000)}ms",
                     },
                     "scrape_configs": [
                         {
@@ -156,6 +156,18 @@ class PrometheusServer:
             {"query": expression}
         )
         with urllib.request.urlopen(url, timeout=5) as reply:
+            answer = json.load(reply)
+        assert answer["status"] == "success", answer
+        result: list[dict[str, Any]] = answer["data"]["result"]
+        return result
+
+    def query_range(
+        self, expression: str, start: float, end: float, step: float
+    ) -> list[dict[str, Any]]:
+        """The result matrix of a range query (``/api/v1/query_range``)."""
+        parameters = {"query": expression, "start": start, "end": end, "step": step}
+        url = f"{self.url}/api/v1/query_range?" + urllib.parse.urlencode(parameters)
+        with urllib.request.urlopen(url, timeout=10) as reply:
             answer = json.load(reply)
         assert answer["status"] == "success", answer
         result: list[dict[str, Any]] = answer["data"]["result"]

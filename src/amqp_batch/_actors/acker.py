@@ -31,6 +31,7 @@ from anyio import Event, create_task_group, current_time, move_on_at
 from anyio.abc import ObjectReceiveStream, TaskGroup
 
 from .._exceptions import MessageNacked, MessageReturned
+from .._hooks import HookDispatcher, Settlement, SettleOutcome
 from .._message import Message
 from .._results import MessageResult
 from .._retry import (
@@ -85,8 +86,18 @@ class Acker:
         policy: RetryPolicy,
         open_publisher: Callable[[], AbstractAsyncContextManager[PublisherSession]],
         counts: Counter[str],
+        *,
+        hooks: HookDispatcher | None = None,
+        worker: int = 0,
     ) -> None:
         self._session = session
+        self._worker = worker
+        self._settled = hooks.settled if hooks is not None else None
+        self._copy_confirmed = hooks.copy_confirmed if hooks is not None else None
+        #: Decided settlements not sent yet, by tag (only with a ``settled`` hook).
+        self._records: dict[int, Settlement] = {}
+        #: Messages whose publish is pending, by tag (only with a ``settled`` hook).
+        self._pending_records: dict[int, tuple[Message, Disposition]] = {}
         self._ledger = ledger
         self._policy = policy
         self._open_publisher = open_publisher
@@ -137,16 +148,24 @@ class Acker:
         publishes: list[tuple[int, _Publish]] = []
         resolve = self._ledger.resolve
         acks = 0
+        records = self._records if self._settled is not None else None
         for message, disposition in batch:
             if disposition is MessageResult.ACK:  # the common case, inline
                 resolve(message.delivery_tag, Action.ACK)
                 acks += 1
+                if records is not None:
+                    records[message.delivery_tag] = Settlement(
+                        message, disposition, SettleOutcome.ACKED
+                    )
                 continue
             planned = self._plan(message, disposition)
             if isinstance(planned, Action):
+                self._record(message, disposition, planned)
                 resolve(message.delivery_tag, planned)
             else:
                 publishes.append((message.delivery_tag, planned))
+                if records is not None:
+                    self._pending_records[message.delivery_tag] = (message, disposition)
         if acks:
             self._counts["ack"] += acks
         if publishes:
@@ -163,14 +182,23 @@ class Acker:
                 self._idle = Event()
                 self._group.start_soon(self._watch, self._idle)
             self._pending += len(started)
-            self._group.start_soon(self._confirm, started)
+            self._group.start_soon(self._confirm, started, current_time())
         await self._send_ready()
 
-    async def _confirm(self, started: list[tuple[int, _Finish]]) -> None:
+    async def _confirm(
+        self, started: list[tuple[int, _Finish]], published_at: float
+    ) -> None:
         """Wait for one batch's publishes in order; resolve each original."""
         for delivery_tag, finish in started:
             action = await finish()
             self._progress = current_time()
+            if self._copy_confirmed is not None:
+                self._copy_confirmed(
+                    self._worker, self._policy.queue, self._progress - published_at
+                )
+            pending = self._pending_records.pop(delivery_tag, None)
+            if pending is not None:
+                self._record(*pending, action, published=True)
             self._ledger.resolve(delivery_tag, action)
             self._pending -= 1
             if not self._pending:
@@ -241,8 +269,60 @@ class Acker:
                         await session.reject(frame.delivery_tag, requeue=False)
                     else:
                         await session.nack(frame.delivery_tag, requeue=True)
+                    if self._settled is not None:
+                        self._report(frame.delivery_tag, frame.multiple)
         finally:
             self._sending = False
+
+    def _record(
+        self,
+        message: Message,
+        disposition: Disposition,
+        action: Action,
+        *,
+        published: bool = False,
+    ) -> None:
+        """Remember how ``message`` will be settled, for the ``settled`` hook."""
+        if self._settled is None:
+            return
+        result = disposition if isinstance(disposition, MessageResult) else None
+        if isinstance(disposition, DeadLetter):
+            reason: str | None = disposition.reason
+        elif result is MessageResult.NACK:
+            reason = "rejected"
+        elif result is MessageResult.REQUEUE and self._policy.is_exhausted(
+            message.retry_count
+        ):
+            reason = "max-requeue-attempts"
+        else:
+            reason = None
+        if action is Action.REQUEUE:
+            outcome = SettleOutcome.REQUEUED
+        elif action is Action.REJECT:
+            outcome = SettleOutcome.REJECTED
+            reason = reason or "republish-failed"
+        elif not published:
+            outcome = SettleOutcome.ACKED
+        elif reason is None:
+            outcome = SettleOutcome.REPUBLISHED
+        else:
+            outcome = SettleOutcome.DEAD_LETTERED
+        self._records[message.delivery_tag] = Settlement(
+            message, result, outcome, reason
+        )
+
+    def _report(self, delivery_tag: int, multiple: bool) -> None:
+        """Tell the ``settled`` hook about the settlements a frame sent."""
+        records = self._records
+        if multiple:
+            tags = [tag for tag in records if tag <= delivery_tag]
+        else:
+            tags = [delivery_tag] if delivery_tag in records else []
+        if tags and self._settled is not None:
+            tags.sort()
+            self._settled(
+                self._worker, self._policy.queue, [records.pop(t) for t in tags]
+            )
 
     async def _publisher_session(self) -> PublisherSession:
         if self._publisher is None:
