@@ -10,6 +10,7 @@ at 503). The invariant (tests/support/invariant.py) holds after it.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import re
@@ -43,7 +44,9 @@ from amqp_batch import (
     WorkerState,
     batch_consumer,
 )
+from amqp_batch._publisher import default_transport
 from amqp_batch._transport._base import Properties
+from amqp_batch._transport._url import parse_url
 from amqp_batch.prometheus import PrometheusHooks, serve_http
 from amqp_batch.tracing import TracingHooks
 from consumer_support import admin_channel, cleanup
@@ -272,8 +275,20 @@ async def test_the_broker_sampler_reads_the_queues(
         await _wait_broker_settled(private_node, queue)
         async with anyio.create_task_group() as group:
             await group.start(metrics.sample_consumer, consumer)
+            # A missing queue closes the sampler's channel; the others are read
+            # on a new connection.
+            await group.start(
+                functools.partial(
+                    metrics.sample_broker,
+                    default_transport(),
+                    parse_url(private_node.url),
+                    [f"{queue}.missing", queue],
+                    interval=3600,
+                )
+            )
             group.cancel_scope.cancel()
     value = registry.get_sample_value
+    assert value("amqp_batch_queue_messages", {"queue": f"{queue}.missing"}) is None
     assert value("amqp_batch_queue_messages", {"queue": queue}) == 0
     assert value("amqp_batch_queue_consumers", {"queue": queue}) == 1
     dlq = {"queue": f"{queue}.dlq"}

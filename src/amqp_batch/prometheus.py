@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from contextlib import AsyncExitStack, suppress
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -291,38 +291,40 @@ class PrometheusHooks(ConsumerHooks):
         consumers with a passive ``queue.declare``, until cancelled;
         ``task_status.started()`` after the first round.
 
-        Runs on a connection of its own, kept between rounds. A missing queue
-        (its gauges are removed) closes the channel: the connection is reopened
-        for the next queue. Failures are logged and retried at the next round,
+        Each round runs on a short connection of its own (none is held between
+        rounds, so nothing breaks while it waits). A missing queue (its gauges
+        are removed) closes the channel: the round goes on with the next queue
+        on a new connection. Failures are logged and retried at the next round,
         never raised.
         """
         targets = [(name, False) for name in queues] + [
             (name, True) for name in dead_letter_queues
         ]
-        async with AsyncExitStack() as stack:
-            session: Any = None
-            while True:
-                for name, dead_letter in targets:
-                    try:
-                        if session is None:
-                            session = await stack.enter_async_context(
-                                transport.open_publisher(parameters)
-                            )
-                        await self._sample(session, name, dead_letter)
-                    except TransportError as exc:
-                        logger.warning(
-                            "broker sample of %r failed: %s",
-                            name,
-                            exc,
-                            extra={"queue": name, "reason": type(exc).__name__},
-                        )
-                        if isinstance(exc, ChannelClosed) and exc.reply_code == 404:
-                            self._forget(name, dead_letter)
-                        session = None
-                        await stack.aclose()
-                task_status.started()
-                task_status = TASK_STATUS_IGNORED
-                await anyio.sleep(interval)
+        while True:
+            remaining = list(targets)
+            while remaining:
+                name, dead_letter = remaining[0]
+                try:
+                    async with transport.open_publisher(parameters) as session:
+                        while remaining:
+                            name, dead_letter = remaining[0]
+                            await self._sample(session, name, dead_letter)
+                            remaining.pop(0)
+                except TransportError as exc:
+                    logger.warning(
+                        "broker sample of %r failed: %s",
+                        name,
+                        exc,
+                        extra={"queue": name, "reason": type(exc).__name__},
+                    )
+                    missing = isinstance(exc, ChannelClosed) and exc.reply_code == 404
+                    if not missing:
+                        break  # the connection failed: try again next round
+                    self._forget(name, dead_letter)
+                    remaining.pop(0)
+            task_status.started()
+            task_status = TASK_STATUS_IGNORED
+            await anyio.sleep(interval)
 
     async def _sample(self, session: Any, name: str, dead_letter: bool) -> None:
         messages, consumers = await session.queue_counts(name)
