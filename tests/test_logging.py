@@ -7,11 +7,15 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
+from amqp_batch._cli import parser
+from amqp_batch._cli._common import CLIError
+from amqp_batch._cli._run import configure_run_logging
 from amqp_batch._logging import (
     ContextFilter,
     JSONFormatter,
@@ -137,3 +141,75 @@ def test_the_filter_stamps_records_where_they_are_logged() -> None:
     assert record.queue == "orders"  # type: ignore[attr-defined]
     # Formatted later, outside the context (e.g. by a QueueListener's thread).
     assert json.loads(JSONFormatter().format(record))["queue"] == "orders"
+
+
+def _run_args(tmp_path: Path, config: object | None = None, **extra: str) -> Any:
+    args = ["run", "x:y"]
+    if config is not None:
+        path = tmp_path / "logging.json"
+        path.write_text(config if isinstance(config, str) else json.dumps(config))
+        args += ["--log-config", str(path)]
+    for flag, value in extra.items():
+        args += [f"--{flag.replace('_', '-')}", value]
+    return parser().parse_args(args)
+
+
+@pytest.fixture
+def restore_root_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            if handler not in handlers:
+                handler.close()
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_root_logging")
+def test_log_config_is_a_json_dict_config(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    config = {
+        "formatters": {"json": {"()": "amqp_batch.JSONFormatter"}},
+        "handlers": {
+            "file": {
+                "class": "logging.FileHandler",
+                "filename": str(out),
+                "formatter": "json",
+            }
+        },
+        "root": {"handlers": ["file"], "level": "INFO"},
+    }
+    configure_run_logging(_run_args(tmp_path, config))
+    logging.getLogger("amqp_batch.test").info("hello", extra={"worker": 1})
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    (entry,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (entry["message"], entry["worker"]) == ("hello", 1)
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ("{not json", "JSONDecodeError"),
+        ("[1, 2]", "expected a JSON object"),
+        ({"handlers": {"h": {"class": "no.such.Handler"}}}, "ValueError"),
+    ],
+)
+@pytest.mark.usefixtures("restore_root_logging")
+def test_a_bad_log_config_is_a_usage_error(
+    tmp_path: Path, config: object, expected: str
+) -> None:
+    with pytest.raises(CLIError, match=expected):
+        configure_run_logging(_run_args(tmp_path, config))
+
+
+@pytest.mark.usefixtures("restore_root_logging")
+def test_log_format_json_replaces_the_text_handler(tmp_path: Path) -> None:
+    configure_run_logging(_run_args(tmp_path, log_format="json"))
+    (handler,) = logging.getLogger().handlers
+    assert isinstance(handler.formatter, JSONFormatter)

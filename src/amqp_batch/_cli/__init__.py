@@ -54,7 +54,9 @@ the command connects once: if no broker answers or the login is refused, it exit
 with status 2.
 
 Logs go to stderr: one line per worker state change and a summary every
---summary-interval seconds. Passwords in URLs are never logged.
+--summary-interval seconds (--log-format json: one JSON object per line).
+Passwords in URLs are never logged. --http-port serves /metrics, /healthz and
+/readyz.
 """
 
 _RUN_EPILOG = """\
@@ -63,6 +65,7 @@ examples:
   AMQP_BATCH_URL=amqp://app:secret@rabbit/ amqp-batch run myapp:Ingest -q orders
   amqp-batch run ./handlers.py:handle -q orders --dead-letter-exchange orders.dlx
   amqp-batch run myapp:handle -q orders --check      # show settings, connect, exit
+  amqp-batch run myapp:handle -q orders --http-port 9100 --log-format json
 """
 
 _DEMO_DESCRIPTION = """\
