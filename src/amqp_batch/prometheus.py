@@ -156,6 +156,10 @@ class PrometheusHooks(ConsumerHooks):
             "From a message's timestamp property to its settlement.",
             _DELAY_BUCKETS,
         )
+        self._define_gauges(gauge, counter)
+
+    def _define_gauges(self, gauge: Any, counter: Any) -> None:
+        p = "amqp_batch_"
         self.batches_in_handler = gauge(
             p + "batches_in_handler", "Batches in the handler now.", ["queue"]
         )

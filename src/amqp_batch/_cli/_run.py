@@ -332,6 +332,17 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="log a summary (batches, results per kind, reconnects) this often; "
         "0 only at the end [default 30]",
     )
+    add_monitoring_arguments(parser)
+    command.add_argument(
+        "--check",
+        action="store_true",
+        help="load the target, resolve the settings and connect once; print the "
+        "settings and exit without consuming",
+    )
+
+
+def add_monitoring_arguments(parser: argparse.ArgumentParser) -> None:
+    """``run``'s monitoring options: the HTTP server and the log format."""
     observe = parser.add_argument_group("monitoring")
     observe.add_argument(
         "--http-port",
@@ -359,12 +370,6 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="a JSON file with a logging.config.dictConfig dictionary; replaces "
         "--log-level and --log-format",
-    )
-    command.add_argument(
-        "--check",
-        action="store_true",
-        help="load the target, resolve the settings and connect once; print the "
-        "settings and exit without consuming",
     )
 
 
