@@ -190,6 +190,8 @@ def test_log_config_is_a_json_dict_config(tmp_path: Path) -> None:
         handler.flush()
     (entry,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert (entry["message"], entry["worker"]) == ("hello", 1)
+    # The library's loggers, created at import, are not disabled by the file.
+    assert not logging.getLogger("amqp_batch.hooks").disabled
 
 
 @pytest.mark.parametrize(

@@ -667,6 +667,9 @@ def configure_run_logging(args: argparse.Namespace) -> None:
         if not isinstance(config, dict):
             raise CLIError(f"{where}: expected a JSON object (a dictConfig dict)")
         config.setdefault("version", 1)
+        # The library's loggers exist already (imported): keep them working
+        # unless the file says otherwise.
+        config.setdefault("disable_existing_loggers", False)
         try:
             logging.config.dictConfig(config)
         except (ValueError, TypeError, AttributeError, ImportError) as exc:
