@@ -71,7 +71,8 @@ def _require_h11() -> Any:
 
 
 class ProbeServer:
-    """Answers one connection at a time; the state behind the three paths."""
+    """The state behind the three paths; :meth:`handle` serves one connection
+    (each in its own task)."""
 
     def __init__(
         self,
@@ -136,7 +137,7 @@ class ProbeServer:
             logger.debug("dropped a client that sent no request in time")
             return
         if isinstance(request, int):
-            await self._send(stream, connection, request, b"", plain=True)
+            await self._send_plain(stream, request, _ERROR_BODIES[request])
             return
         method = request.method.decode("ascii", "replace")
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
@@ -244,11 +245,7 @@ class ProbeServer:
         content_type: str = "text/plain; charset=utf-8",
         length: int | None = None,
         allow: bool = False,
-        plain: bool = False,
     ) -> None:
-        if plain:
-            await self._send_plain(stream, status, _REASONS.get(status, b"error\n"))
-            return
         h11 = self._h11
         headers = [
             ("content-type", content_type),
@@ -283,7 +280,7 @@ class ProbeServer:
         self.responses[status] = self.responses.get(status, 0) + 1
 
 
-_REASONS = {
+_ERROR_BODIES = {
     400: b"bad request\n",
     414: b"request line too long\n",
     431: b"request headers too long\n",
