@@ -15,6 +15,7 @@ from ._exceptions import MessageReturned as MessageReturned
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import TransportError as TransportError
 from ._exceptions import UnknownVirtualHost as UnknownVirtualHost
+from ._exports import set_public_module
 from ._hooks import BatchInfo as BatchInfo
 from ._hooks import ConsumerHooks as ConsumerHooks
 from ._hooks import Settlement as Settlement
@@ -22,6 +23,7 @@ from ._hooks import SettleOutcome as SettleOutcome
 from ._logging import JSONFormatter as JSONFormatter
 from ._message import Message as Message
 from ._publisher import Publisher as Publisher
+from ._results import BatchHandler as BatchHandler
 from ._results import MessageResult as MessageResult
 from ._retry import RETRY_COUNT_HEADER as RETRY_COUNT_HEADER
 from ._settings import BatchConsumerSettings as BatchConsumerSettings
@@ -39,6 +41,7 @@ __all__ = [
     "AuthenticationError",
     "BatchConsumer",
     "BatchConsumerSettings",
+    "BatchHandler",
     "BatchInfo",
     "ChannelClosed",
     "ConnectionBlockedTimeout",
@@ -67,3 +70,6 @@ __all__ = [
     "batch_consumer",
     "parse_url",
 ]
+
+set_public_module(__name__, globals(), __all__)
+del set_public_module

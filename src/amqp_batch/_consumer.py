@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from functools import partial
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import anyio
 import attrs
@@ -21,11 +22,11 @@ from anyio import (
 )
 from anyio.abc import TaskStatus
 
-from ._exceptions import AMQPBatchError
+from ._exceptions import AMQPBatchError, unwrap_group
 from ._hooks import ConsumerHooks, HookDispatcher
 from ._message import Message
 from ._publisher import default_transport
-from ._results import MessageResult
+from ._results import BatchHandler, MessageResult
 from ._settings import BatchConsumerSettings, ConsumerSettings
 from ._transport._base import Transport
 from ._worker import Worker, WorkerHealth, WorkerState, inside_consumer
@@ -38,6 +39,30 @@ __all__ = ["BatchConsumer", "Consumer", "batch_consumer"]
 logger = logging.getLogger("amqp_batch.consumer")
 
 SettingsT = TypeVar("SettingsT", bound=ConsumerSettings)
+
+
+@attrs.define(eq=False)
+class _Run:
+    """The one run of a consumer, created by :meth:`BatchConsumer.serve`."""
+
+    #: Set to stop every worker gracefully.
+    stop_requested: anyio.Event = attrs.field(factory=anyio.Event)
+    #: Set once every worker stopped and ``on_stop`` ran.
+    stopped: anyio.Event = attrs.field(factory=anyio.Event)
+    #: Set once every worker consumes.
+    all_consuming: anyio.Event = attrs.field(factory=anyio.Event)
+    #: From start until every worker stopped.
+    running: bool = True
+    #: ``serve``'s ``task_status.started()`` was called.
+    reported: bool = False
+    #: The task group of ``async with consumer:`` (None under serve and run).
+    context: AsyncExitStack | None = None
+
+    def report_started(self, task_status: TaskStatus[None]) -> None:
+        """``task_status.started()``, once."""
+        if not self.reported:
+            self.reported = True
+            task_status.started()
 
 
 class BatchConsumer(Generic[SettingsT]):
@@ -59,16 +84,13 @@ class BatchConsumer(Generic[SettingsT]):
         self.settings: SettingsT = settings
         self._transport = transport
         self._hooks: list[ConsumerHooks] = list(HookDispatcher(hooks).hooks)
-        self._workers: list[Worker] = []
-        self._started = False
-        self._running = False
-        self._stop_early = False
-        self._stop_requested: anyio.Event | None = None
-        self._stopped: anyio.Event | None = None
-        self._all_consuming: anyio.Event | None = None
-        self._exit_stack: AsyncExitStack | None = None
-        self._reported = False
+        #: Built from the hooks when serve() starts.
         self._dispatcher = HookDispatcher()
+        self._workers: list[Worker] = []
+        #: None until serve() starts.
+        self._run: _Run | None = None
+        #: stop() was called before serve() started.
+        self._stop_early = False
 
     # -- what subclasses provide -------------------------------------------------
 
@@ -101,23 +123,22 @@ class BatchConsumer(Generic[SettingsT]):
     def add_hooks(self, *hooks: ConsumerHooks) -> None:
         """Add observers (see :class:`~amqp_batch.ConsumerHooks`); before the
         consumer starts only."""
-        if self._started:
+        if self._run is not None:
             raise RuntimeError("hooks must be added before the consumer starts")
-        HookDispatcher(hooks)  # checks their types
-        self._hooks.extend(hooks)
+        self._hooks.extend(HookDispatcher(hooks).hooks)
 
     # -- health --------------------------------------------------------------------
 
     @property
     def is_running(self) -> bool:
         """True from start until every worker has stopped."""
-        return self._running
+        return self._run is not None and self._run.running
 
     @property
     def is_healthy(self) -> bool:
         """True only while every worker is consuming and no stop was requested."""
         return (
-            self._running
+            self.is_running
             and not self._stop_is_requested()
             and all(w.state is WorkerState.CONSUMING for w in self._workers)
         )
@@ -128,7 +149,7 @@ class BatchConsumer(Generic[SettingsT]):
 
     # -- running ---------------------------------------------------------------------
 
-    def _handler(self) -> Callable[[Sequence[Message]], Any]:
+    def _handler(self) -> BatchHandler:
         return self.process_messages
 
     def _batch_settings(self) -> BatchConsumerSettings:
@@ -144,16 +165,19 @@ class BatchConsumer(Generic[SettingsT]):
 
     def _stop_is_requested(self) -> bool:
         return self._stop_early or (
-            self._stop_requested is not None and self._stop_requested.is_set()
+            self._run is not None and self._run.stop_requested.is_set()
         )
 
-    def _ensure_events(self) -> None:
-        if self._stop_requested is None:
-            self._stop_requested = anyio.Event()
-            self._stopped = anyio.Event()
-            self._all_consuming = anyio.Event()
-            if self._stop_early:
-                self._stop_requested.set()
+    def _request_stop(self) -> None:
+        if self._run is None:
+            self._stop_early = True
+        else:
+            self._run.stop_requested.set()
+
+    def _started_run(self) -> _Run:
+        if self._run is None:
+            raise RuntimeError("the consumer has not started")
+        return self._run
 
     async def serve(
         self, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED
@@ -163,88 +187,88 @@ class BatchConsumer(Generic[SettingsT]):
         unknown vhost, a queue redeclared with other arguments) after stopping the
         other workers gracefully.
         """
-        if self._started:
+        if self._run is not None:
             raise RuntimeError("a consumer can only be started once")
-        self._started = True
-        self._ensure_events()
-        assert self._stop_requested is not None
-        assert self._stopped is not None
+        run = self._run = _Run()
+        if self._stop_early:
+            run.stop_requested.set()
         settings = self._batch_settings()
         transport = self._transport or default_transport()
         self._dispatcher = HookDispatcher(self._hooks)
-        self._running = True
         try:
             await self.on_start()
         except BaseException:
-            self._running = False
-            self._stopped.set()
+            run.running = False
+            run.stopped.set()
             raise
         try:
-            self._workers = [
-                Worker(
-                    index,
-                    settings,
-                    self._handler(),
-                    transport,
-                    self._stop_requested,
-                    self._worker_consuming,
-                    on_state_change=self._worker_state_changed,
-                    hooks=self._dispatcher,
-                )
-                for index in range(settings.num_workers)
-            ]
-            async with create_task_group() as workers:
-                workers.start_soon(self._report_started, task_status)
-                for worker in self._workers:
-                    workers.start_soon(self._run_worker, worker)
-            fatal = next(
-                (w.fatal_error for w in self._workers if w.fatal_error is not None),
-                None,
-            )
-            if fatal is not None:
-                raise fatal
-            if not self._reported:
-                self._reported = True
-                task_status.started()
+            await self._serve_workers(run, settings, transport, task_status)
         finally:
-            self._running = False
+            run.running = False
             try:
                 # on_stop gets its chance even under a hard stop, bounded.
                 with CancelScope(shield=True), move_on_after(settings.shutdown_timeout):
                     await self.on_stop()
             finally:
-                self._stopped.set()
+                run.stopped.set()
 
-    async def _report_started(self, task_status: TaskStatus[None]) -> None:
+    async def _serve_workers(
+        self,
+        run: _Run,
+        settings: BatchConsumerSettings,
+        transport: Transport,
+        task_status: TaskStatus[None],
+    ) -> None:
+        """Run every worker until all stopped; raise the first fatal error."""
+        self._workers = [
+            Worker(
+                index,
+                settings,
+                self._handler(),
+                transport,
+                run.stop_requested,
+                partial(self._worker_consuming, run),
+                on_state_change=self._worker_state_changed,
+                hooks=self._dispatcher,
+            )
+            for index in range(settings.num_workers)
+        ]
+        async with create_task_group() as workers:
+            workers.start_soon(self._report_started, run, task_status)
+            for worker in self._workers:
+                workers.start_soon(self._run_worker, run, worker)
+        fatal = next(
+            (w.fatal_error for w in self._workers if w.fatal_error is not None),
+            None,
+        )
+        if fatal is not None:
+            raise fatal
+        run.report_started(task_status)
+
+    async def _report_started(self, run: _Run, task_status: TaskStatus[None]) -> None:
         """``task_status.started()`` once every worker consumes (not if a stop
         comes first)."""
-        all_consuming, stop_requested = self._all_consuming, self._stop_requested
-        assert all_consuming is not None
-        assert stop_requested is not None
         async with create_task_group() as waiter:
 
             async def wait_then_cancel(event: anyio.Event) -> None:
                 await event.wait()
                 waiter.cancel_scope.cancel()
 
-            waiter.start_soon(wait_then_cancel, all_consuming)
-            waiter.start_soon(wait_then_cancel, stop_requested)
-        if all_consuming.is_set() and not self._reported:
-            self._reported = True
-            task_status.started()
+            waiter.start_soon(wait_then_cancel, run.all_consuming)
+            waiter.start_soon(wait_then_cancel, run.stop_requested)
+        if run.all_consuming.is_set():
+            run.report_started(task_status)
 
-    async def _run_worker(self, worker: Worker) -> None:
-        assert self._stop_requested is not None
+    async def _run_worker(self, run: _Run, worker: Worker) -> None:
         try:
             await worker.run()
         finally:
             if worker.fatal_error is not None:
-                self._stop_requested.set()
+                run.stop_requested.set()
 
-    def _worker_consuming(self, worker: Worker) -> None:
-        assert self._all_consuming is not None
+    def _worker_consuming(self, run: _Run, worker: Worker) -> None:
         if all(w.state is WorkerState.CONSUMING for w in self._workers):
-            self._all_consuming.set()
+            run.all_consuming.set()
 
     def _worker_state_changed(self, worker: Worker, previous: WorkerState) -> None:
         health = worker.health()
@@ -267,17 +291,17 @@ class BatchConsumer(Generic[SettingsT]):
         and ``on_stop`` ran; called from a handler it only requests (the handler's
         own batch has to finish first).
         """
-        if self._stop_requested is None:
+        run = self._run
+        if run is None:
             self._stop_early = True
             return
-        self._stop_requested.set()
-        if self._stopped is not None and self._running and not inside_consumer.get():
-            await self._stopped.wait()
+        run.stop_requested.set()
+        if run.running and not inside_consumer.get():
+            await run.stopped.wait()
 
     async def run(self) -> None:
         """Serve with SIGINT/SIGTERM handlers: the first signal stops gracefully,
         a second one stops at once (in-flight messages go back to the queue)."""
-        self._ensure_events()
         async with create_task_group() as group:
             with open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 group.start_soon(self._watch_signals, signals, group.cancel_scope)
@@ -287,12 +311,11 @@ class BatchConsumer(Generic[SettingsT]):
     async def _watch_signals(
         self, signals: AsyncIterator[int], scope: CancelScope
     ) -> None:
-        assert self._stop_requested is not None
         async for signum in signals:
             name = signal.Signals(signum).name
-            if not self._stop_requested.is_set():
+            if not self._stop_is_requested():
                 logger.info("%s: stopping gracefully (again to stop at once)", name)
-                self._stop_requested.set()
+                self._request_stop()
             else:
                 logger.warning("%s again: stopping at once", name)
                 scope.cancel()
@@ -309,7 +332,7 @@ class BatchConsumer(Generic[SettingsT]):
             with suppress(BaseExceptionGroup):
                 await stack.aclose()
             raise
-        self._exit_stack = stack
+        self._started_run().context = stack
         return self
 
     async def __aexit__(
@@ -318,14 +341,14 @@ class BatchConsumer(Generic[SettingsT]):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        stack, self._exit_stack = self._exit_stack, None
-        assert stack is not None
-        assert self._stop_requested is not None
-        assert self._stopped is not None
-        self._stop_requested.set()
+        run = self._started_run()
+        stack, run.context = run.context, None
+        if stack is None:
+            raise RuntimeError("__aexit__ without __aenter__")
+        run.stop_requested.set()
         try:
             try:
-                await self._stopped.wait()
+                await run.stopped.wait()
             except BaseException:
                 # E.g. the body was cancelled because a worker failed: the task
                 # group raises that failure (or this exception again).
@@ -334,8 +357,8 @@ class BatchConsumer(Generic[SettingsT]):
             await stack.aclose()
         except BaseExceptionGroup as group:
             # A worker's non-retryable error after start: raise it as itself.
-            (error, *others) = group.exceptions
-            if not others and isinstance(error, AMQPBatchError):
+            error = unwrap_group(group)
+            if isinstance(error, AMQPBatchError):
                 error.__suppress_context__ = True  # keep its own __cause__
                 raise error  # noqa: B904 - the group only wrapped it
             raise
@@ -345,7 +368,7 @@ class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):
     def __init__(
         self,
         settings: BatchConsumerSettings,
-        handler: Callable[[Sequence[Message]], Any],
+        handler: BatchHandler,
         *,
         transport: Transport | None = None,
         hooks: Sequence[ConsumerHooks] = (),
@@ -353,14 +376,14 @@ class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):
         super().__init__(settings, transport=transport, hooks=hooks)
         self._function = handler
 
-    def _handler(self) -> Callable[[Sequence[Message]], Any]:
+    def _handler(self) -> BatchHandler:
         return self._function
 
 
 @asynccontextmanager
 async def batch_consumer(
     settings: BatchConsumerSettings,
-    handler: Callable[[Sequence[Message]], Any],
+    handler: BatchHandler,
     *,
     transport: Transport | None = None,
     hooks: Sequence[ConsumerHooks] = (),

@@ -30,6 +30,7 @@ from ._message import Message
 from ._results import MessageResult
 
 if TYPE_CHECKING:
+    from ._actors.planner import Applied
     from ._worker import WorkerHealth, WorkerState
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "HookDispatcher",
     "SettleOutcome",
     "Settlement",
+    "confirm_reporter",
+    "settlement_reporter",
 ]
 
 logger = logging.getLogger("amqp_batch.hooks")
@@ -247,3 +250,57 @@ class HookDispatcher:
                         "hook_method": "hook_failed",
                     },
                 )
+
+
+#: The planner's fates (by value) as the outcomes hooks see.
+_OUTCOMES = {
+    "acked": SettleOutcome.ACKED,
+    "requeued": SettleOutcome.REQUEUED,
+    "republished": SettleOutcome.REPUBLISHED,
+    "dead-lettered": SettleOutcome.DEAD_LETTERED,
+    "rejected": SettleOutcome.REJECTED,
+}
+
+
+def settlement_reporter(
+    hooks: HookDispatcher, worker: int, queue: str
+) -> Callable[[Sequence[Applied]], None] | None:
+    """The acker's ``on_applied`` for ``hooks`` (None when no hook listens to
+    ``settled``: the acker then keeps its bare-ACK fast path)."""
+    settled = hooks.settled
+    if settled is None:
+        return None
+
+    def report(applied: Sequence[Applied]) -> None:
+        settled(
+            worker,
+            queue,
+            [
+                Settlement(
+                    record.message,
+                    record.disposition
+                    if isinstance(record.disposition, MessageResult)
+                    else None,
+                    _OUTCOMES[record.fate.value],
+                    record.reason,
+                )
+                for record in applied
+            ],
+        )
+
+    return report
+
+
+def confirm_reporter(
+    hooks: HookDispatcher, worker: int, queue: str
+) -> Callable[[float], None] | None:
+    """The acker's ``on_copy_confirmed`` for ``hooks`` (None when no hook
+    listens to ``copy_confirmed``)."""
+    confirmed = hooks.copy_confirmed
+    if confirmed is None:
+        return None
+
+    def report(latency: float) -> None:
+        confirmed(worker, queue, latency)
+
+    return report

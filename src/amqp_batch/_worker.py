@@ -11,11 +11,11 @@ from __future__ import annotations
 import enum
 import logging
 import random
-import sys
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
 from contextvars import ContextVar
-from typing import Any
+from functools import partial
 
 import anyio
 import attrs
@@ -26,29 +26,28 @@ from anyio import (
     current_time,
     move_on_after,
 )
+from anyio.abc import TaskGroup
 
 from ._actors.acker import Acker, Outcome
 from ._actors.batcher import Intake, run_batcher
 from ._actors.handler import run_handler_runner
 from ._actors.ledger import AckLedger
-from ._exceptions import ChannelClosed, ConsumerCancelled, TransportError
-from ._hooks import HookDispatcher
+from ._exceptions import (
+    ConsumerCancelled,
+    Phase,
+    TransportError,
+    classify,
+    first_library_error,
+    recording_phase,
+)
+from ._hooks import HookDispatcher, confirm_reporter, settlement_reporter
 from ._logging import set_log_context
 from ._message import Message
-from ._retry import RetryPolicy
+from ._results import BatchHandler
 from ._settings import BatchConsumerSettings
-from ._transport._base import (
-    BindingSpec,
-    ExchangeSpec,
-    QueueSpec,
-    Session,
-    SessionSpec,
-    Transport,
-)
+from ._topology import retry_policy, topology
+from ._transport._base import Session, SessionSpec, Transport
 from ._transport._url import ConnectionParameters
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["Worker", "WorkerHealth", "WorkerState", "inside_consumer"]
 
@@ -57,10 +56,6 @@ logger = logging.getLogger("amqp_batch.worker")
 #: True in the tasks of a running consumer (so ``stop()`` from a handler does not
 #: wait for its own batch to finish).
 inside_consumer: ContextVar[bool] = ContextVar("amqp_batch_inside", default=False)
-
-#: Channel errors that mean "the topology in the settings is wrong", when raised
-#: while the session is being set up: ACCESS_REFUSED, NOT_FOUND, PRECONDITION_FAILED.
-_SETUP_ERRORS = frozenset({403, 404, 406})
 
 
 class WorkerState(enum.Enum):
@@ -91,106 +86,6 @@ class WorkerHealth:
     url: str
 
 
-def topology(
-    settings: BatchConsumerSettings,
-) -> tuple[list[ExchangeSpec], list[QueueSpec], list[BindingSpec]]:
-    """What every session declares for ``settings``."""
-    exchanges: list[ExchangeSpec] = []
-    queues: list[QueueSpec] = []
-    bindings: list[BindingSpec] = []
-    arguments: dict[str, Any] = dict(settings.queue_arguments or {})
-    if settings.dead_letter_exchange:
-        arguments.setdefault("x-dead-letter-exchange", settings.dead_letter_exchange)
-        exchanges.append(
-            ExchangeSpec(
-                name=settings.dead_letter_exchange,
-                type=settings.dead_letter_exchange_type,
-                durable=settings.exchange_durable,
-            )
-        )
-        if settings.dead_letter_queue:
-            queues.append(
-                QueueSpec(
-                    name=settings.dead_letter_queue, durable=settings.queue_durable
-                )
-            )
-            bindings.append(
-                BindingSpec(
-                    queue=settings.dead_letter_queue,
-                    exchange=settings.dead_letter_exchange,
-                    routing_key="#"
-                    if settings.dead_letter_exchange_type == "topic"
-                    else "",
-                )
-            )
-    if settings.exchange_name:
-        exchanges.append(
-            ExchangeSpec(
-                name=settings.exchange_name,
-                type=settings.exchange_type,
-                durable=settings.exchange_durable,
-            )
-        )
-    queues.append(
-        QueueSpec(
-            name=settings.queue_name,
-            durable=settings.queue_durable,
-            arguments=arguments or None,
-        )
-    )
-    if settings.exchange_name:
-        routing_key = settings.routing_key
-        bindings.append(
-            BindingSpec(
-                queue=settings.queue_name,
-                exchange=settings.exchange_name,
-                # aio-pika binds with the queue's name when no key is given.
-                routing_key=settings.queue_name if routing_key is None else routing_key,
-            )
-        )
-    return exchanges, queues, bindings
-
-
-def retry_policy(settings: BatchConsumerSettings) -> RetryPolicy:
-    """The acker's retry and dead-letter rules for ``settings``."""
-    arguments = settings.queue_arguments or {}
-    exchange = settings.dead_letter_exchange or arguments.get("x-dead-letter-exchange")
-    routing_key = arguments.get("x-dead-letter-routing-key")
-    return RetryPolicy(
-        queue=settings.queue_name,
-        max_requeue_attempts=settings.max_requeue_attempts,
-        dead_letter_exchange=exchange if isinstance(exchange, str) else None,
-        dead_letter_routing_key=routing_key if isinstance(routing_key, str) else None,
-    )
-
-
-def transport_error(exc: BaseException) -> TransportError | None:
-    """The transport error ``exc`` stands for, if it (or every non-cancellation
-    leaf of its group) is one; otherwise None (a bug: let it propagate)."""
-    if isinstance(exc, TransportError):
-        return exc
-    if not isinstance(exc, BaseExceptionGroup):
-        return None
-    found: TransportError | None = None
-    cancelled = anyio.get_cancelled_exc_class()
-    for leaf in _leaves(exc):
-        if isinstance(leaf, TransportError):
-            found = found or leaf
-        elif not isinstance(leaf, cancelled):
-            return None
-    return found
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            leaves.extend(_leaves(exc))
-        else:
-            leaves.append(exc)
-    return leaves
-
-
 class Worker:
     """One consuming actor with its own connection."""
 
@@ -198,7 +93,7 @@ class Worker:
         self,
         index: int,
         settings: BatchConsumerSettings,
-        handler: Callable[[Sequence[Message]], Any],
+        handler: BatchHandler,
         transport: Transport,
         stop_requested: anyio.Event,
         on_consuming: Callable[[Worker], None],
@@ -226,6 +121,8 @@ class Worker:
         self._counts: Counter[str] = Counter()
         self._url = settings.connection_parameters(index).redacted_url
         self.fatal_error: TransportError | None = None
+        #: Whether the last session got as far as consuming (resets the backoff).
+        self._consumed_last = False
 
     @property
     def state(self) -> WorkerState:
@@ -277,14 +174,14 @@ class Worker:
                 try:
                     await self._run_session(parameters)
                 except Exception as exc:
-                    error = transport_error(exc)
+                    error = first_library_error(exc, TransportError)
                     if error is None:
                         raise
                     if self._stop_requested.is_set():
                         break
                     self._last_error = f"{type(error).__name__}: {error}"
                     self._last_exception = error
-                    if not self._is_retryable(error):
+                    if classify(error).fatal:
                         logger.exception("worker %d: not retrying", self.index)
                         self.fatal_error = error
                         return
@@ -294,17 +191,6 @@ class Worker:
                 await self._back_off(failures)
         finally:
             self._set_state(WorkerState.STOPPED)
-
-    def _is_retryable(self, error: TransportError) -> bool:
-        if isinstance(error, ChannelClosed):
-            # A channel error while declaring (bad arguments, refused access)
-            # would recur on every attempt: fail fast instead of looping.
-            if not self._consumed_last:
-                return error.retryable and error.reply_code not in _SETUP_ERRORS
-            # Once consuming, a closed channel (e.g. 406 after the broker's
-            # consumer_timeout) is that channel's end: open a new one.
-            return True
-        return error.retryable
 
     async def _back_off(self, failures: int) -> None:
         self._reconnect_count += 1
@@ -326,6 +212,8 @@ class Worker:
             await self._stop_requested.wait()
 
     async def _run_session(self, parameters: ConnectionParameters) -> None:
+        """One session: open it, run the pipeline, close it. Transport errors
+        leave with the :class:`Phase` they happened in recorded on them."""
         self._consumed_last = False
         name = self._connection_name()
         spec = SessionSpec(
@@ -339,12 +227,17 @@ class Worker:
         publisher_parameters = attrs.evolve(
             parameters, connection_name=f"{name}-publisher"
         )
-        async with self._transport.open_session(spec) as session:
-            self._consumed_last = True
-            self._set_state(WorkerState.CONSUMING)
-            self._on_consuming(self)
-            await self._run_pipeline(session, publisher_parameters)
-            cancelled_by_broker = session.consumer_cancelled_by_broker
+        with recording_phase(Phase.CONSUMING):
+            async with AsyncExitStack() as stack:
+                with recording_phase(Phase.SETUP):
+                    session = await stack.enter_async_context(
+                        self._transport.open_session(spec)
+                    )
+                self._consumed_last = True
+                self._set_state(WorkerState.CONSUMING)
+                self._on_consuming(self)
+                await self._run_pipeline(session, publisher_parameters)
+                cancelled_by_broker = session.consumer_cancelled_by_broker
         if not self._stop_requested.is_set():
             # Deliveries ended without a stop: the broker cancelled the consumer
             # (e.g. the queue was deleted). Back off and redeclare.
@@ -354,85 +247,94 @@ class Worker:
                 else "the delivery stream ended"
             )
 
-    _consumed_last = False
-
     async def _run_pipeline(
         self, session: Session, publisher_parameters: ConnectionParameters
     ) -> None:
-        settings = self._settings
+        """Run batcher -> handler runners -> acker until the deliveries end or a
+        stop drains them (cancelling the handlers after ``shutdown_timeout``)."""
         ledger = AckLedger()
-        to_handlers, handler_input = create_memory_object_stream[list[Message]](0)
-        to_acker, acker_input = create_memory_object_stream[list[Outcome]](
-            settings.max_concurrent_batches
-        )
-        ends: list[Any] = [
-            to_handlers,
-            handler_input,
-            to_acker,
-            acker_input,
-        ]
         acker = Acker(
             session,
             ledger,
             self._policy,
-            lambda: self._transport.open_publisher(publisher_parameters),
+            partial(self._transport.open_publisher, publisher_parameters),
             self._counts,
+            on_applied=settlement_reporter(
+                self._hooks, self.index, self._settings.queue_name
+            ),
+            on_copy_confirmed=confirm_reporter(
+                self._hooks, self.index, self._settings.queue_name
+            ),
+        )
+        # Every stream end, clones included, closes when the pipeline ends.
+        async with AsyncExitStack() as ends, create_task_group() as supervisor:
+            with CancelScope() as pipeline_scope:
+                async with create_task_group() as pipeline:
+                    intake = await self._start_actors(
+                        pipeline, ends, session, ledger, acker
+                    )
+                    supervisor.start_soon(
+                        self._stop_when_requested, session, intake, pipeline_scope
+                    )
+            if pipeline_scope.cancelled_caught:
+                logger.warning(
+                    "worker %d: shutdown_timeout (%s s) passed; cancelled the "
+                    "handler, its unsettled messages go back to the queue",
+                    self.index,
+                    self._settings.shutdown_timeout,
+                )
+                # Batches that did finish are settled even if they wait
+                # behind the cancelled one in tag order.
+                await acker.settle_decided()
+            supervisor.cancel_scope.cancel()
+
+    async def _start_actors(
+        self,
+        pipeline: TaskGroup,
+        ends: AsyncExitStack,
+        session: Session,
+        ledger: AckLedger,
+        acker: Acker,
+    ) -> Intake:
+        """Start the acker, the handler runners and the batcher in ``pipeline``;
+        the batcher's intake. Each actor gets its own clone of the ends it uses
+        (registered in ``ends``); the originals close once cloned."""
+        settings = self._settings
+        to_handlers, handler_input = create_memory_object_stream[list[Message]](0)
+        to_acker, acker_input = create_memory_object_stream[list[Outcome]](
+            settings.max_concurrent_batches
+        )
+        for end in (to_handlers, handler_input, to_acker, acker_input):
+            ends.enter_context(end)
+        pipeline.start_soon(acker.run, acker_input)
+        runner = partial(
+            run_handler_runner,
+            handler=self._handler,
+            fallback=settings.unhandled_exception_action,
             hooks=self._hooks,
             worker=self.index,
+            queue=settings.queue_name,
         )
-        try:
-            async with create_task_group() as supervisor:
-                with CancelScope() as pipeline_scope:
-                    async with create_task_group() as pipeline:
-                        pipeline.start_soon(acker.run, acker_input)
-                        for _ in range(settings.max_concurrent_batches):
-                            pipeline.start_soon(
-                                lambda b, a: run_handler_runner(
-                                    b,
-                                    a,
-                                    self._handler,
-                                    fallback=settings.unhandled_exception_action,
-                                    hooks=self._hooks,
-                                    worker=self.index,
-                                    queue=settings.queue_name,
-                                ),
-                                _track(ends, handler_input.clone()),
-                                _track(ends, to_acker.clone()),
-                            )
-                        intake = await pipeline.start(
-                            lambda task_status: run_batcher(
-                                session.deliveries,
-                                ledger,
-                                to_handlers,
-                                _track(ends, to_acker.clone()),
-                                batch_size=settings.batch_size,
-                                batch_timeout=settings.batch_timeout,
-                                max_batch_bytes=settings.max_batch_bytes,
-                                task_status=task_status,
-                            )
-                        )
-                        handler_input.close()
-                        to_acker.close()
-                        supervisor.start_soon(
-                            self._stop_when_requested,
-                            session,
-                            intake,
-                            pipeline_scope,
-                        )
-                if pipeline_scope.cancelled_caught:
-                    logger.warning(
-                        "worker %d: shutdown_timeout (%s s) passed; cancelled the "
-                        "handler, its unsettled messages go back to the queue",
-                        self.index,
-                        settings.shutdown_timeout,
-                    )
-                    # Batches that did finish are settled even if they wait
-                    # behind the cancelled one in tag order.
-                    await acker.settle_decided()
-                supervisor.cancel_scope.cancel()
-        finally:
-            for end in ends:
-                end.close()
+        for _ in range(settings.max_concurrent_batches):
+            pipeline.start_soon(
+                runner,
+                ends.enter_context(handler_input.clone()),
+                ends.enter_context(to_acker.clone()),
+            )
+        batcher = partial(
+            run_batcher,
+            session.deliveries,
+            ledger,
+            to_handlers,
+            ends.enter_context(to_acker.clone()),
+            batch_size=settings.batch_size,
+            batch_timeout=settings.batch_timeout,
+            max_batch_bytes=settings.max_batch_bytes,
+        )
+        intake: Intake = await pipeline.start(batcher)
+        handler_input.close()
+        to_acker.close()
+        return intake
 
     async def _stop_when_requested(
         self, session: Session, intake: Intake, pipeline_scope: CancelScope
@@ -446,8 +348,3 @@ class Worker:
         intake.cancel()
         with move_on_after(timeout):
             await session.cancel()
-
-
-def _track(ends: list[Any], end: Any) -> Any:
-    ends.append(end)
-    return end

@@ -35,6 +35,7 @@ from anyio.abc import TaskStatus
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from ._exceptions import ChannelClosed, TransportError
+from ._exports import set_public_module
 from ._hooks import BatchInfo, ConsumerHooks, Settlement
 from ._http import HTTPServerError, serve_http
 from ._publisher import default_transport
@@ -352,21 +353,27 @@ class PrometheusHooks(ConsumerHooks):
         self,
         consumer: BatchConsumer[Any],
         *,
+        transport: Transport | None = None,
         interval: float = SAMPLE_INTERVAL,
         task_status: TaskStatus[None] = TASK_STATUS_IGNORED,
     ) -> None:
         """:meth:`sample_broker` for ``consumer``'s queue and dead-letter queue,
-        on its first broker URL and its transport."""
-        settings = consumer._batch_settings()
+        on its first broker URL, through ``transport`` (default: the native
+        transport; pass the consumer's own if you gave it one)."""
+        settings = consumer.settings
         first = settings.connection_parameters(0)
         name = first.connection_name or f"amqp-batch:{settings.queue_name}"
         parameters = attrs.evolve(first, connection_name=f"{name}-metrics")
         dead_letter = [settings.dead_letter_queue] if settings.dead_letter_queue else []
         await self.sample_broker(
-            consumer._transport or default_transport(),
+            transport or default_transport(),
             parameters,
             [settings.queue_name],
             dead_letter,
             interval=interval,
             task_status=task_status,
         )
+
+
+# The server's names, re-exported here, say where users find them.
+set_public_module(__name__, globals(), ["HTTPServerError", "serve_http"])

@@ -6,38 +6,23 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Sequence,
-)
+from collections.abc import AsyncIterable, Iterable, Sequence
 from contextlib import aclosing
-from typing import Any
 
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from .._hooks import BatchInfo, HookDispatcher
 from .._message import Message
-from .._results import MessageResult
+from .._results import BatchHandler, MessageResult
 from .acker import Outcome
 
-__all__ = ["BatchHandler", "collect_results", "handle_batch", "run_handler_runner"]
+__all__ = ["collect_results", "handle_batch", "run_handler_runner"]
 
 logger = logging.getLogger("amqp_batch.handler")
 
-#: A batch handler: an async generator yielding one result per message in order,
-#: or an async function returning a sequence of results.
-BatchHandler = Callable[
-    [Sequence[Message]],
-    AsyncIterator[MessageResult] | Awaitable[Sequence[MessageResult]],
-]
-
 
 async def collect_results(
-    handler: Callable[[Sequence[Message]], Any],
+    handler: BatchHandler,
     messages: Sequence[Message],
     *,
     fallback: MessageResult,
@@ -55,7 +40,7 @@ async def collect_results(
 
 
 async def handle_batch(
-    handler: Callable[[Sequence[Message]], Any],
+    handler: BatchHandler,
     messages: Sequence[Message],
     *,
     fallback: MessageResult,
@@ -95,14 +80,15 @@ async def handle_batch(
 
 
 async def _run(
-    handler: Callable[[Sequence[Message]], Any],
+    handler: BatchHandler,
     messages: Sequence[Message],
     results: list[MessageResult],
     fallback: MessageResult,
 ) -> int:
     """Call ``handler`` and collect what it gives into ``results``; how many
     results it gave beyond the messages."""
-    produced = handler(messages)
+    # object: a handler that breaks its type still gets its messages settled.
+    produced: object = handler(messages)
     if inspect.isawaitable(produced):
         produced = await produced
     if isinstance(produced, AsyncIterable):
@@ -204,7 +190,7 @@ def _consume(
 async def run_handler_runner(
     batches: ObjectReceiveStream[list[Message]],
     to_acker: ObjectSendStream[list[Outcome]],
-    handler: Callable[[Sequence[Message]], Any],
+    handler: BatchHandler,
     *,
     fallback: MessageResult,
     hooks: HookDispatcher | None = None,
@@ -235,7 +221,7 @@ async def run_handler_runner(
 
 async def _observed(
     hooks: HookDispatcher,
-    handler: Callable[[Sequence[Message]], Any],
+    handler: BatchHandler,
     batch: list[Message],
     fallback: MessageResult,
     worker: int,

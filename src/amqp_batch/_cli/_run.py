@@ -21,7 +21,7 @@ import anyio
 import attrs
 
 from .._consumer import BatchConsumer, _FunctionConsumer
-from .._exceptions import AMQPBatchError, TransportError
+from .._exceptions import AMQPBatchError, TransportError, first_library_error
 from .._hooks import BatchInfo, ConsumerHooks
 from .._logging import configure_json_logging, log_context
 from .._settings import BatchConsumerSettings, _read_env_file
@@ -260,7 +260,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         field="num_workers",
         type=int,
         metavar="N",
-        help="workers, each with its own connection",
+        help="connections in this process, each a worker consuming the queue "
+        "(--processes N runs N OS processes, each with this many)",
     )
     _setting(
         batching,
@@ -551,24 +552,6 @@ async def check_broker(settings: BatchConsumerSettings) -> str:
     raise CLIError(f"no broker answered: {'; '.join(failures)}")
 
 
-def _library_error(exc: BaseException) -> AMQPBatchError | None:
-    """The library error ``exc`` stands for (unwrapping task-group exception groups
-    whose other members are cancellations), else None."""
-    if isinstance(exc, AMQPBatchError):
-        return exc
-    if not isinstance(exc, BaseExceptionGroup):
-        return None
-    found: AMQPBatchError | None = None
-    cancelled = anyio.get_cancelled_exc_class()
-    for member in exc.exceptions:
-        error = _library_error(member)
-        if error is not None:
-            found = found or error
-        elif not isinstance(member, cancelled):
-            return None
-    return found
-
-
 def metrics_hooks(args: argparse.Namespace) -> PrometheusHooks | None:
     """``PrometheusHooks`` on prometheus_client's registry with ``--http-port``."""
     if args.http_port is None:
@@ -643,7 +626,7 @@ async def consume(
             await consumer.run()
             group.cancel_scope.cancel()
     except (Exception, BaseExceptionGroup) as exc:
-        error = _library_error(exc)
+        error = first_library_error(exc, AMQPBatchError)
         if error is None:
             raise
         monitor.final(consumer)

@@ -8,7 +8,6 @@ from typing import Any
 
 from ..._exceptions import ChannelClosed
 from .._base import ExchangeSpec, QueueSpec
-from ._model import Exchange, Queue
 
 __all__ = [
     "channel_error",
@@ -42,12 +41,11 @@ _OVERFLOW = ("drop-head", "reject-publish", "reject-publish-dlx")
 
 def channel_error(code: int, text: str) -> ChannelClosed:
     """The error a broker-side ``channel.close`` turns into (as the native
-    transport reports it): 403 and 406 are not retryable."""
+    transport reports it)."""
     return ChannelClosed(
         f"the broker closed channel 1: {code} {text}",
         reply_code=code,
         reply_text=text,
-        retryable=code not in (403, 406),
     )
 
 
@@ -64,7 +62,7 @@ def _inequivalent(what: str, name: str, key: str, new: Any, old: Any) -> Channel
     )
 
 
-def check_exchange_equivalent(existing: Exchange, spec: ExchangeSpec) -> None:
+def check_exchange_equivalent(existing: ExchangeSpec, spec: ExchangeSpec) -> None:
     """Raise the 406 RabbitMQ sends when ``spec`` differs from ``existing``."""
     pairs = (
         ("type", spec.type, existing.type),
@@ -89,7 +87,7 @@ def _queue_argument(arguments: Mapping[str, Any] | None, key: str) -> Any:
     return value
 
 
-def check_queue_equivalent(existing: Queue, spec: QueueSpec) -> None:
+def check_queue_equivalent(existing: QueueSpec, spec: QueueSpec) -> None:
     """Raise the 406 RabbitMQ sends when ``spec`` differs from ``existing``."""
     for key, new, old in (
         ("durable", spec.durable, existing.durable),

@@ -4,6 +4,8 @@ from ._channel import Channel as Channel
 from ._channel import QueueInfo as QueueInfo
 from ._connection import Connection as Connection
 from ._connection import connect as connect
+from ._network import NetworkBackend as NetworkBackend
+from ._network import TCPNetwork as TCPNetwork
 from ._session import NativePublisher as NativePublisher
 from ._session import NativeSession as NativeSession
 from ._session import NativeTransport as NativeTransport
@@ -17,7 +19,9 @@ __all__ = [
     "NativePublisher",
     "NativeSession",
     "NativeTransport",
+    "NetworkBackend",
     "QueueInfo",
+    "TCPNetwork",
     "connect",
     "declare",
     "open_publisher",

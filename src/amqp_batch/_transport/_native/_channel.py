@@ -176,9 +176,7 @@ class Channel:
 
     def _check_open(self) -> None:
         if self._state is not _State.OPEN:
-            raise self._error or ChannelClosed(
-                f"channel {self.channel_id} is closed", retryable=True
-            )
+            raise self._error or ChannelClosed(f"channel {self.channel_id} is closed")
 
     def _send_method(self, method: MethodFrame) -> None:
         self._check_open()
@@ -383,7 +381,8 @@ class Channel:
             f"{frame.reply_code} {frame.reply_text}",
             reply_code=frame.reply_code,
             reply_text=frame.reply_text,
-            retryable=frame.reply_code not in (403, 406),
+            class_id=frame.class_id,
+            method_id=frame.method_id,
         )
         if self._state is not _State.CLOSED:
             # close-ok goes out after every frame queued so far; nothing can be

@@ -37,11 +37,14 @@ from ..._exceptions import (
     ProtocolError,
     TransportError,
     UnknownVirtualHost,
+    connection_close_error,
+    unwrap_group,
 )
 from ..._version import __version__
 from .._url import ConnectionParameters
 from ._channel import Channel
 from ._framing import FrameParser, IncomingFrame, marshal_method
+from ._network import NetworkBackend, TCPNetwork
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -53,13 +56,16 @@ logger = logging.getLogger("amqp_batch.transport")
 _RECEIVE_SIZE = 65536
 #: Above this many queued bytes, publishers wait for the writer to catch up.
 _WRITE_HIGH_WATER = 1 << 20
-#: Reply codes after which reconnecting cannot help.
-_FATAL_CLOSE_CODES = {402, 403, 501, 502, 503, 504, 505, 506, 530, 540}
 _HEARTBEAT_FRAME = Heartbeat.marshal()
+_TCP = TCPNetwork()
 
 
 class Connection:
-    """A live AMQP connection. Create it with :func:`connect`."""
+    """A live AMQP connection on a byte stream.
+
+    :func:`connect` opens the stream, runs the handshake and then runs the
+    connection with :meth:`running`; nothing else starts its tasks.
+    """
 
     def __init__(
         self,
@@ -154,8 +160,7 @@ class Connection:
             if scope.cancelled_caught:
                 raise ConnectionLost(
                     f"writing to {self.parameters.redacted_url} timed out after "
-                    f"{write_timeout} s",
-                    retryable=True,
+                    f"{write_timeout} s"
                 )
             if not self._drained.is_set() and self._outgoing_size <= _WRITE_HIGH_WATER:
                 self._drained.set()
@@ -214,8 +219,7 @@ class Connection:
             if now >= silent_deadline:
                 raise ConnectionLost(
                     f"no data from the broker for {2 * interval} s "
-                    f"(2 x heartbeat) on {self.parameters.redacted_url}",
-                    retryable=True,
+                    f"(2 x heartbeat) on {self.parameters.redacted_url}"
                 )
             if now >= next_send:
                 self.send(_HEARTBEAT_FRAME)
@@ -243,8 +247,7 @@ class Connection:
             if self._closing and self._close_ok.is_set():
                 return
             lost = ConnectionLost(
-                f"connection to {self.parameters.redacted_url} lost: {_describe(exc)}",
-                retryable=True,
+                f"connection to {self.parameters.redacted_url} lost: {_describe(exc)}"
             )
             lost.__cause__ = exc
             self._fail(lost)
@@ -259,7 +262,7 @@ class Connection:
         self._tasks_alive = False
         self._close_ok.set()
         gone = ConnectionLost(
-            f"connection to {self.parameters.redacted_url} is closing", retryable=True
+            f"connection to {self.parameters.redacted_url} is closing"
         )
         for channel in list(self._channels.values()):
             channel.replies_gone(gone)
@@ -320,6 +323,46 @@ class Connection:
                         self._error or ConnectionLost("the connection is closing")
                     )
 
+    # Lifecycle
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Connection]:
+        """Run the reader, writer and heartbeat in a task group of its own.
+
+        On exit the connection closes gracefully (``connection.close``, bounded by
+        ``connection_timeout``, shielded) and its stream is closed. A failure of the
+        connection is raised out of the ``async with`` as the
+        :class:`~amqp_batch.TransportError` it recorded (``ConnectionLost``, ...),
+        never as a bare cancellation or an exception group. Runs once.
+        """
+        if self._task_group is not None:
+            raise RuntimeError("the connection is already running")
+        try:
+            async with anyio.create_task_group() as task_group:
+                self._task_group = task_group
+                task_group.start_soon(self._supervise, self._reader)
+                task_group.start_soon(self._supervise, self._writer)
+                if self.heartbeat:
+                    task_group.start_soon(self._supervise, self._heartbeats)
+                try:
+                    yield self
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._close(self.parameters.connection_timeout or 5.0)
+                        self._closing = True
+                        task_group.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            real = unwrap_group(group)
+            if real is group:
+                raise
+            real.__suppress_context__ = True
+            raise real  # noqa: B904 - the group only wrapped it
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(self._stream)
+        if self._error is not None and self._failed_while_open:
+            raise self._error
+
     # Closing
 
     async def _close(self, timeout: float) -> None:
@@ -361,15 +404,13 @@ def _describe(exc: BaseException) -> str:
 
 
 def _close_error(frame: Any) -> TransportError:
-    code, text = frame.reply_code, frame.reply_text
-    message = f"the broker closed the connection: {code} {text}"
-    if code == 403:
-        return AuthenticationError(message, reply_code=code, reply_text=text)
-    if code == 530:
-        return UnknownVirtualHost(message, reply_code=code, reply_text=text)
-    if code in _FATAL_CLOSE_CODES:
-        return ProtocolError(message, reply_code=code, reply_text=text)
-    return ConnectionLost(message, reply_code=code, reply_text=text, retryable=True)
+    return connection_close_error(
+        f"the broker closed the connection: {frame.reply_code} {frame.reply_text}",
+        reply_code=frame.reply_code,
+        reply_text=frame.reply_text,
+        class_id=frame.class_id,
+        method_id=frame.method_id,
+    )
 
 
 # Connecting and the handshake
@@ -425,22 +466,24 @@ def _tls_context(parameters: ConnectionParameters) -> ssl.SSLContext:
     return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
 
 
-async def _open_stream(parameters: ConnectionParameters) -> ByteStream:
+async def _open_stream(
+    parameters: ConnectionParameters, network: NetworkBackend
+) -> ByteStream:
     where = f"{parameters.host}:{parameters.port}"
     try:
-        if parameters.tls:
-            return await anyio.connect_tcp(
-                parameters.host,
-                parameters.port,
-                ssl_context=_tls_context(parameters),
-                tls_hostname=parameters.host,
-                tls_standard_compatible=False,
-            )
-        return await anyio.connect_tcp(parameters.host, parameters.port)
+        return await network.open(
+            parameters.host,
+            parameters.port,
+            ssl_context=_tls_context(parameters) if parameters.tls else None,
+            server_hostname=parameters.host if parameters.tls else None,
+            timeout=parameters.connection_timeout or None,
+        )
+    except TimeoutError:
+        raise  # an OSError too, but connect() reports it as a timeout
     except ssl.SSLCertVerificationError as exc:
         raise ConnectionRefused(
             f"TLS certificate verification failed for {where}: {exc.verify_message}",
-            retryable=False,
+            certificate_rejected=True,
         ) from exc
     except ssl.SSLError as exc:
         raise ConnectionRefused(f"TLS handshake with {where} failed: {exc}") from exc
@@ -576,8 +619,13 @@ async def _handshake(
 
 
 @asynccontextmanager
-async def connect(parameters: ConnectionParameters) -> AsyncIterator[Connection]:
+async def connect(
+    parameters: ConnectionParameters, *, network: NetworkBackend | None = None
+) -> AsyncIterator[Connection]:
     """Connect, authenticate, tune, open the vhost; close gracefully on exit.
+
+    ``network`` opens the byte stream (default :class:`TCPNetwork`: TCP, and TLS
+    for ``amqps``); the connection then runs in :meth:`Connection.running`.
 
     Raises :class:`~amqp_batch.ConnectionRefused`,
     :class:`~amqp_batch.AuthenticationError`, :class:`~amqp_batch.UnknownVirtualHost`
@@ -586,7 +634,7 @@ async def connect(parameters: ConnectionParameters) -> AsyncIterator[Connection]
     """
     try:
         with anyio.fail_after(parameters.connection_timeout or None):
-            stream = await _open_stream(parameters)
+            stream = await _open_stream(parameters, network or _TCP)
             try:
                 connection = await _handshake(stream, parameters)
             except BaseException:
@@ -603,47 +651,8 @@ async def connect(parameters: ConnectionParameters) -> AsyncIterator[Connection]
         connection.heartbeat,
         connection.frame_max,
     )
-    try:
-        async with anyio.create_task_group() as task_group:
-            connection._task_group = task_group
-            task_group.start_soon(connection._supervise, connection._reader)
-            task_group.start_soon(connection._supervise, connection._writer)
-            if connection.heartbeat:
-                task_group.start_soon(connection._supervise, connection._heartbeats)
-            try:
-                yield connection
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await connection._close(parameters.connection_timeout or 5.0)
-                    connection._closing = True
-                    task_group.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        real = _unwrap(group, connection._error)
-        if real is group:
-            raise
-        real.__suppress_context__ = True
-        raise real  # noqa: B904 - the group only wrapped it
-    finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.aclose_forcefully(stream)
-    if connection._error is not None and connection._failed_while_open:
-        raise connection._error
-
-
-def _unwrap(
-    group: BaseExceptionGroup[BaseException], error: TransportError | None
-) -> BaseException:
-    """The one exception the task group wrapped (the body's own, or the
-    connection's failure), or the group itself when there is more than one."""
-    cancelled = anyio.get_cancelled_exc_class()
-    real: list[BaseException] = [
-        exc for exc in group.exceptions if not isinstance(exc, cancelled)
-    ]
-    if error is not None and all(exc is error for exc in real):
-        return error
-    if len(real) == 1:
-        return real[0]
-    return group
+    async with connection.running():
+        yield connection
 
 
 def _frame_name(frame: IncomingFrame) -> str:

@@ -11,7 +11,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..._exceptions import ChannelClosed, TransportError
+from ..._exceptions import Phase, TransportError, recording_phase
 from .._base import (
     BindingSpec,
     Delivery,
@@ -23,6 +23,7 @@ from .._base import (
 from .._url import ConnectionParameters
 from ._channel import Channel, Waiter
 from ._connection import connect
+from ._network import NetworkBackend
 
 __all__ = ["NativePublisher", "NativeSession", "NativeTransport"]
 
@@ -182,22 +183,24 @@ class _SessionWatch:
 
 
 @asynccontextmanager
-async def open_session(spec: SessionSpec) -> AsyncIterator[NativeSession]:
+async def open_session(
+    spec: SessionSpec, *, network: NetworkBackend | None = None
+) -> AsyncIterator[NativeSession]:
     """Connect, declare the topology, set qos, consume; yield the session.
+
+    ``network`` opens the byte stream (see :func:`~._connection.connect`).
 
     A broker-side channel close (e.g. a 406 after ``consumer_timeout``) is raised out
     of the ``async with`` as :class:`~amqp_batch.ChannelClosed`; a lost connection
     as :class:`~amqp_batch.ConnectionLost`.
     """
     buffer = spec.delivery_buffer or max(spec.prefetch_count, 1) + 16
-    async with connect(spec.parameters) as connection, connection.channel() as channel:
-        try:
+    async with (
+        connect(spec.parameters, network=network) as connection,
+        connection.channel() as channel,
+    ):
+        with recording_phase(Phase.SETUP):
             await declare(channel, _topology(spec))
-        except ChannelClosed as exc:
-            # 403/406 while declaring (access refused, a queue redeclared with
-            # other arguments) cannot be fixed by reconnecting.
-            exc.retryable = exc.reply_code not in (403, 406)
-            raise
         await channel.basic_qos(spec.prefetch_count)
         send, receive = anyio.create_memory_object_stream[Delivery](buffer)
         tag = spec.consumer_tag or _consumer_tag("amqp-batch")
@@ -218,25 +221,39 @@ async def open_publisher(
     parameters: ConnectionParameters,
     *,
     declare_items: Sequence[ExchangeSpec | QueueSpec | BindingSpec] = (),
+    network: NetworkBackend | None = None,
 ) -> AsyncIterator[NativePublisher]:
     """Connect, open a confirm-mode channel, declare ``declare_items``."""
-    async with connect(parameters) as connection, connection.channel() as channel:
+    async with (
+        connect(parameters, network=network) as connection,
+        connection.channel() as channel,
+    ):
         await channel.confirm_select()
         await declare(channel, declare_items)
         yield NativePublisher(channel)
 
 
 class NativeTransport:
-    """The native AMQP 0-9-1 transport (pamqp frames over anyio streams)."""
+    """The native AMQP 0-9-1 transport (pamqp frames over anyio streams).
+
+    ``network`` opens the byte streams its connections run on; the default is TCP
+    (and TLS for ``amqps``). Tests pass one that hands back an in-memory stream
+    with a scripted broker on the other end.
+    """
+
+    def __init__(self, *, network: NetworkBackend | None = None) -> None:
+        self.network = network
 
     def __repr__(self) -> str:
-        return "NativeTransport()"
+        if self.network is None:
+            return "NativeTransport()"
+        return f"NativeTransport(network={self.network!r})"
 
     def open_session(
         self, spec: SessionSpec
     ) -> AbstractAsyncContextManager[NativeSession]:
         """See :func:`open_session`."""
-        return open_session(spec)
+        return open_session(spec, network=self.network)
 
     def open_publisher(
         self,
@@ -245,4 +262,4 @@ class NativeTransport:
         declare: Sequence[ExchangeSpec | QueueSpec | BindingSpec] = (),
     ) -> AbstractAsyncContextManager[NativePublisher]:
         """See :func:`open_publisher`."""
-        return open_publisher(parameters, declare_items=declare)
+        return open_publisher(parameters, declare_items=declare, network=self.network)

@@ -1,0 +1,85 @@
+"""What a consumer's sessions declare, and the acker's retry rules, from its
+settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._retry import RetryPolicy
+from ._settings import BatchConsumerSettings
+from ._transport._base import BindingSpec, ExchangeSpec, QueueSpec
+
+__all__ = ["retry_policy", "topology"]
+
+
+def topology(
+    settings: BatchConsumerSettings,
+) -> tuple[list[ExchangeSpec], list[QueueSpec], list[BindingSpec]]:
+    """What every session declares for ``settings``."""
+    exchanges: list[ExchangeSpec] = []
+    queues: list[QueueSpec] = []
+    bindings: list[BindingSpec] = []
+    arguments: dict[str, Any] = dict(settings.queue_arguments or {})
+    if settings.dead_letter_exchange:
+        arguments.setdefault("x-dead-letter-exchange", settings.dead_letter_exchange)
+        exchanges.append(
+            ExchangeSpec(
+                name=settings.dead_letter_exchange,
+                type=settings.dead_letter_exchange_type,
+                durable=settings.exchange_durable,
+            )
+        )
+        if settings.dead_letter_queue:
+            queues.append(
+                QueueSpec(
+                    name=settings.dead_letter_queue, durable=settings.queue_durable
+                )
+            )
+            bindings.append(
+                BindingSpec(
+                    queue=settings.dead_letter_queue,
+                    exchange=settings.dead_letter_exchange,
+                    routing_key="#"
+                    if settings.dead_letter_exchange_type == "topic"
+                    else "",
+                )
+            )
+    if settings.exchange_name:
+        exchanges.append(
+            ExchangeSpec(
+                name=settings.exchange_name,
+                type=settings.exchange_type,
+                durable=settings.exchange_durable,
+            )
+        )
+    queues.append(
+        QueueSpec(
+            name=settings.queue_name,
+            durable=settings.queue_durable,
+            arguments=arguments or None,
+        )
+    )
+    if settings.exchange_name:
+        routing_key = settings.routing_key
+        bindings.append(
+            BindingSpec(
+                queue=settings.queue_name,
+                exchange=settings.exchange_name,
+                # aio-pika binds with the queue's name when no key is given.
+                routing_key=settings.queue_name if routing_key is None else routing_key,
+            )
+        )
+    return exchanges, queues, bindings
+
+
+def retry_policy(settings: BatchConsumerSettings) -> RetryPolicy:
+    """The acker's retry and dead-letter rules for ``settings``."""
+    arguments = settings.queue_arguments or {}
+    exchange = settings.dead_letter_exchange or arguments.get("x-dead-letter-exchange")
+    routing_key = arguments.get("x-dead-letter-routing-key")
+    return RetryPolicy(
+        queue=settings.queue_name,
+        max_requeue_attempts=settings.max_requeue_attempts,
+        dead_letter_exchange=exchange if isinstance(exchange, str) else None,
+        dead_letter_routing_key=routing_key if isinstance(routing_key, str) else None,
+    )
