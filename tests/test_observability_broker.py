@@ -44,6 +44,7 @@ from amqp_batch import (
     WorkerState,
     batch_consumer,
 )
+from amqp_batch._cli import main
 from amqp_batch._publisher import default_transport
 from amqp_batch._transport._base import Properties
 from amqp_batch._transport._url import parse_url
@@ -571,3 +572,12 @@ async def test_prometheus_scrapes_the_consumer(
     ((_, value),) = [entry["value"] for entry in result]
     assert float(value) == 42
     assert health == ["up"]
+
+
+def test_command_refuses_http_port_with_processes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(["run", "x:y", "-q", "q", "--http-port", "9464", "--processes", "2"])
+    assert code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "--http-port and --processes" in line

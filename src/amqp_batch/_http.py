@@ -312,7 +312,7 @@ def _json(value: Any) -> bytes:
 async def serve_http(
     consumer: HealthSource,
     host: str = "127.0.0.1",
-    port: int = 9100,
+    port: int = 9464,
     registry: Any = None,
     *,
     max_connections: int = MAX_CONNECTIONS,

@@ -7,7 +7,7 @@
     metrics = PrometheusHooks()
     consumer = MyConsumer(settings, hooks=[metrics])
     async with anyio.create_task_group() as tg:
-        await tg.start(serve_http, consumer, "127.0.0.1", 9100, metrics.registry)
+        await tg.start(serve_http, consumer, "127.0.0.1", 9464, metrics.registry)
         tg.start_soon(metrics.sample_consumer, consumer)
         await consumer.run()
 

@@ -663,7 +663,6 @@ def configure_run_logging(args: argparse.Namespace) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """``amqp-batch run``: the exit code (raises :class:`CLIError`)."""
-    configure_run_logging(args)
     target = load_target(args.target)
     settings = build_settings(args)
     code: int = anyio.run(serve, target, settings, args, backend=args.backend)
