@@ -260,3 +260,9 @@ def test_the_grafana_dashboard_uses_only_metrics_we_expose() -> None:
         base = next((name[: -len(s)] for s in histograms if name.endswith(s)), name)
         assert name in exposed or base in exposed, name
     assert len(used) >= 10
+
+
+def test_a_registry_holds_one_set_of_metrics(registry: CollectorRegistry) -> None:
+    PrometheusHooks(registry)
+    with pytest.raises(ValueError, match="one PrometheusHooks per registry"):
+        PrometheusHooks(registry)

@@ -107,15 +107,22 @@ def _result_label(settlement: Settlement) -> str:
 class PrometheusHooks(ConsumerHooks):
     """Consumer hooks that keep Prometheus metrics in ``registry``.
 
-    ``registry`` defaults to prometheus_client's global ``REGISTRY``; give each
-    consumer its own ``CollectorRegistry`` when several run in one process and
-    should be exposed apart (with one registry, their queue labels keep them
-    apart). The metrics are in ``self.registry``; give it to :func:`serve_http`.
+    ``registry`` defaults to prometheus_client's global ``REGISTRY``. Use one
+    instance per consumer, and one registry per instance: several consumers in
+    one process each get a ``CollectorRegistry`` of their own (and a server, or a
+    collector that merges them). The metrics are in ``self.registry``; give it
+    to :func:`serve_http`.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry: CollectorRegistry = REGISTRY if registry is None else registry
-        self._define(self.registry)
+        try:
+            self._define(self.registry)
+        except ValueError as exc:  # "Duplicated timeseries in CollectorRegistry"
+            raise ValueError(
+                f"{exc}: one PrometheusHooks per registry (give each consumer "
+                "its own CollectorRegistry)"
+            ) from None
         self._children: dict[tuple[str, str], Any] = {}
         #: Each worker's last known state, and deliveries in its handler.
         self._states: dict[int, WorkerState] = {}
