@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -313,8 +314,13 @@ async def test_each_batch_span_links_to_its_producers(
     def traceparent(message_id: str) -> str:
         return f"00-{trace_ids[message_id]}-00f067aa0ba902b7-01"
 
+    #: The batch span current in the handler -> the ids of its messages.
+    handled: dict[int, list[str]] = {}
+
     async def handle(messages: Sequence[Message]) -> list[MessageResult]:
         # The batch span is current in the handler.
+        current = otel_trace.get_current_span().get_span_context().span_id
+        handled[current] = [m.message_id or "" for m in messages]
         with provider.get_tracer("app").start_as_current_span("write"):
             pass
         return [MessageResult.ACK] * len(messages)
@@ -327,12 +333,14 @@ async def test_each_batch_span_links_to_its_producers(
     spans = exporter.get_finished_spans()
     batches = [span for span in spans if span.name == f"{queue} process"]
     writes = [span for span in spans if span.name == "write"]
-    counts = [span.attributes["messaging.batch.message_count"] for span in batches]
-    assert sum(counts) == 25  # type: ignore[arg-type]
-    linked = [
-        format(link.context.trace_id, "032x") for s in batches for link in s.links
-    ]
-    assert sorted(linked) == sorted(t for i, t in trace_ids.items() if i != "ack-3")
+    assert sorted(handled) == sorted(span.context.span_id for span in batches)
+    for span in batches:
+        ids = handled[span.context.span_id]
+        assert span.attributes["messaging.batch.message_count"] == len(ids)
+        # One link per message, in order, to its own producer (none for garbage).
+        linked = [format(link.context.trace_id, "032x") for link in span.links]
+        assert linked == [trace_ids[i] for i in ids if i != "ack-3"]
+    assert sum(len(ids) for ids in handled.values()) == 25
     assert len(writes) == len(batches)
     batch_span_ids = {span.context.span_id for span in batches}
     assert {span.parent.span_id for span in writes if span.parent} == batch_span_ids
@@ -454,8 +462,15 @@ async def test_command_serves_metrics_and_logs_json(
     assert sample(scraped, total, queue=queue, result="nack") == 1
     entries = [json.loads(line) for line in stderr.splitlines() if line.strip()]
     assert all(entry["queue"] == queue for entry in entries), entries[:3]
-    workers = [e for e in entries if e["logger"] in ("amqp_batch.worker", "app")]
-    assert workers and all(entry["worker"] == 0 for entry in workers)
+    # Lines logged in the worker's tasks (the handler's, its state changes)
+    # carry its number; the command's own start and stop lines only the queue.
+    workers = [
+        e
+        for e in entries
+        if e["logger"] in ("amqp_batch.worker", "app")
+        or e["message"].startswith("worker 0:")
+    ]
+    assert len(workers) > 2 and all(entry["worker"] == 0 for entry in workers)
     batches = [e for e in entries if e["logger"] == "app"]
     assert sum(e["size"] for e in batches) == 50
     assert "guest:guest" not in stderr
