@@ -596,3 +596,38 @@ def test_command_refuses_http_port_with_processes(
     assert code == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert "--http-port and --processes" in line
+
+
+async def test_failing_hooks_never_change_what_is_settled(
+    private_node: PrivateNode, queue: str
+) -> None:
+    """Every event raises in one hook: consuming, settling and the other hooks
+    go on; each failure is counted."""
+
+    class Broken(ConsumerHooks):
+        def batch_started(self, batch: Any) -> None:
+            raise RuntimeError("observer bug")
+
+        def batch_handled(self, *args: Any) -> None:
+            raise RuntimeError("observer bug")
+
+        def settled(self, *args: Any) -> None:
+            raise RuntimeError("observer bug")
+
+        def copy_confirmed(self, *args: Any) -> None:
+            raise RuntimeError("observer bug")
+
+    recorder = Recorder(decide, max_requeue=3)
+    progress = Progress()
+    ids = [f"ack-{n}" for n in range(20)] + ["nack-1", "retry-1"]
+    settings = _settings(private_node.url, queue)
+    async with batch_consumer(
+        settings, recorder.handler, hooks=[Broken(), progress]
+    ) as consumer:
+        await publish(private_node.url, queue, ids)
+        await progress.wait(lambda: progress.results.total() == 23)
+        await _wait_broker_settled(private_node, queue)
+    assert progress.results == {"ack": 21, "nack": 1, "requeue": 1}
+    assert consumer.hook_errors >= 3  # batches, settlements, one confirmed copy
+    report = await check(private_node.url, queue, f"{queue}.dlq", recorder, ids)
+    report.assert_holds()

@@ -143,6 +143,11 @@ class BatchConsumer(Generic[SettingsT]):
             and all(w.state is WorkerState.CONSUMING for w in self._workers)
         )
 
+    @property
+    def hook_errors(self) -> int:
+        """How many hook calls raised so far (each was logged and ignored)."""
+        return self._dispatcher.hook_errors
+
     def health(self) -> tuple[WorkerHealth, ...]:
         """A snapshot per worker."""
         return tuple(worker.health() for worker in self._workers)
