@@ -41,6 +41,7 @@ TEST_FILES = [
     "tests/test_reliability_rows.py",
     "tests/test_secrets.py",
     "tests/test_soak.py",
+    "tests/test_cluster.py",
 ]
 BACKENDS = ("asyncio", "trio")
 
@@ -95,6 +96,22 @@ MATRIX: dict[str, tuple[str, str]] = {
         "redeclare with different arguments",
         "fails fast, clear error, no reconnect storm",
     ),
+    "C1": (
+        "3-node cluster, quorum queue: kill -9 of the consumer's node mid-batch",
+        "consuming on another node within 2 × heartbeat + back-off; invariant",
+    ),
+    "C2": (
+        "3-node cluster: kill -9 of the quorum queue's leader",
+        "a new leader is elected, consuming resumes; invariant",
+    ),
+    "C3": (
+        "3-node cluster: rolling restart while the library's Publisher publishes",
+        "every confirmed id acked or dead-lettered; the publisher never raises",
+    ),
+    "C4": (
+        "3-node cluster: the consumer's node cut off by its proxy (stall)",
+        "detected within 2 × heartbeat; consuming on another node; invariant",
+    ),
     "B1": (
         '`x-retry-count` = "3", -1, 3.5, True, 2^63-1, [1], {}, None, b"\\xff", absent',
         "no crash, no loop, no silent reset; absent = 0",
@@ -134,6 +151,10 @@ KEY_FIGURES: dict[str, Sequence[str]] = {
     "F6": ("held_in_handler", "redelivered_after_kill", "duplicates"),
     "F7": ("case", "exit_s", "bound_s"),
     "F10": ("copies_confirmed_at_cut", "max_copies_per_message"),
+    "C1": ("recovery_s", "bound_s", "duplicates", "lost"),
+    "C2": ("leader_seen_s", "nacks_while_electing", "duplicates", "lost"),
+    "C3": ("restarts_s", "republished", "duplicates", "lost"),
+    "C4": ("recovery_s", "bound_s", "duplicates", "lost"),
 }
 #: Figures every row shares (shown in the details, not repeated in the summary).
 COMMON = ("row", "test", "backend")

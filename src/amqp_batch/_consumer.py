@@ -26,10 +26,12 @@ from ._exceptions import AMQPBatchError, unwrap_group
 from ._hooks import ConsumerHooks, HookDispatcher
 from ._message import Message
 from ._publisher import default_transport
+from ._ratelimit import RateLimiter
 from ._results import BatchHandler, MessageResult
 from ._settings import BatchConsumerSettings, ConsumerSettings
 from ._transport._base import Transport
 from ._worker import Worker, WorkerHealth, WorkerState, inside_consumer
+from .idempotency import IdempotencyStore
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -80,12 +82,16 @@ class BatchConsumer(Generic[SettingsT]):
         *,
         transport: Transport | None = None,
         hooks: Sequence[ConsumerHooks] = (),
+        idempotency: IdempotencyStore | None = None,
     ):
         self.settings: SettingsT = settings
         self._transport = transport
         self._hooks: list[ConsumerHooks] = list(HookDispatcher(hooks).hooks)
         #: Built from the hooks when serve() starts.
         self._dispatcher = HookDispatcher()
+        #: Messages whose key this store has seen are acked without reaching
+        #: the handler (see :mod:`amqp_batch.idempotency`).
+        self.idempotency = idempotency
         self._workers: list[Worker] = []
         #: None until serve() starts.
         self._run: _Run | None = None
@@ -225,6 +231,7 @@ class BatchConsumer(Generic[SettingsT]):
         task_status: TaskStatus[None],
     ) -> None:
         """Run every worker until all stopped; raise the first fatal error."""
+        limiter = _shared_limiter(settings)
         self._workers = [
             Worker(
                 index,
@@ -235,6 +242,8 @@ class BatchConsumer(Generic[SettingsT]):
                 partial(self._worker_consuming, run),
                 on_state_change=self._worker_state_changed,
                 hooks=self._dispatcher,
+                limiter=limiter,
+                idempotency=self.idempotency,
             )
             for index in range(settings.num_workers)
         ]
@@ -369,6 +378,15 @@ class BatchConsumer(Generic[SettingsT]):
             raise
 
 
+def _shared_limiter(settings: BatchConsumerSettings) -> RateLimiter | None:
+    """Log what cannot fit the broker's consumer_timeout; the rate limiter all
+    workers share (``None``: no limit)."""
+    for warning in settings.timing_warnings():
+        logger.warning("%s", warning)
+    rate = settings.max_messages_per_second
+    return None if rate is None else RateLimiter(rate)
+
+
 class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):
     def __init__(
         self,
@@ -377,8 +395,11 @@ class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):
         *,
         transport: Transport | None = None,
         hooks: Sequence[ConsumerHooks] = (),
+        idempotency: IdempotencyStore | None = None,
     ) -> None:
-        super().__init__(settings, transport=transport, hooks=hooks)
+        super().__init__(
+            settings, transport=transport, hooks=hooks, idempotency=idempotency
+        )
         self._function = handler
 
     def _handler(self) -> BatchHandler:
@@ -392,15 +413,20 @@ async def batch_consumer(
     *,
     transport: Transport | None = None,
     hooks: Sequence[ConsumerHooks] = (),
+    idempotency: IdempotencyStore | None = None,
 ) -> AsyncIterator[BatchConsumer[BatchConsumerSettings]]:
     """Consume with ``handler`` while the ``async with`` body runs.
 
     Every worker consumes when the body starts; leaving the body (normally or by
     an exception) drains gracefully: no new deliveries, the current batches finish
     and settle, prefetched messages go back to the queue, within
-    ``shutdown_timeout``. ``hooks`` observe it (:class:`~amqp_batch.ConsumerHooks`).
+    ``shutdown_timeout``. With ``idempotency``, messages whose key the store has
+    seen are acked without reaching ``handler``. ``hooks`` observe it
+    (:class:`~amqp_batch.ConsumerHooks`).
     """
-    consumer = _FunctionConsumer(settings, handler, transport=transport, hooks=hooks)
+    consumer = _FunctionConsumer(
+        settings, handler, transport=transport, hooks=hooks, idempotency=idempotency
+    )
     async with consumer:
         yield consumer
 

@@ -9,12 +9,14 @@ import time
 from collections.abc import AsyncIterable, Iterable, Sequence
 from contextlib import aclosing
 
+from anyio import move_on_after
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from .._hooks import BatchInfo, HookDispatcher
 from .._message import Message
 from .._results import BatchHandler, MessageResult
 from .acker import Outcome
+from .guards import Collect, HandlerGuards, run_guarded
 
 __all__ = ["collect_results", "handle_batch", "run_handler_runner"]
 
@@ -26,6 +28,7 @@ async def collect_results(
     messages: Sequence[Message],
     *,
     fallback: MessageResult,
+    timeout: float | None = None,
 ) -> list[MessageResult]:
     """Run ``handler`` on ``messages`` and return exactly one result per message.
 
@@ -33,9 +36,13 @@ async def collect_results(
     or an exception (``Exception`` only: cancellation and other
     ``BaseException`` s propagate) give the unsettled messages ``fallback``.
     Extra results are logged and never applied. An async generator is run to its
-    end (code after its loop runs) unless it yields a non-result.
+    end (code after its loop runs) unless it yields a non-result. Past
+    ``timeout`` seconds (``handler_timeout``) the handler is cancelled; the
+    results it gave still apply and the rest get ``fallback``.
     """
-    results, _ = await handle_batch(handler, messages, fallback=fallback)
+    results, _ = await handle_batch(
+        handler, messages, fallback=fallback, timeout=timeout
+    )
     return results
 
 
@@ -44,16 +51,70 @@ async def handle_batch(
     messages: Sequence[Message],
     *,
     fallback: MessageResult,
+    timeout: float | None = None,
 ) -> tuple[list[MessageResult], BaseException | None]:
-    """:func:`collect_results`, and the exception the handler raised (logged,
-    and its messages given ``fallback``), None when it raised none."""
+    """:func:`collect_results`, and what made the handler fail: the exception
+    it raised (logged), or a :class:`TimeoutError` past ``timeout``; None when
+    it did not fail."""
     results: list[MessageResult] = []
+    extra, error = 0, None
+    with move_on_after(timeout) as scope:
+        extra, error = await _run_handler(handler, messages, results, fallback)
+    if scope.cancelled_caught:
+        error = TimeoutError(f"handler_timeout ({timeout} s) passed")
+        logger.error(
+            "handler_timeout (%s s) passed after %d of %d result(s); cancelled "
+            "the handler, applying %s to the rest",
+            timeout,
+            len(results),
+            len(messages),
+            fallback.name,
+        )
+    if extra:
+        logger.error(
+            "handler gave %d result(s) more than the %d message(s); ignored them",
+            extra,
+            len(messages),
+        )
+    missing = len(messages) - len(results)
+    if missing > 0:
+        logger.warning(
+            "handler gave %d result(s) for %d message(s); applying %s to %d",
+            len(results),
+            len(messages),
+            fallback.name,
+            missing,
+        )
+        results.extend([fallback] * missing)
+    return results, error
+
+
+async def _run_handler(
+    handler: BatchHandler,
+    messages: Sequence[Message],
+    results: list[MessageResult],
+    fallback: MessageResult,
+) -> tuple[int, BaseException | None]:
+    """Run the handler, appending its results; how many extra it gave, and the
+    exception it raised (logged), if any."""
     extra = 0
-    error: BaseException | None = None
     try:
-        extra = await _run(handler, messages, results, fallback)
+        # object: a handler that breaks its type still gets its messages settled.
+        produced: object = handler(messages)
+        if inspect.isawaitable(produced):
+            produced = await produced
+        if isinstance(produced, AsyncIterable):
+            extra = await _consume_async(produced, results, len(messages))
+        elif isinstance(produced, Iterable) and not isinstance(produced, (str, bytes)):
+            extra = _consume(produced, results, len(messages))
+        else:
+            logger.error(
+                "handler returned %s, not results; applying %s to %d message(s)",
+                type(produced).__name__,
+                fallback.name,
+                len(messages),
+            )
     except Exception as exc:
-        error = exc
         logger.exception(
             "handler raised after %d of %d result(s); applying %s to %d message(s)",
             len(results),
@@ -61,12 +122,12 @@ async def handle_batch(
             fallback.name,
             len(messages) - len(results),
         )
+        return extra, exc
     except asyncio.CancelledError as exc:
         if not _stray_cancellation(exc):
             raise
         # Not a cancellation of ours: letting it through would silently end the
         # session, and the batch would come back (and do it again) forever.
-        error = exc
         logger.error(
             "handler raised CancelledError without being cancelled (did it await "
             "a future that something else cancelled?); applying %s to %d "
@@ -75,55 +136,8 @@ async def handle_batch(
             len(messages) - len(results),
             exc_info=True,
         )
-    _complete(results, extra, len(messages), fallback)
-    return results, error
-
-
-async def _run(
-    handler: BatchHandler,
-    messages: Sequence[Message],
-    results: list[MessageResult],
-    fallback: MessageResult,
-) -> int:
-    """Call ``handler`` and collect what it gives into ``results``; how many
-    results it gave beyond the messages."""
-    # object: a handler that breaks its type still gets its messages settled.
-    produced: object = handler(messages)
-    if inspect.isawaitable(produced):
-        produced = await produced
-    if isinstance(produced, AsyncIterable):
-        return await _consume_async(produced, results, len(messages))
-    if isinstance(produced, Iterable) and not isinstance(produced, (str, bytes)):
-        return _consume(produced, results, len(messages))
-    logger.error(
-        "handler returned %s, not results; applying %s to %d message(s)",
-        type(produced).__name__,
-        fallback.name,
-        len(messages),
-    )
-    return 0
-
-
-def _complete(
-    results: list[MessageResult], extra: int, count: int, fallback: MessageResult
-) -> None:
-    """Log extra results; give the messages without one ``fallback``."""
-    if extra:
-        logger.error(
-            "handler gave %d result(s) more than the %d message(s); ignored them",
-            extra,
-            count,
-        )
-    missing = count - len(results)
-    if missing > 0:
-        logger.warning(
-            "handler gave %d result(s) for %d message(s); applying %s to %d",
-            len(results),
-            count,
-            fallback.name,
-            missing,
-        )
-        results.extend([fallback] * missing)
+        return extra, exc
+    return extra, None
 
 
 def _stray_cancellation(exc: BaseException) -> bool:
@@ -193,6 +207,7 @@ async def run_handler_runner(
     handler: BatchHandler,
     *,
     fallback: MessageResult,
+    guards: HandlerGuards | None = None,
     hooks: HookDispatcher | None = None,
     worker: int = 0,
     queue: str = "",
@@ -200,9 +215,10 @@ async def run_handler_runner(
     """Take batches, run the handler, send one outcome per message to the acker.
 
     A worker starts ``max_concurrent_batches`` of these on clones of the same
-    streams; the acker's input ends when the last clone closes. ``hooks`` hear
-    ``batch_started``/``batch_handled`` in this task, around the handler;
-    without listeners the batch costs nothing more.
+    streams; the acker's input ends when the last clone closes. ``guards``
+    (idempotency, rate limit, timeout, kill-switch feed) wrap each call.
+    ``hooks`` hear ``batch_started``/``batch_handled`` in this task, around
+    the handler; without listeners a batch costs nothing more.
     """
     observed = hooks is not None and (
         hooks.batch_started is not None or hooks.batch_handled is not None
@@ -211,35 +227,69 @@ async def run_handler_runner(
         async for batch in batches:
             if observed:
                 assert hooks is not None
-                results = await _observed(
-                    hooks, handler, batch, fallback, worker, queue
+                info = BatchInfo(worker=worker, queue=queue, messages=batch)
+                outcomes = await _observed(
+                    hooks, info, batch, handler, fallback, guards
                 )
             else:
-                results, _ = await handle_batch(handler, batch, fallback=fallback)
-            await to_acker.send(list(zip(batch, results, strict=True)))
+                outcomes = await _outcomes(
+                    batch, handler, fallback, guards, collect_results
+                )
+            await to_acker.send(outcomes)
+
+
+async def _outcomes(
+    batch: list[Message],
+    handler: BatchHandler,
+    fallback: MessageResult,
+    guards: HandlerGuards | None,
+    collect: Collect,
+) -> list[Outcome]:
+    """One outcome per message: through the guards when there are any."""
+    if guards is not None:
+        return await run_guarded(batch, handler, fallback, guards, collect)
+    results = await collect(handler, batch, fallback=fallback)
+    return list(zip(batch, results, strict=True))
 
 
 async def _observed(
     hooks: HookDispatcher,
-    handler: BatchHandler,
+    info: BatchInfo,
     batch: list[Message],
+    handler: BatchHandler,
     fallback: MessageResult,
-    worker: int,
-    queue: str,
-) -> list[MessageResult]:
-    """:func:`handle_batch` between ``batch_started`` and ``batch_handled``
+    guards: HandlerGuards | None,
+) -> list[Outcome]:
+    """:func:`_outcomes` between ``batch_started`` and ``batch_handled``
     (which also hears a cancellation, with no results)."""
-    info = BatchInfo(worker=worker, queue=queue, messages=batch)
+    errors: list[BaseException] = []
+
+    async def collect(
+        handler: BatchHandler,
+        messages: Sequence[Message],
+        *,
+        fallback: MessageResult,
+        timeout: float | None = None,
+    ) -> list[MessageResult]:
+        results, error = await handle_batch(
+            handler, messages, fallback=fallback, timeout=timeout
+        )
+        if error is not None:
+            errors.append(error)
+        return results
+
     started, handled = hooks.batch_started, hooks.batch_handled
     if started is not None:
         started(info)
     begin = time.perf_counter()
     try:
-        results, error = await handle_batch(handler, batch, fallback=fallback)
+        outcomes = await _outcomes(batch, handler, fallback, guards, collect)
     except BaseException as exc:
         if handled is not None:
             handled(info, (), time.perf_counter() - begin, exc)
         raise
     if handled is not None:
+        results = [r for _, r in outcomes if isinstance(r, MessageResult)]
+        error = errors[0] if errors else None
         handled(info, results, time.perf_counter() - begin, error)
-    return results
+    return outcomes

@@ -28,9 +28,11 @@ from .._base import (
     ExchangeSpec,
     Properties,
     PublisherSession,
+    PublishOptions,
     QueueSpec,
     Session,
     SessionSpec,
+    publish_arguments,
 )
 from .._url import ConnectionParameters
 from ._core import Settle
@@ -38,6 +40,8 @@ from ._declare import channel_error
 from ._model import Channel, Consumer
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ._core import BrokerCore
 
 __all__ = [
@@ -160,13 +164,7 @@ class MemoryPublisher(PublisherSession):
         return f"<MemoryPublisher connection={self._channel.connection_name!r}>"
 
     def start_publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Properties | None = None,
-        mandatory: bool = False,
+        self, body: bytes, **options: Unpack[PublishOptions]
     ) -> MemoryConfirmation:
         """Route the message now and return its confirmation (already decided).
 
@@ -177,7 +175,7 @@ class MemoryPublisher(PublisherSession):
         closed.
         """
         self._core.check_open(self._channel)
-        arguments = (body, exchange, routing_key, properties, mandatory)
+        arguments = (body, *publish_arguments(options))
         confirmation = MemoryConfirmation(
             partial(self._route, arguments), self._wait_unblocked
         )
@@ -216,15 +214,7 @@ class MemoryPublisher(PublisherSession):
         self._core.expire(found)
         return len(found.ready), len(found.consumers)
 
-    async def publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Properties | None = None,
-        mandatory: bool = False,
-    ) -> None:
+    async def publish(self, body: bytes, **options: Unpack[PublishOptions]) -> None:
         """Route the message and return (the confirm is immediate).
 
         Raises :class:`~amqp_batch.MessageReturned` (312 NO_ROUTE) for an
@@ -237,7 +227,7 @@ class MemoryPublisher(PublisherSession):
         await self._wait_unblocked()
         self._core.check_open(self._channel)
         try:
-            self._route((body, exchange, routing_key, properties, mandatory))
+            self._route((body, *publish_arguments(options)))
         finally:
             await anyio.lowlevel.checkpoint()
 
@@ -277,9 +267,12 @@ async def open_session(
                 sink=send,
             )
             core.consume(channel, consumer)
-            with anyio.CancelScope() as scope:
-                channel.on_failure = scope.cancel
-                yield MemorySession(core, channel, consumer, receive)
+            async with anyio.create_task_group() as timers:
+                timers.start_soon(core.expire_on_time)
+                with anyio.CancelScope() as scope:
+                    channel.on_failure = scope.cancel
+                    yield MemorySession(core, channel, consumer, receive)
+                timers.cancel_scope.cancel()
     finally:
         channel.on_failure = None
         core.close_channel(channel)
