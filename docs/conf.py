@@ -119,6 +119,9 @@ nitpick_ignore = [
     # serve_http's task_status and consumer (anything with health()).
     ("py:class", "TaskStatus"),
     ("py:class", "amqp_batch._http.HealthSource"),
+    # Unqualified in the publishers' signatures (``**options: Unpack[...]``).
+    ("py:class", "PublishOptions"),
+    ("py:class", "MemoryConfirmation"),
     # The phase a transport error happened in (a fact read by the error policy).
     ("py:class", "amqp_batch._exceptions.Phase"),
 ]

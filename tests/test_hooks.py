@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from amqp_batch import MessageResult, WorkerHealth, WorkerState
-from amqp_batch._actors.handler import run_handler_runner
+from amqp_batch._actors.handler import handle_batch, run_handler_runner
 from amqp_batch._hooks import (
     EVENTS,
     BatchInfo,
@@ -280,3 +280,15 @@ async def test_a_failing_hook_does_not_change_the_results() -> None:
     sent = await run_one_batch(handler, dispatcher)
     assert [result for _, result in sent[0]] == [MessageResult.ACK] * 2
     assert dispatcher.hook_errors == 1
+
+
+async def test_a_handler_timeout_is_reported_as_the_batch_error() -> None:
+    async def handler(messages: Sequence[Message]) -> list[MessageResult]:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    results, error = await handle_batch(
+        handler, [message(1)], fallback=MessageResult.NACK, timeout=0.01
+    )
+    assert results == [MessageResult.NACK]
+    assert isinstance(error, TimeoutError)
