@@ -16,6 +16,11 @@ from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import TransportError as TransportError
 from ._exceptions import UnknownVirtualHost as UnknownVirtualHost
 from ._exports import set_public_module
+from ._hooks import BatchInfo as BatchInfo
+from ._hooks import ConsumerHooks as ConsumerHooks
+from ._hooks import Settlement as Settlement
+from ._hooks import SettleOutcome as SettleOutcome
+from ._logging import JSONFormatter as JSONFormatter
 from ._message import Message as Message
 from ._publisher import Publisher as Publisher
 from ._publisher import PublishTimeout as PublishTimeout
@@ -38,6 +43,7 @@ __all__ = [
     "BatchConsumer",
     "BatchConsumerSettings",
     "BatchHandler",
+    "BatchInfo",
     "ChannelClosed",
     "ConnectionBlockedTimeout",
     "ConnectionLost",
@@ -45,7 +51,9 @@ __all__ = [
     "ConnectionRefused",
     "Consumer",
     "ConsumerCancelled",
+    "ConsumerHooks",
     "ConsumerSettings",
+    "JSONFormatter",
     "Message",
     "MessageNacked",
     "MessageResult",
@@ -54,6 +62,8 @@ __all__ = [
     "ProtocolError",
     "PublishTimeout",
     "Publisher",
+    "SettleOutcome",
+    "Settlement",
     "TransportError",
     "UnknownVirtualHost",
     "WorkerHealth",

@@ -23,6 +23,7 @@ from anyio import (
 from anyio.abc import TaskStatus
 
 from ._exceptions import AMQPBatchError, unwrap_group
+from ._hooks import ConsumerHooks, HookDispatcher
 from ._message import Message
 from ._publisher import default_transport
 from ._ratelimit import RateLimiter
@@ -72,6 +73,7 @@ class BatchConsumer(Generic[SettingsT]):
 
     Run it with :meth:`run` (handles SIGINT/SIGTERM), ``await nursery.start(
     consumer.serve)``, or ``async with consumer:``. A consumer runs once.
+    ``hooks`` observe it (:class:`~amqp_batch.ConsumerHooks`: metrics, tracing).
     """
 
     def __init__(
@@ -79,10 +81,14 @@ class BatchConsumer(Generic[SettingsT]):
         settings: SettingsT,
         *,
         transport: Transport | None = None,
+        hooks: Sequence[ConsumerHooks] = (),
         idempotency: IdempotencyStore | None = None,
     ):
         self.settings: SettingsT = settings
         self._transport = transport
+        self._hooks: list[ConsumerHooks] = list(HookDispatcher(hooks).hooks)
+        #: Built from the hooks when serve() starts.
+        self._dispatcher = HookDispatcher()
         #: Messages whose key this store has seen are acked without reaching
         #: the handler (see :mod:`amqp_batch.idempotency`).
         self.idempotency = idempotency
@@ -120,6 +126,13 @@ class BatchConsumer(Generic[SettingsT]):
         Override it to log or export state changes; the default does nothing.
         """
 
+    def add_hooks(self, *hooks: ConsumerHooks) -> None:
+        """Add observers (see :class:`~amqp_batch.ConsumerHooks`); before the
+        consumer starts only."""
+        if self._run is not None:
+            raise RuntimeError("hooks must be added before the consumer starts")
+        self._hooks.extend(HookDispatcher(hooks).hooks)
+
     # -- health --------------------------------------------------------------------
 
     @property
@@ -135,6 +148,11 @@ class BatchConsumer(Generic[SettingsT]):
             and not self._stop_is_requested()
             and all(w.state is WorkerState.CONSUMING for w in self._workers)
         )
+
+    @property
+    def hook_errors(self) -> int:
+        """How many hook calls raised so far (each was logged and ignored)."""
+        return self._dispatcher.hook_errors
 
     def health(self) -> tuple[WorkerHealth, ...]:
         """A snapshot per worker."""
@@ -187,6 +205,7 @@ class BatchConsumer(Generic[SettingsT]):
             run.stop_requested.set()
         settings = self._batch_settings()
         transport = self._transport or default_transport()
+        self._dispatcher = HookDispatcher(self._hooks)
         try:
             await self.on_start()
         except BaseException:
@@ -222,6 +241,7 @@ class BatchConsumer(Generic[SettingsT]):
                 run.stop_requested,
                 partial(self._worker_consuming, run),
                 on_state_change=self._worker_state_changed,
+                hooks=self._dispatcher,
                 limiter=limiter,
                 idempotency=self.idempotency,
             )
@@ -265,10 +285,14 @@ class BatchConsumer(Generic[SettingsT]):
             run.all_consuming.set()
 
     def _worker_state_changed(self, worker: Worker, previous: WorkerState) -> None:
+        health = worker.health()
         try:
-            self.on_worker_state_change(worker.health(), previous)
+            self.on_worker_state_change(health, previous)
         except Exception:
             logger.exception("on_worker_state_change raised; ignored")
+        changed = self._dispatcher.worker_state_changed
+        if changed is not None:
+            changed(health, previous)
 
     async def start(self) -> None:
         """Consume until stopped (aio-pika-batch's name for :meth:`serve`)."""
@@ -370,9 +394,12 @@ class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):
         handler: BatchHandler,
         *,
         transport: Transport | None = None,
+        hooks: Sequence[ConsumerHooks] = (),
         idempotency: IdempotencyStore | None = None,
     ) -> None:
-        super().__init__(settings, transport=transport, idempotency=idempotency)
+        super().__init__(
+            settings, transport=transport, hooks=hooks, idempotency=idempotency
+        )
         self._function = handler
 
     def _handler(self) -> BatchHandler:
@@ -385,6 +412,7 @@ async def batch_consumer(
     handler: BatchHandler,
     *,
     transport: Transport | None = None,
+    hooks: Sequence[ConsumerHooks] = (),
     idempotency: IdempotencyStore | None = None,
 ) -> AsyncIterator[BatchConsumer[BatchConsumerSettings]]:
     """Consume with ``handler`` while the ``async with`` body runs.
@@ -393,10 +421,11 @@ async def batch_consumer(
     an exception) drains gracefully: no new deliveries, the current batches finish
     and settle, prefetched messages go back to the queue, within
     ``shutdown_timeout``. With ``idempotency``, messages whose key the store has
-    seen are acked without reaching ``handler``.
+    seen are acked without reaching ``handler``. ``hooks`` observe it
+    (:class:`~amqp_batch.ConsumerHooks`).
     """
     consumer = _FunctionConsumer(
-        settings, handler, transport=transport, idempotency=idempotency
+        settings, handler, transport=transport, hooks=hooks, idempotency=idempotency
     )
     async with consumer:
         yield consumer
