@@ -337,8 +337,9 @@ class ConsumerSettings:
     #: Which URL a worker connects to first: ``primary`` (every worker starts on
     #: ``url`` and fails over in list order) or ``spread`` (worker *i* starts on
     #: URL *i* mod *n*, to spread the workers over the nodes on purpose). Either
-    #: way a URL where a session failed to start in the last
-    #: ``reconnect_backoff_cap`` seconds is skipped while another one has not.
+    #: way a URL where a session failed (not a close sent by the broker) in
+    #: the last ``reconnect_backoff_cap`` seconds is skipped while another one
+    #: has not.
     url_order: str = attrs.field(
         default="primary", validator=attrs.validators.in_(("primary", "spread"))
     )

@@ -136,7 +136,7 @@ class Worker:
         self._counts: Counter[str] = Counter()
         first = index if settings.url_order == "spread" else 0
         self._url = settings.connection_parameters(first).redacted_url
-        #: URL index -> when a session on it last failed to start (to skip it).
+        #: URL index -> when a session on it last failed (to skip it for a while).
         self._url_failed_at: dict[int, float] = {}
         self.fatal_error: TransportError | None = None
         #: Whether the last session got as far as consuming (resets the backoff).
@@ -234,10 +234,10 @@ class Worker:
 
     def _next_url(self) -> int:
         """The index of the URL to connect to: the first in the worker's order
-        (``url_order``) where no session failed to start in the last
+        (``url_order``) where no session failed in the last
         ``reconnect_backoff_cap`` seconds, else the one that failed longest ago.
-        (A session lost after consuming does not count: the next attempt finds
-        out whether that node is down.)"""
+        (A consuming session that the broker closed, e.g. 320 CONNECTION_FORCED,
+        does not count: that node answered.)"""
         count = len(self._settings.urls)
         start = self.index % count if self._settings.url_order == "spread" else 0
         order = [(start + offset) % count for offset in range(count)]
@@ -277,7 +277,9 @@ class Worker:
                     error = first_library_error(exc, TransportError)
                     if error is None:
                         raise
-                    if not self._consumed_last:  # it failed to connect or set up
+                    if not (self._consumed_last and error.reply_code):
+                        # It failed to connect or set up, or the node went
+                        # silent or away (not a close the broker sent).
                         self._url_failed_at[url_index] = current_time()
                     if self._stop_requested.is_set():
                         break
