@@ -21,6 +21,7 @@ from ._results import MessageResult as MessageResult
 from ._retry import RETRY_COUNT_HEADER as RETRY_COUNT_HEADER
 from ._settings import BatchConsumerSettings as BatchConsumerSettings
 from ._settings import ConsumerSettings as ConsumerSettings
+from ._transport._aiormq import AiormqTransport as AiormqTransport
 from ._transport._base import Properties as Properties
 from ._transport._url import ConnectionParameters as ConnectionParameters
 from ._transport._url import parse_url as parse_url
@@ -31,6 +32,7 @@ from ._worker import WorkerState as WorkerState
 __all__ = [
     "RETRY_COUNT_HEADER",
     "AMQPBatchError",
+    "AiormqTransport",
     "AuthenticationError",
     "BatchConsumer",
     "BatchConsumerSettings",
