@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import ssl
+import struct
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import anyio
+import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._exceptions import (
@@ -417,25 +420,36 @@ async def declare(link: _Link, channel: Any, items: Sequence[Declarable]) -> Non
 # -- properties ------------------------------------------------------------------------
 
 
-def _properties_out(properties: Properties | None) -> Basic.Properties:
+@functools.cache
+def _library_encoded() -> type[Basic.Properties]:
     from pamqp.commands import Basic
 
-    p = properties or Properties()
-    return Basic.Properties(
-        content_type=p.content_type,
-        content_encoding=p.content_encoding,
-        headers=dict(p.headers) if p.headers is not None else None,
-        delivery_mode=p.delivery_mode,
-        priority=p.priority,
-        correlation_id=p.correlation_id,
-        reply_to=p.reply_to,
-        expiration=p.expiration,
-        message_id=p.message_id,
-        timestamp=p.timestamp,
-        message_type=p.type,
-        user_id=p.user_id,
-        app_id=p.app_id,
-    )
+    from ._native._framing import _encode_properties
+
+    class LibraryEncoded(Basic.Properties):
+        """pamqp properties marshalled like the native transport: a float keeps
+        its 64 bits and a long header key its whole name (pamqp sends 32-bit
+        floats and cuts keys at 128 bytes), bytes travel as a byte array. aiormq
+        may set ``message_id`` (it does when none is given)."""
+
+        source: Properties
+
+        def marshal(self) -> bytes:
+            final = self.source
+            if self.message_id != final.message_id:
+                final = attrs.evolve(final, message_id=self.message_id)
+            flags, payload = _encode_properties(final)
+            return struct.pack(">H", flags) + payload
+
+    return LibraryEncoded
+
+
+def _properties_out(properties: Properties | None) -> Basic.Properties:
+    """Properties for aiormq's ``basic_publish``, encoded by the library's codec."""
+    source = properties or Properties()
+    encoded = _library_encoded()(message_id=source.message_id)
+    encoded.source = source  # type: ignore[attr-defined]
+    return encoded
 
 
 def _properties_in(p: Basic.Properties) -> Properties:
@@ -676,8 +690,6 @@ class AiormqPublisher:
         mandatory: bool = False,
     ) -> AiormqConfirmation:
         """Queue a publish now; return its :class:`AiormqConfirmation`."""
-        from pamqp.header import ContentHeader
-
         if not isinstance(body, bytes | bytearray | memoryview):
             raise TypeError(f"body must be bytes, not {type(body).__name__}")
         if self._link.error is not None:
@@ -685,9 +697,9 @@ class AiormqPublisher:
         if not self.is_open:
             raise self._link.channel_failure(self._channel, ChannelClosed("closed"))
         header_properties = _properties_out(properties)
-        # pamqp encodes in aiormq's task: encode once here, so a bad value raises
-        # in the caller (ValueError/TypeError) instead of failing the confirm.
-        ContentHeader(0, len(body), header_properties).marshal()
+        # Encoding happens in aiormq's task: encode once here, so a bad value
+        # raises in the caller (ValueError/TypeError) instead of failing the confirm.
+        header_properties.marshal()
         confirmation = AiormqConfirmation()
         self._group.start_soon(
             self._publish,
