@@ -2,8 +2,9 @@
 
 Every test here runs against both brokers (the ``broker`` fixture) and on asyncio
 and trio, and against RabbitMQ through the aiormq transport on asyncio (the rows
-are ``tests.support.transports.PARITY_ROWS``), and asserts where each message ends up: acked, dead-lettered (with which
-exchange, routing key and headers) or redelivered. A failure on ``memory`` only is
+are ``tests.support.transports.PARITY_ROWS``). It asserts where each message ends
+up: acked, dead-lettered (with which exchange, routing key and headers) or
+redelivered. A failure on ``memory`` only is
 a MemoryBroker bug; the differences that cannot be removed are listed in
 ``docs/memory-broker.md``.
 """

@@ -20,6 +20,7 @@ native transport there); the trio row checks the clear error instead.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -31,11 +32,16 @@ import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.support.transports import make_transport, over_transports
 
 from amqp_batch import (
     AiormqTransport,
+    ChannelClosed,
     ConnectionLost,
+    MessageNacked,
+    MessageReturned,
 )
+from amqp_batch._transport._aiormq import AsyncioOnly
 from amqp_batch._transport._base import Properties, SessionSpec
 from amqp_batch._transport._native import NativeTransport
 from amqp_batch._transport._url import parse_url
@@ -46,6 +52,12 @@ on_asyncio = pytest.mark.parametrize("anyio_backend", ["asyncio"], scope="module
 
 PREFETCH = 64  # larger than any script's message count: the window never limits
 WAIT = 15.0
+
+
+@pytest.fixture
+def transport(transport_kind: str) -> Any:
+    """The transport under test (rows: ``tests.support.transports.ROWS``)."""
+    return make_transport(transport_kind)
 
 
 # -- one transport's side of a script ---------------------------------------------
@@ -434,3 +446,181 @@ async def test_random_scripts_with_a_broker_cut_end_the_same(
     driver = Driver(sides, private_node, admin)
     await driver.run(script)
     await driver.check_outcome()
+
+
+# -- guarantees of the contract, on every transport ---------------------------------
+
+
+async def _fresh(admin: Any, name: str, **arguments: Any) -> str:
+    await admin.queue_delete(name)
+    await admin.queue_declare(name, arguments=arguments or None)
+    return name
+
+
+async def _publish_ids(admin: Any, queue: str, count: int) -> None:
+    for i in range(count):
+        await admin.publish(
+            str(i).encode(), routing_key=queue, properties=Properties(message_id=str(i))
+        )
+
+
+def _session_spec(
+    url: str, queue: str, prefetch: int = 10, **options: Any
+) -> SessionSpec:
+    parameters = attrs.evolve(parse_url(url), **options)
+    return SessionSpec(parameters=parameters, queue=queue, prefetch_count=prefetch)
+
+
+@over_transports
+async def test_a_tag_from_an_ended_session_is_never_sent(
+    transport: Any, private_node: Any, admin: Any, unique_name: str
+) -> None:
+    queue = await _fresh(admin, unique_name)
+    await _publish_ids(admin, queue, 1)
+    async with transport.open_session(_session_spec(private_node.url, queue)) as old:
+        delivery = await old.deliveries.receive()
+    with pytest.raises(ChannelClosed):
+        await old.ack(delivery.delivery_tag)
+    async with transport.open_session(_session_spec(private_node.url, queue)) as new:
+        with anyio.fail_after(WAIT):
+            again = await new.deliveries.receive()
+        assert (again.body, again.redelivered) == (b"0", True)  # not acked by `old`
+        await new.ack(again.delivery_tag)
+    await admin.queue_delete(queue)
+
+
+@over_transports
+async def test_a_full_prefetch_window_unread_does_not_block_the_reader(
+    transport: Any, private_node: Any, admin: Any, unique_name: str
+) -> None:
+    """Nobody reads the deliveries, yet the session still reads frames: the
+    cancel-ok arrives behind a whole prefetch window of deliveries."""
+    queue = await _fresh(admin, unique_name)
+    await _publish_ids(admin, queue, 50)
+    spec = _session_spec(private_node.url, queue, prefetch=50)
+    async with transport.open_session(spec) as session:
+        with anyio.fail_after(WAIT):
+            while (  # noqa: ASYNC110 - polling the broker's state
+                await admin.queue_declare(queue, passive=True)
+            ).message_count:
+                await anyio.sleep(0.02)  # all 50 sent to us
+            await session.cancel()
+            bodies = [d.body async for d in session.deliveries]
+        assert bodies == [str(i).encode() for i in range(50)]
+    assert (await admin.queue_declare(queue, passive=True)).message_count == 50
+    await admin.queue_delete(queue)
+
+
+@over_transports
+async def test_pipelined_publishes_keep_their_order_and_confirm_each(
+    transport: Any, private_node: Any, admin: Any, unique_name: str
+) -> None:
+    dead = await _fresh(admin, f"{unique_name}.full")
+    queue = await _fresh(
+        admin, unique_name, **{"x-max-length": 1, "x-overflow": "reject-publish"}
+    )
+    async with transport.open_publisher(parse_url(private_node.url)) as publisher:
+        routed = [
+            publisher.start_publish(str(i).encode(), routing_key=dead)
+            for i in range(300)
+        ]
+        returned = publisher.start_publish(
+            b"r", routing_key=f"{unique_name}.nowhere", mandatory=True
+        )
+        first = publisher.start_publish(b"kept", routing_key=queue)
+        refused = publisher.start_publish(b"over the limit", routing_key=queue)
+        for confirmation in routed:
+            await confirmation.wait()
+        with pytest.raises(MessageReturned) as info:
+            await returned.wait()
+        assert info.value.reply_code == 312
+        await first.wait()
+        with pytest.raises(MessageNacked):
+            await refused.wait()
+    bodies = []
+    while (got := await admin.basic_get(dead, no_ack=True)) is not None:
+        bodies.append(got.body)
+    assert bodies == [str(i).encode() for i in range(300)]
+    await admin.queue_delete(queue)
+    await admin.queue_delete(dead)
+
+
+@over_transports
+async def test_cancelled_publish_callers_never_corrupt_a_frame(
+    transport: Any, private_node: Any, admin: Any, unique_name: str
+) -> None:
+    queue = await _fresh(admin, unique_name)
+    body = b"y" * 300_000  # several frames each
+    async with transport.open_publisher(parse_url(private_node.url)) as publisher:
+        with anyio.move_on_after(0.05):
+            async with anyio.create_task_group() as group:
+                for _ in range(30):
+                    group.start_soon(lambda: publisher.publish(body, routing_key=queue))
+        await publisher.publish(b"after", routing_key=queue)
+    messages = []
+    while (got := await admin.basic_get(queue, no_ack=True)) is not None:
+        messages.append(got.body)
+    assert messages[-1] == b"after"
+    assert all(m == body for m in messages[:-1])  # each one whole
+    await admin.queue_delete(queue)
+
+
+# -- aiormq's own tasks and backend -------------------------------------------------
+
+
+def _tasks() -> set[asyncio.Task[Any]]:
+    return set(asyncio.all_tasks()) - {asyncio.current_task()}  # type: ignore[arg-type]
+
+
+@on_asyncio
+async def test_no_aiormq_task_outlives_a_session_even_after_a_cut(
+    private_node: Any, admin: Any, unique_name: str
+) -> None:
+    aiormq = AiormqTransport()
+    queue = await _fresh(admin, unique_name)
+    before = _tasks()
+    await _publish_ids(admin, queue, 20)
+    async with aiormq.open_session(_session_spec(private_node.url, queue)) as one:
+        for _ in range(10):  # one aiormq task per delivery, plus its readers
+            await one.ack((await one.deliveries.receive()).delivery_tag)
+        assert len(_tasks() - before) >= 4
+    assert _tasks() - before == set()
+    async with aiormq.open_publisher(parse_url(private_node.url)) as publisher:
+        await publisher.publish(b"x", routing_key=queue)
+    assert _tasks() - before == set()
+    with pytest.raises(ConnectionLost) as lost:
+        spec = _session_spec(private_node.url, queue, connection_name=unique_name)
+        async with aiormq.open_session(spec) as two:
+            await two.deliveries.receive()
+            closed = await anyio.to_thread.run_sync(
+                cut_connections, private_node, unique_name
+            )
+            assert closed == 1
+            with anyio.fail_after(WAIT):
+                await anyio.sleep_forever()
+    assert lost.value.reply_code == 320
+    assert _tasks() - before == set()
+    with anyio.CancelScope() as scope:  # cancelled from outside, mid-session
+        async with aiormq.open_session(_session_spec(private_node.url, queue)):
+            scope.cancel()
+            await anyio.sleep_forever()
+    assert _tasks() - before == set()
+    await admin.queue_delete(queue)
+
+
+BUILT_OUTSIDE_ASYNC = AiormqTransport()  # nothing runs yet: checked at first use
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"], scope="module")
+async def test_on_trio_the_aiormq_transport_refuses_clearly(
+    private_node: Any,
+) -> None:
+    with pytest.raises(AsyncioOnly, match="asyncio only"):
+        AiormqTransport()  # inside trio: at construction
+    spec = _session_spec(private_node.url, "never-declared")
+    with pytest.raises(AsyncioOnly, match="runs on trio"):
+        async with BUILT_OUTSIDE_ASYNC.open_session(spec):
+            pass
+    with pytest.raises(AsyncioOnly):
+        async with BUILT_OUTSIDE_ASYNC.open_publisher(spec.parameters):
+            pass
