@@ -5,7 +5,8 @@ child process per measurement so that every consumer starts from a fresh
 interpreter (and its peak RSS is its own):
 
 - ``python bench/workloads.py --consumer amqp-batch|ceiling|aiormq ...`` for our
-  consumers (this file), and
+  consumers (this file; ``--consumer amqp-batch --transport aiormq`` runs the
+  amqp-batch consumer on the aiormq transport, asyncio only), and
 - ``bench/.venvs/aio-pika-batch/bin/python bench/peers/aio_pika_batch_driver.py``
   for aio-pika-batch.
 
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transport
 
 from amqp_batch import (
+    AiormqTransport,
     BatchConsumerSettings,
     Message,
     MessageResult,
@@ -254,9 +256,10 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
         **dead_letter,
     )
     baseline = rss_kib()
+    chosen = AiormqTransport() if args.transport == "aiormq" else None
     async with connect(parse_url(args.url)) as probe, probe.channel() as channel:
         started = time.perf_counter()
-        async with batch_consumer(settings, make_handler(state)):
+        async with batch_consumer(settings, make_handler(state), transport=chosen):
             if args.mode in ("latency", "soak"):
                 print(json.dumps({"ready": True}), flush=True)
             await state.done.wait()
@@ -302,6 +305,12 @@ def child(argv: list[str] | None = None) -> None:
         "--consumer", choices=["amqp-batch", "ceiling", "aiormq"], required=True
     )
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    parser.add_argument(
+        "--transport",
+        choices=["native", "aiormq"],
+        default="native",
+        help="the amqp-batch consumer's transport (aiormq: asyncio only)",
+    )
     parser.add_argument("--url", required=True)
     parser.add_argument("--queue", default=DRAIN_QUEUE)
     parser.add_argument(
@@ -318,6 +327,10 @@ def child(argv: list[str] | None = None) -> None:
         "--profile", default=None, help="write a pyinstrument/cProfile file"
     )
     args = parser.parse_args(argv)
+    if args.transport == "aiormq" and args.backend != "asyncio":
+        parser.error("--transport aiormq runs on asyncio only")
+    if args.transport == "aiormq" and args.consumer != "amqp-batch":
+        parser.error("--transport applies to --consumer amqp-batch")
     function = consume_amqp_batch if args.consumer == "amqp-batch" else consume_bare
     if args.profile:
         result = _profiled(function, args)
