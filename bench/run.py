@@ -591,7 +591,7 @@ def render(bench: Bench, args: argparse.Namespace, elapsed: float) -> str:
         "mode); W4's is against aio-pika-batch with the same number of workers; W5 "
         "and W6 ratios compare p99 and peak RSS (lower is better).",
         "",
-        "## Goals (issue 5)",
+        "## Performance goals",
         "",
         "| goal | status |",
         "| --- | --- |",

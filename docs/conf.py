@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import enum
 import re
+import sys
 from typing import Any
 
 import attrs
 from sphinx.application import Sphinx
+from sphinx.pycode import ModuleAnalyzer
 
 import amqp_batch
+import amqp_batch.testing
 
 project = "amqp-batch"
 author = "amqp-batch developers"
@@ -51,6 +54,34 @@ python_maximum_signature_line_length = 88
 python_use_unqualified_type_names = True
 add_module_names = False
 
+# Public names say ``__module__ == "amqp_batch"`` (or ``amqp_batch.testing``), but
+# their source, with the ``#:`` attribute comments and the member order autodoc
+# reads, is in the private modules. Give the public modules an analyzer made of
+# the private modules that define their names.
+
+
+def _public_analyzer(public: str) -> ModuleAnalyzer:
+    names = set(sys.modules[public].__all__)
+    merged = ModuleAnalyzer("", public, sys.modules[public].__file__ or public)
+    merged.analyze()
+    for modname in sorted(sys.modules):
+        if not modname.startswith("amqp_batch._"):
+            continue
+        try:
+            private = ModuleAnalyzer.for_module(modname)
+        except Exception:  # e.g. a module without source
+            continue
+        if names.isdisjoint(private.find_tags()):
+            continue
+        merged.attr_docs.update(private.find_attr_docs())
+        merged.tags.update(private.tags)
+        merged.tagorder.update(private.tagorder)
+    return merged
+
+
+for _public in ("amqp_batch", "amqp_batch.testing"):
+    ModuleAnalyzer.cache["module", _public] = _public_analyzer(_public)
+
 # -- nitpicky cross-references ------------------------------------------------------
 
 nitpicky = True
@@ -75,8 +106,6 @@ nitpick_ignore = [
     ("py:class", "amqp_batch._transport._base.Session"),
     ("py:class", "amqp_batch._transport._base.PublisherSession"),
     ("py:class", "amqp_batch._transport._base.FieldTable"),
-    ("py:class", "amqp_batch._transport._memory._core.BrokerCore"),
-    ("py:class", "amqp_batch._transport._memory._model.Channel"),
     ("py:class", "amqp_batch._transport._memory._session.MemoryConfirmation"),
     ("py:class", "amqp_batch._transport._base.Confirmation"),
     ("py:class", "amqp_batch._transport._native._channel.Waiter"),
@@ -133,5 +162,17 @@ def _attrs_defaults(
     return _ATTRS_DEFAULT.sub(default, signature), return_annotation
 
 
+def _public_bases(
+    app: Sphinx, name: str, obj: Any, options: Any, bases: list[Any]
+) -> None:
+    """Name generic bases by their public module: ``BatchConsumer[SettingsT]``
+    was subscripted before ``BatchConsumer.__module__`` became ``amqp_batch``."""
+    for index, base in enumerate(bases):
+        origin = getattr(base, "__origin__", None)
+        if getattr(origin, "__module__", None) in ("amqp_batch", "amqp_batch.testing"):
+            bases[index] = origin[base.__args__]
+
+
 def setup(app: Sphinx) -> None:
     app.connect("autodoc-process-signature", _attrs_defaults)
+    app.connect("autodoc-process-bases", _public_bases)

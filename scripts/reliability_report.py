@@ -1,4 +1,4 @@
-# ruff: noqa: RUF001 - the matrix keeps the multiplication sign of RELIABILITY.md
+# ruff: noqa: RUF001 - the matrix keeps its multiplication signs
 """Run the reliability rows against a private RabbitMQ node and write the report.
 
     python scripts/reliability_report.py            # the rows of `nox -s tests`
@@ -8,8 +8,8 @@
 
 It runs pytest on the reliability test files with ``AMQP_BATCH_FIGURES`` set, so
 every test appends its measured figures (``figures.record(...)``, one JSON line
-each), then renders ``docs/reliability.md``: the matrix of RELIABILITY.md with the
-outcome of each row on asyncio and trio, the headline figures and every row's
+each), then renders ``docs/reliability.md``: the reliability matrix (``MATRIX``)
+with the outcome of each row on asyncio and trio, the headline figures and every row's
 figures, the date and the commit. A row without figures is shown as "not
 measured in this run", never filled in. Exits non-zero if a test failed (the
 report is written anyway).
@@ -44,7 +44,7 @@ TEST_FILES = [
 ]
 BACKENDS = ("asyncio", "trio")
 
-#: The matrix of RELIABILITY.md: row -> (scenario, what must hold).
+#: The reliability matrix: row -> (scenario, what must hold).
 MATRIX: dict[str, tuple[str, str]] = {
     "L1": (
         "sustained load, several workers, minutes",

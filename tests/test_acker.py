@@ -4,6 +4,7 @@ channel) and its republish / dead-letter decisions (with in-test fakes)."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 
 import anyio
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from amqp_batch import MessageNacked, MessageResult, MessageReturned
 from amqp_batch._actors.acker import Acker, DeadLetter, Outcome
 from amqp_batch._actors.ledger import AckLedger, Action, Settle
+from amqp_batch._actors.planner import Applied, Fate
 from amqp_batch._message import Message
 from amqp_batch._retry import RetryPolicy
 from amqp_batch._transport._base import Delivery, Properties
@@ -145,26 +147,41 @@ def _message(tag: int, message_id: str, **headers: object) -> Message:
     return Message(delivery, retry_count=retry)
 
 
+def _opener(publisher: FakePublisher) -> Callable[[], _Open]:
+    return lambda: _Open(publisher)
+
+
+class _Open:
+    def __init__(self, publisher: FakePublisher) -> None:
+        self.publisher = publisher
+
+    async def __aenter__(self) -> FakePublisher:
+        return self.publisher
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def _ledger(tags: Iterable[int]) -> AckLedger:
+    ledger = AckLedger()
+    for tag in sorted(tags):
+        ledger.register(tag)
+    return ledger
+
+
 async def _run_acker(
     batches: list[list[Outcome]],
     *,
     policy: RetryPolicy,
     publisher: FakePublisher,
+    on_applied: Callable[[Sequence[Applied]], None] | None = None,
 ) -> tuple[FakeSession, Counter[str]]:
     session = FakeSession()
-    ledger = AckLedger()
-    for tag in sorted(m.delivery_tag for batch in batches for m, _ in batch):
-        ledger.register(tag)
+    ledger = _ledger(m.delivery_tag for batch in batches for m, _ in batch)
     counts: Counter[str] = Counter()
-
-    class _Open:
-        async def __aenter__(self) -> FakePublisher:
-            return publisher
-
-        async def __aexit__(self, *exc: object) -> None:
-            return None
-
-    acker = Acker(session, ledger, policy, _Open, counts)
+    acker = Acker(
+        session, ledger, policy, _opener(publisher), counts, on_applied=on_applied
+    )
     send, receive = anyio.create_memory_object_stream[list[Outcome]](len(batches))
     with send:
         for batch in batches:
@@ -384,3 +401,103 @@ async def test_a_copy_that_cannot_be_encoded_dead_letters_its_original() -> None
     ]
     assert [body for *_, body in publisher.published] == [b"a", b"c"]
     assert counts["dead_lettered"] == 2
+
+
+class HeldPublisher(FakePublisher):
+    """Holds every confirm until ``release`` is set; ``waiting`` is set once a
+    confirm is awaited."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = anyio.Event()
+        self.waiting = anyio.Event()
+
+    def start_publish(self, body: bytes, **kwargs: object) -> _HeldConfirmation:
+        inner = super().start_publish(body, **kwargs)  # type: ignore[arg-type]
+        return _HeldConfirmation(self, inner)
+
+
+class _HeldConfirmation:
+    def __init__(self, gate: HeldPublisher, inner: FakeConfirmation) -> None:
+        self.gate, self.inner = gate, inner
+
+    async def wait(self) -> None:
+        self.gate.waiting.set()
+        await self.gate.release.wait()
+        await self.inner.wait()
+
+
+@pytest.mark.anyio
+async def test_health_counts_a_result_only_once_its_frame_is_sent() -> None:
+    """A REQUEUE whose copy is not confirmed yet is not counted (its original is
+    not acked); an ACK counts once its ack is sent, not when it is decided."""
+    publisher = HeldPublisher()
+    policy = RetryPolicy(queue="q", max_requeue_attempts=3)
+    session = FakeSession()
+    counts: Counter[str] = Counter()
+    acker = Acker(session, _ledger([1, 2]), policy, _opener(publisher), counts)
+    send, receive = anyio.create_memory_object_stream[list[Outcome]](1)
+    async with anyio.create_task_group() as group:
+        group.start_soon(acker.run, receive)
+        with send:
+            await send.send(
+                [
+                    (_message(1, "a"), MessageResult.REQUEUE),
+                    (_message(2, "b"), MessageResult.ACK),
+                ]
+            )
+            with anyio.fail_after(5):
+                await publisher.waiting.wait()
+            assert counts["requeue"] == 0
+            assert ("ack", 1, False) not in session.frames
+            # 2 is acked (and counted) only if publishing counted as stalled.
+            assert counts["ack"] == (1 if ("ack", 2, False) in session.frames else 0)
+            publisher.release.set()
+    session.close()
+    assert counts == Counter(ack=1, requeue=1)
+    assert sorted(session.frames) in (
+        [("ack", 2, True)],
+        [("ack", 1, False), ("ack", 2, False)],
+    )
+
+
+@pytest.mark.anyio
+async def test_on_applied_hears_every_settlement_once_with_its_fate() -> None:
+    """The internal hook gets one record per settled message, ACKs included,
+    with what happened to it; the counts are the same as without it."""
+    refused = ValueError("too big")
+    publisher = FakePublisher(
+        fail={"f": MessageNacked("nacked")}, refuse={"g": refused}
+    )
+    policy = RetryPolicy(queue="q", max_requeue_attempts=1, dead_letter_exchange="dlx")
+    copy_headers = {
+        "x-retry-count": 1,
+        "x-original-exchange": "orders",
+        "x-original-routing-key": "orders.created",
+    }
+    batch: list[Outcome] = [
+        (_message(1, "a"), MessageResult.ACK),
+        (_message(2, "b"), MessageResult.REQUEUE_IMMEDIATE),
+        (_message(3, "c"), MessageResult.NACK),
+        (_message(4, "d"), MessageResult.REQUEUE),
+        (_message(5, "e", **copy_headers), MessageResult.REQUEUE),
+        (_message(6, "f"), DeadLetter("invalid-retry-count: x")),
+        (_message(7, "g"), MessageResult.REQUEUE),
+    ]
+    heard: list[Applied] = []
+    _, counts = await _run_acker(
+        [batch], policy=policy, publisher=publisher, on_applied=heard.extend
+    )
+    assert [(r.message.delivery_tag, r.fate, r.reason) for r in heard] == [
+        (1, Fate.ACKED, None),
+        (2, Fate.REQUEUED, None),
+        (3, Fate.REJECTED, "rejected"),
+        (4, Fate.REPUBLISHED, None),
+        (5, Fate.DEAD_LETTERED, "max-requeue-attempts"),
+        (6, Fate.REJECTED, "invalid-retry-count: x"),
+        (7, Fate.REJECTED, "republish-failed"),
+    ]
+    assert [r.disposition for r in heard] == [d for _, d in batch]
+    assert counts == Counter(
+        ack=1, requeue_immediate=1, nack=1, requeue=3, dead_lettered=4
+    )

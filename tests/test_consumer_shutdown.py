@@ -1,4 +1,4 @@
-"""Shutdown as DESIGN.md describes it, against a real broker, on asyncio and trio."""
+"""Shutdown as docs/design.md has it, against a real broker, on asyncio and trio."""
 
 from __future__ import annotations
 
@@ -73,8 +73,11 @@ async def test_graceful_stop_finishes_batches_and_requeues_prefetched(
             await entered.wait()
 
         async def release_once_stopping() -> None:
-            assert consumer._run is not None
-            await consumer._run.stop_requested.wait()
+            # Nothing public tells the moment stop() is requested: that moment
+            # is what this test is about.
+            run = consumer._run  # noqa: SLF001
+            assert run is not None
+            await run.stop_requested.wait()
             release.set()
 
         group.start_soon(release_once_stopping)

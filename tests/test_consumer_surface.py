@@ -1,4 +1,4 @@
-"""The public names issue 3 fixes exist, with the documented types and shapes."""
+"""The consumer API's public names exist, with the documented types and shapes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The reliability matrix's fault rows (RELIABILITY.md) against a private RabbitMQ
+"""The reliability matrix's fault rows (docs/reliability.md) against a private RabbitMQ
 node, on asyncio and trio: L2, F1, F2, F3, F4, F6, F7, F10 (L1 and F5 are in
 ``test_soak.py``).
 

@@ -1,4 +1,4 @@
-"""The minutes-long reliability rows (RELIABILITY.md): L1 (sustained load), F5
+"""The minutes-long reliability rows (docs/reliability.md): L1 (sustained load), F5
 (broker kill -9 and restart) and L2 at its full 100k backlog. Marked ``soak``:
 deselected unless pytest runs with ``--soak`` (``nox -s soak``).
 

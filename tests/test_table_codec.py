@@ -214,14 +214,14 @@ def test_the_caches_keep_types_and_values_apart() -> None:
 
 
 def test_the_caches_are_bounded() -> None:
-    for number in range(_table._STR_ENTRIES_MAX + 10):
+    for number in range(_table.STR_ENTRIES_MAX + 10):
         table = {f"key-{number}": f"value-{number}"}
         assert encode_table(table) == _pamqp_encoded(table)
-    assert len(_table._STR_ENTRIES) <= _table._STR_ENTRIES_MAX
-    assert len(_table._KEY_HEADS) <= _table._KEY_HEADS_MAX
-    long_value = {"k": "v" * (_table._STR_ENTRY_VALUE_MAX + 1)}
+    assert len(_table.STR_ENTRIES) <= _table.STR_ENTRIES_MAX
+    assert len(_table.KEY_HEADS) <= _table.KEY_HEADS_MAX
+    long_value = {"k": "v" * (_table.STR_ENTRY_VALUE_MAX + 1)}
     assert encode_table(long_value) == _pamqp_encoded(long_value)
-    assert ("k", long_value["k"]) not in _table._STR_ENTRIES
+    assert ("k", long_value["k"]) not in _table.STR_ENTRIES
 
 
 # Decoding: pamqp's values

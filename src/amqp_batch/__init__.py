@@ -15,8 +15,10 @@ from ._exceptions import MessageReturned as MessageReturned
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import TransportError as TransportError
 from ._exceptions import UnknownVirtualHost as UnknownVirtualHost
+from ._exports import set_public_module
 from ._message import Message as Message
 from ._publisher import Publisher as Publisher
+from ._results import BatchHandler as BatchHandler
 from ._results import MessageResult as MessageResult
 from ._retry import RETRY_COUNT_HEADER as RETRY_COUNT_HEADER
 from ._settings import BatchConsumerSettings as BatchConsumerSettings
@@ -36,6 +38,7 @@ __all__ = [
     "AuthenticationError",
     "BatchConsumer",
     "BatchConsumerSettings",
+    "BatchHandler",
     "ChannelClosed",
     "ConnectionBlockedTimeout",
     "ConnectionLost",
@@ -59,3 +62,6 @@ __all__ = [
     "batch_consumer",
     "parse_url",
 ]
+
+set_public_module(__name__, globals(), __all__)
+del set_public_module

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from functools import partial
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import anyio
 import attrs
@@ -25,7 +25,7 @@ from anyio.abc import TaskStatus
 from ._exceptions import AMQPBatchError, unwrap_group
 from ._message import Message
 from ._publisher import default_transport
-from ._results import MessageResult
+from ._results import BatchHandler, MessageResult
 from ._settings import BatchConsumerSettings, ConsumerSettings
 from ._transport._base import Transport
 from ._worker import Worker, WorkerHealth, WorkerState, inside_consumer
@@ -131,7 +131,7 @@ class BatchConsumer(Generic[SettingsT]):
 
     # -- running ---------------------------------------------------------------------
 
-    def _handler(self) -> Callable[[Sequence[Message]], Any]:
+    def _handler(self) -> BatchHandler:
         return self.process_messages
 
     def _batch_settings(self) -> BatchConsumerSettings:
@@ -344,21 +344,21 @@ class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):
     def __init__(
         self,
         settings: BatchConsumerSettings,
-        handler: Callable[[Sequence[Message]], Any],
+        handler: BatchHandler,
         *,
         transport: Transport | None = None,
     ) -> None:
         super().__init__(settings, transport=transport)
         self._function = handler
 
-    def _handler(self) -> Callable[[Sequence[Message]], Any]:
+    def _handler(self) -> BatchHandler:
         return self._function
 
 
 @asynccontextmanager
 async def batch_consumer(
     settings: BatchConsumerSettings,
-    handler: Callable[[Sequence[Message]], Any],
+    handler: BatchHandler,
     *,
     transport: Transport | None = None,
 ) -> AsyncIterator[BatchConsumer[BatchConsumerSettings]]:

@@ -1,10 +1,14 @@
-"""Per-message results a handler gives back."""
+"""Per-message results, and the type of the handler that gives them back."""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Protocol
 
-__all__ = ["MessageResult"]
+from ._message import Message
+
+__all__ = ["BatchHandler", "MessageResult"]
 
 
 class MessageResult(enum.Enum):
@@ -29,3 +33,19 @@ class MessageResult(enum.Enum):
     NACK = "nack"
     REQUEUE = "requeue"
     REQUEUE_IMMEDIATE = "requeue_immediate"
+
+
+class BatchHandler(Protocol):
+    """A batch handler: ``handler(messages)`` gives one :class:`MessageResult`
+    per message, in order.
+
+    It is an async generator function yielding the results, or an async function
+    returning a sequence of them. :func:`~amqp_batch.batch_consumer` takes one;
+    :meth:`BatchConsumer.process_messages <amqp_batch.BatchConsumer.process_messages>`
+    is one.
+    """
+
+    def __call__(
+        self, messages: Sequence[Message], /
+    ) -> AsyncIterator[MessageResult] | Awaitable[Sequence[MessageResult]]:
+        """Handle one batch."""

@@ -12,11 +12,10 @@ import enum
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from contextvars import ContextVar
 from functools import partial
-from typing import Any
 
 import anyio
 import attrs
@@ -42,6 +41,7 @@ from ._exceptions import (
     recording_phase,
 )
 from ._message import Message
+from ._results import BatchHandler
 from ._settings import BatchConsumerSettings
 from ._topology import retry_policy, topology
 from ._transport._base import Session, SessionSpec, Transport
@@ -91,7 +91,7 @@ class Worker:
         self,
         index: int,
         settings: BatchConsumerSettings,
-        handler: Callable[[Sequence[Message]], Any],
+        handler: BatchHandler,
         transport: Transport,
         stop_requested: anyio.Event,
         on_consuming: Callable[[Worker], None],

@@ -12,22 +12,19 @@ See ``docs/testing.md`` for the fixtures and the differences from RabbitMQ.
 
 from __future__ import annotations
 
-from ._transport._base import (
-    BindingSpec,
-    Delivery,
-    ExchangeSpec,
-    Properties,
-    QueueSpec,
-    SessionSpec,
-)
-from ._transport._memory import (
-    BrokerMessage,
-    MemoryBroker,
-    MemoryPublisher,
-    MemorySession,
-    Published,
-)
-from ._transport._url import ConnectionParameters
+from ._exports import set_public_module
+from ._transport._base import BindingSpec as BindingSpec
+from ._transport._base import Delivery as Delivery
+from ._transport._base import ExchangeSpec as ExchangeSpec
+from ._transport._base import Properties as Properties
+from ._transport._base import QueueSpec as QueueSpec
+from ._transport._base import SessionSpec as SessionSpec
+from ._transport._memory import BrokerMessage as BrokerMessage
+from ._transport._memory import MemoryBroker as MemoryBroker
+from ._transport._memory import MemoryPublisher as MemoryPublisher
+from ._transport._memory import MemorySession as MemorySession
+from ._transport._memory import Published as Published
+from ._transport._url import ConnectionParameters as ConnectionParameters
 
 __all__ = [
     "BindingSpec",
@@ -43,3 +40,6 @@ __all__ = [
     "QueueSpec",
     "SessionSpec",
 ]
+
+set_public_module(__name__, globals(), __all__)
+del set_public_module

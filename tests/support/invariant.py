@@ -1,4 +1,4 @@
-"""The Jepsen ``total-queue`` invariant, for fault tests (RELIABILITY.md).
+"""The Jepsen ``total-queue`` invariant, for fault tests (docs/reliability.md).
 
 A fault test publishes numbered ids with publisher confirms, runs a consumer whose
 handler goes through a :class:`Recorder`, breaks something, waits until every

@@ -1,50 +1,59 @@
 """Acker: the only actor that settles deliveries.
 
-It turns each message's result into a wire action (republishing or dead-lettering
-through the publisher connection first where the result needs it), records it in
-the session's :class:`AckLedger`, and sends the frames the ledger releases: ACK
-runs coalesced into one ``ack(multiple=True)``, everything else at its place.
+It carries out the plan :func:`~.planner.plan` gives for each message's result
+(settling it, or republishing or dead-lettering it through the publisher
+connection first), records it in the session's :class:`AckLedger`, and sends
+the frames the ledger releases: ACK runs coalesced into one
+``ack(multiple=True)``, everything else at its place. What it sent is counted
+in one place (:meth:`Acker._count`), frame by frame.
 
-Republishes are started on the publisher connection in the order of their
+Publishes are started on the publisher connection in the order of their
 originals, without a task each (``PublisherSession.start_publish``), and one task
-per batch waits for their confirms. The acker never waits for them itself: it
-goes on with later batches while copies are in flight,
-and the ledger holds every settlement behind an unconfirmed copy's original until
-that copy is confirmed (then the whole run behind it goes out as one
-``ack(multiple=True)``). If copies are pending and no confirm arrived for
-:data:`PUBLISH_GRACE` seconds (a memory alarm blocks the publisher connection),
-publishing counts as stalled: every settlement that does not depend on a pending
-copy is sent at once (single frames past the pending tags), so acks keep flowing;
-each original is acked only when its own copy is confirmed.
+per batch waits for their confirms, running a plan's fallback when its publish
+fails. The acker never waits for them itself: it goes on with later batches
+while copies are in flight, and the ledger holds every settlement behind an
+unconfirmed copy's original until that copy is confirmed (then the whole run
+behind it goes out as one ``ack(multiple=True)``). If copies are pending and no
+confirm arrived for :data:`PUBLISH_GRACE` seconds (a memory alarm blocks the
+publisher connection), publishing counts as stalled: every settlement that does
+not depend on a pending copy is sent at once (single frames past the pending
+tags), so acks keep flowing; each original is acked only when its own copy is
+confirmed.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from functools import partial
 
-import attrs
 from anyio import Event, create_task_group, current_time, move_on_at
 from anyio.abc import ObjectReceiveStream, TaskGroup
 
 from .._exceptions import MessageNacked, MessageReturned
 from .._message import Message
 from .._results import MessageResult
-from .._retry import (
-    RetryPolicy,
-    dead_letter_properties,
-    original_destination,
-    requeue_properties,
-)
+from .._retry import RetryPolicy
 from .._transport._base import Confirmation, PublisherSession, Session
 from .ledger import AckLedger, Action
+from .ledger import Settle as Frame
+from .planner import (
+    MAX_REQUEUE_ATTEMPTS,
+    Applied,
+    DeadLetter,
+    Disposition,
+    Plan,
+    Publish,
+    Republish,
+    Settle,
+    plan,
+)
 
 __all__ = [
     "PUBLISH_GRACE",
     "Acker",
+    "Applied",
     "DeadLetter",
     "Disposition",
     "Outcome",
@@ -56,27 +65,23 @@ logger = logging.getLogger("amqp_batch.acker")
 #: stops holding back the other settlements for them (publishing is stalled).
 PUBLISH_GRACE = 0.25
 
-
-@attrs.frozen
-class DeadLetter:
-    """Dead-letter this message without asking the handler (e.g. a bad header)."""
-
-    reason: str
-
-
-Disposition = MessageResult | DeadLetter
+#: One message and what the handler (or the batcher) decided for it.
 Outcome = tuple[Message, Disposition]
-
-
-#: Gives the original's action once its publish is confirmed (or has failed).
-_Finish = Callable[[], Awaitable[Action]]
-#: Starts a publish (synchronously: its frames are queued in call order) and
-#: returns what finishes it.
-_Publish = Callable[[PublisherSession], _Finish]
+#: A publish to start: the message, its disposition, the plan.
+_ToStart = tuple[Message, Disposition, Publish]
+#: A publish in flight: the message, its disposition, the plan, its confirm.
+_InFlight = tuple[Message, Disposition, Publish, Confirmation]
 
 
 class Acker:
-    """Settles one session's deliveries. Lives exactly as long as the session."""
+    """Settles one session's deliveries. Lives exactly as long as the session.
+
+    ``counts`` (the worker's health counters) counts each result once its
+    settlement is sent: under its result's key (``ack``, ``nack``, ``requeue``,
+    ``requeue_immediate``) and, when it left the queue as a dead letter, under
+    ``dead_lettered``. ``on_applied``, if given, receives the same settlements
+    as :class:`Applied` records, one list per run of frames sent.
+    """
 
     def __init__(
         self,
@@ -85,6 +90,8 @@ class Acker:
         policy: RetryPolicy,
         open_publisher: Callable[[], AbstractAsyncContextManager[PublisherSession]],
         counts: Counter[str],
+        *,
+        on_applied: Callable[[Sequence[Applied]], None] | None = None,
     ) -> None:
         self._session = session
         self._ledger = ledger
@@ -93,6 +100,10 @@ class Acker:
         self._publisher: PublisherSession | None = None
         self._stack: AsyncExitStack | None = None
         self._counts = counts
+        self._on_applied = on_applied
+        #: The result settled inline as a bare ACK (no record): ACK, unless
+        #: every settlement is reported to ``on_applied``.
+        self._bare_ack = MessageResult.ACK if on_applied is None else None
         self._group: TaskGroup | None = None
         #: Publishes started and not confirmed yet.
         self._pending = 0
@@ -108,7 +119,7 @@ class Acker:
     async def run(self, outcomes: ObjectReceiveStream[list[Outcome]]) -> None:
         """Settle outcomes until every sender closed its end of ``outcomes``.
 
-        The publisher connection is opened on the first republish and closed when
+        The publisher connection is opened on the first publish and closed when
         this returns; its failure ends the session (the broker then redelivers
         whatever is unsettled).
         """
@@ -126,52 +137,119 @@ class Acker:
                 await self._send_ready()
 
     async def _settle(self, batch: list[Outcome]) -> None:
-        """Resolve what needs no publish; start the publishes; send what is ready.
+        """Plan every outcome; record the settlements; start the publishes;
+        send what is ready.
 
-        Outcomes that need a publish (a REQUEUE copy, a library dead-letter) are
-        started at once, in tag order, and one task waits for their confirms;
-        this returns without waiting for them. An original is resolved in the
-        ledger only once its publish is confirmed, so no ack covers an original
-        whose copy is unconfirmed.
+        Publishes (a REQUEUE copy, a library dead-letter) are started at once,
+        in tag order, and one task waits for their confirms; this returns
+        without waiting for them. An original is resolved in the ledger only
+        once its publish is confirmed, so no ack covers an original whose copy
+        is unconfirmed.
         """
-        publishes: list[tuple[int, _Publish]] = []
+        publishes: list[_ToStart] = []
         resolve = self._ledger.resolve
-        acks = 0
+        bare_ack, policy = self._bare_ack, self._policy
+        ack = Action.ACK
         for message, disposition in batch:
-            if disposition is MessageResult.ACK:  # the common case, inline
-                resolve(message.delivery_tag, Action.ACK)
-                acks += 1
+            if disposition is bare_ack:  # the common case, inline
+                resolve(message.delivery_tag, ack)
                 continue
-            planned = self._plan(message, disposition)
-            if isinstance(planned, Action):
-                resolve(message.delivery_tag, planned)
+            planned = plan(message, disposition, policy)
+            if planned.reason == MAX_REQUEUE_ATTEMPTS:
+                logger.info(
+                    "message %r exhausted %d requeue attempt(s); dead-lettering it",
+                    message.message_id,
+                    policy.max_requeue_attempts,
+                )
+            if isinstance(planned, Settle):
+                resolve(
+                    message.delivery_tag,
+                    Applied(message, disposition, planned.fate, planned.reason),
+                )
             else:
-                publishes.append((message.delivery_tag, planned))
-        if acks:
-            self._counts["ack"] += acks
+                publishes.append((message, disposition, planned))
         if publishes:
-            # Opened here, in the acker's own task (its context manager owns a
-            # task group), never inside the confirming tasks.
-            publisher = await self._publisher_session()
-            # If this raises (the connection failed under us), the session
-            # ends and the broker redelivers every original not settled.
-            started = [(tag, publish(publisher)) for tag, publish in publishes]
-            assert self._group is not None
-            if not self._pending:
-                # A busy period starts: one watch for it.
-                self._progress = current_time()
-                self._idle = Event()
-                self._group.start_soon(self._watch, self._idle)
-            self._pending += len(started)
-            self._group.start_soon(self._confirm, started)
+            await self._start_all(publishes)
         await self._send_ready()
 
-    async def _confirm(self, started: list[tuple[int, _Finish]]) -> None:
-        """Wait for one batch's publishes in order; resolve each original."""
-        for delivery_tag, finish in started:
-            action = await finish()
+    async def _start_all(self, publishes: list[_ToStart]) -> None:
+        """Start ``publishes`` in order; one task waits for their confirms."""
+        # Opened here, in the acker's own task (its context manager owns a task
+        # group), never inside the confirming tasks.
+        publisher = await self._publisher_session()
+        in_flight: list[_InFlight] = []
+        for message, disposition, planned in publishes:
+            # If this raises (the connection failed under us), the session ends
+            # and the broker redelivers every original not settled.
+            started = self._start(publisher, message, disposition, planned)
+            if isinstance(started, Applied):
+                self._ledger.resolve(message.delivery_tag, started)
+            else:
+                in_flight.append(started)
+        if not in_flight:
+            return
+        assert self._group is not None
+        if not self._pending:
+            # A busy period starts: one watch for it.
             self._progress = current_time()
-            self._ledger.resolve(delivery_tag, action)
+            self._idle = Event()
+            self._group.start_soon(self._watch, self._idle)
+        self._pending += len(in_flight)
+        self._group.start_soon(self._confirm, publisher, in_flight)
+
+    def _start(
+        self,
+        publisher: PublisherSession,
+        message: Message,
+        disposition: Disposition,
+        planned: Plan,
+    ) -> _InFlight | Applied:
+        """Start ``planned``'s publish, or, while a publish cannot be encoded
+        (e.g. its headers no longer fit in one frame), its fallback's."""
+        while not isinstance(planned, Settle):
+            try:
+                confirmation = publisher.start_publish(
+                    message.body,
+                    exchange=planned.exchange,
+                    routing_key=planned.routing_key,
+                    properties=planned.properties,
+                    mandatory=planned.mandatory,
+                )
+            except (ValueError, TypeError):
+                _log_failed(message, planned, "is impossible (cannot be encoded)")
+                planned = planned.fallback
+                continue
+            return message, disposition, planned, confirmation
+        return Applied(message, disposition, planned.fate, planned.reason)
+
+    async def _confirmed(
+        self, publisher: PublisherSession, started: _InFlight
+    ) -> Applied:
+        """Wait for a publish's confirm; if it is returned or nacked (not safely
+        published: the original must not be acked), run its fallback."""
+        message, disposition, planned, confirmation = started
+        while True:
+            try:
+                await confirmation.wait()
+            except (MessageReturned, MessageNacked):
+                _log_failed(message, planned, "failed")
+                restarted = self._start(
+                    publisher, message, disposition, planned.fallback
+                )
+                if isinstance(restarted, Applied):
+                    return restarted
+                _, _, planned, confirmation = restarted
+                continue
+            return Applied(message, disposition, planned.fate, planned.reason)
+
+    async def _confirm(
+        self, publisher: PublisherSession, in_flight: list[_InFlight]
+    ) -> None:
+        """Wait for one batch's publishes in order; resolve each original."""
+        for started in in_flight:
+            applied = await self._confirmed(publisher, started)
+            self._progress = current_time()
+            self._ledger.resolve(applied.message.delivery_tag, applied)
             self._pending -= 1
             if not self._pending:
                 assert self._idle is not None
@@ -232,17 +310,50 @@ class Acker:
             return
         self._sending = True
         try:
-            session = self._session
             while frames := self._ledger.take_ready(past_undecided=self._stalled):
-                for frame in frames:
-                    if frame.action is Action.ACK:
-                        await session.ack(frame.delivery_tag, multiple=frame.multiple)
-                    elif frame.action is Action.REJECT:
-                        await session.reject(frame.delivery_tag, requeue=False)
-                    else:
-                        await session.nack(frame.delivery_tag, requeue=True)
+                await self._send(frames)
         finally:
             self._sending = False
+
+    async def _send(self, frames: list[Frame]) -> None:
+        """Send ``frames`` in order; count what was sent, even if a send fails."""
+        session = self._session
+        ack, reject = Action.ACK, Action.REJECT
+        bare = 0
+        applied: list[Applied] = []
+        try:
+            for frame in frames:
+                if frame.action is ack:
+                    await session.ack(frame.delivery_tag, multiple=frame.multiple)
+                elif frame.action is reject:
+                    await session.reject(frame.delivery_tag, requeue=False)
+                else:
+                    await session.nack(frame.delivery_tag, requeue=True)
+                bare += frame.bare
+                if frame.records:
+                    applied.extend(frame.records)
+        finally:
+            self._count(bare, applied)
+
+    def _count(self, bare_acks: int, applied: list[Applied]) -> None:
+        """The one place results are counted: ``bare_acks`` ACKs settled
+        without a record, and ``applied``; then ``on_applied`` hears of them."""
+        counts = self._counts
+        if bare_acks:
+            counts["ack"] += bare_acks
+        if not applied:
+            return
+        for record in applied:
+            disposition = record.disposition
+            if isinstance(disposition, MessageResult):  # not a DeadLetter
+                # The key is the result's value ("ack", "nack", "requeue",
+                # "requeue_immediate"); _value_ is a plain attribute, unlike
+                # .value, and an enum-keyed dict would hash in Python.
+                counts[disposition._value_] += 1
+            if record.fate.dead_letters:
+                counts["dead_lettered"] += 1
+        if self._on_applied is not None:
+            self._on_applied(applied)
 
     async def _publisher_session(self) -> PublisherSession:
         if self._publisher is None:
@@ -252,137 +363,20 @@ class Acker:
             )
         return self._publisher
 
-    def _plan(self, message: Message, disposition: Disposition) -> Action | _Publish:
-        """The action for ``message``, or the publish that decides it."""
-        if isinstance(disposition, DeadLetter):
-            self._counts["dead_lettered"] += 1
-            return self._dead_letter(message, disposition.reason, always=True)
-        self._counts[disposition.name.lower()] += 1
-        if disposition is MessageResult.ACK:
-            return Action.ACK
-        if disposition is MessageResult.REQUEUE_IMMEDIATE:
-            return Action.REQUEUE
-        if disposition is MessageResult.NACK:
-            self._counts["dead_lettered"] += 1
-            return self._dead_letter(message, "rejected")
-        if self._policy.is_exhausted(message.retry_count):
-            logger.info(
-                "message %r exhausted %d requeue attempt(s); dead-lettering it",
-                message.message_id,
-                self._policy.max_requeue_attempts,
-            )
-            self._counts["dead_lettered"] += 1
-            return self._dead_letter(message, "max-requeue-attempts")
-        return partial(self._republish, message)
 
-    def _republish(self, message: Message, publisher: PublisherSession) -> _Finish:
-        """Start the copy now; finishing gives ACK once it is confirmed."""
-        try:
-            confirmation = publisher.start_publish(
-                message.body,
-                exchange="",
-                routing_key=self._policy.queue,
-                properties=requeue_properties(
-                    message.delivery, message.retry_count + 1
-                ),
-                mandatory=True,
-            )
-        except (ValueError, TypeError):
-            # The copy cannot be encoded (e.g. its headers no longer fit in one
-            # frame): it will never be in the queue, so dead-letter the original.
-            logger.exception(
-                "message %r cannot be republished; dead-lettering it",
-                message.message_id,
-            )
-            return partial(self._dead_letter_instead, message, publisher)
-        return partial(self._republished, message, publisher, confirmation)
-
-    async def _republished(
-        self, message: Message, publisher: PublisherSession, confirmation: Confirmation
-    ) -> Action:
-        """ACK the original only once its copy is confirmed."""
-        try:
-            await confirmation.wait()
-        except (MessageReturned, MessageNacked):
-            # The copy is not safely in the queue: the original must not be acked.
-            logger.exception(
-                "republishing message %r failed; dead-lettering the original",
-                message.message_id,
-            )
-            return await self._dead_letter_instead(message, publisher)
-        return Action.ACK
-
-    async def _dead_letter_instead(
-        self, message: Message, publisher: PublisherSession
-    ) -> Action:
-        """Dead-letter an original whose copy could not be published."""
-        self._counts["dead_lettered"] += 1
-        dead_letter = self._dead_letter(message, "republish-failed")
-        if isinstance(dead_letter, Action):
-            return dead_letter
-        return await dead_letter(publisher)()
-
-    def _dead_letter(
-        self, message: Message, reason: str, *, always: bool = False
-    ) -> Action | _Publish:
-        """Dead-letter with the original exchange and routing key.
-
-        An original is rejected and the broker dead-letters it (keeping its key,
-        adding ``x-death``). A republished copy would be dead-lettered under the
-        queue's name, so when the DLX is known the library publishes it there
-        itself (confirmed) and acks; ``always`` does the same for messages that
-        need a reason header.
-        """
-        exchange = self._policy.dead_letter_exchange
-        if exchange is None or not (always or self._policy.is_copy(message.delivery)):
-            return Action.REJECT
-        _, routing_key = original_destination(message.delivery)
-        if self._policy.dead_letter_routing_key is not None:
-            routing_key = self._policy.dead_letter_routing_key
-        return partial(
-            self._publish_dead_letter, message, exchange, routing_key, reason
-        )
-
-    def _publish_dead_letter(
-        self,
-        message: Message,
-        exchange: str,
-        routing_key: str,
-        reason: str,
-        publisher: PublisherSession,
-    ) -> _Finish:
-        """Start the dead-letter publish now; ACK once it is confirmed."""
-        try:
-            confirmation = publisher.start_publish(
-                message.body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=dead_letter_properties(message.delivery, reason),
-            )
-        except (ValueError, TypeError):
-            logger.exception(
-                "message %r cannot be published to %r; rejecting it (the broker "
-                "dead-letters it under the queue's name)",
-                message.message_id,
-                exchange,
-            )
-            return partial(_decided, Action.REJECT)
-        return partial(self._dead_lettered, message, exchange, confirmation)
-
-    async def _dead_lettered(
-        self, message: Message, exchange: str, confirmation: Confirmation
-    ) -> Action:
-        try:
-            await confirmation.wait()
-        except MessageNacked:
-            logger.exception(
-                "dead-lettering message %r to %r failed; rejecting it",
-                message.message_id,
-                exchange,
-            )
-            return Action.REJECT
-        return Action.ACK
-
-
-async def _decided(action: Action) -> Action:
-    return action
+def _log_failed(message: Message, planned: Publish, what: str) -> None:
+    """Log (with the exception) that ``planned``'s publish ``what``."""
+    fallback = planned.fallback
+    instead = (
+        "rejecting it instead (the broker dead-letters it)"
+        if isinstance(fallback, Settle)
+        else "dead-lettering it instead"
+    )
+    logger.exception(
+        "%s message %r to %r %s; %s",
+        "republishing" if isinstance(planned, Republish) else "dead-lettering",
+        message.message_id,
+        planned.exchange,
+        what,
+        instead,
+    )

@@ -5,37 +5,22 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Sequence,
-)
+from collections.abc import AsyncIterable, Iterable, Sequence
 from contextlib import aclosing
-from typing import Any
 
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from .._message import Message
-from .._results import MessageResult
+from .._results import BatchHandler, MessageResult
 from .acker import Outcome
 
-__all__ = ["BatchHandler", "collect_results", "run_handler_runner"]
+__all__ = ["collect_results", "run_handler_runner"]
 
 logger = logging.getLogger("amqp_batch.handler")
 
-#: A batch handler: an async generator yielding one result per message in order,
-#: or an async function returning a sequence of results.
-BatchHandler = Callable[
-    [Sequence[Message]],
-    AsyncIterator[MessageResult] | Awaitable[Sequence[MessageResult]],
-]
-
 
 async def collect_results(
-    handler: Callable[[Sequence[Message]], Any],
+    handler: BatchHandler,
     messages: Sequence[Message],
     *,
     fallback: MessageResult,
@@ -51,7 +36,8 @@ async def collect_results(
     results: list[MessageResult] = []
     extra = 0
     try:
-        produced = handler(messages)
+        # object: a handler that breaks its type still gets its messages settled.
+        produced: object = handler(messages)
         if inspect.isawaitable(produced):
             produced = await produced
         if isinstance(produced, AsyncIterable):
@@ -169,7 +155,7 @@ def _consume(
 async def run_handler_runner(
     batches: ObjectReceiveStream[list[Message]],
     to_acker: ObjectSendStream[list[Outcome]],
-    handler: Callable[[Sequence[Message]], Any],
+    handler: BatchHandler,
     *,
     fallback: MessageResult,
 ) -> None:

@@ -17,6 +17,7 @@ import argparse
 import os
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -31,6 +32,9 @@ from .._transport._native import NativeTransport, open_publisher
 from .._transport._url import parse_url
 from .._version import __version__
 from ._common import CLIError, describe
+
+if TYPE_CHECKING:
+    from ..testing import MemoryBroker
 
 __all__ = [
     "DEFAULT_URL",
@@ -112,6 +116,44 @@ async def _delete_topology(url: str, queue: str) -> None:
         await publisher.channel.exchange_delete(f"{queue}.dlx")
 
 
+def _demo_settings(url: str, queue: str) -> BatchConsumerSettings:
+    """A non-durable queue with a dead-letter exchange and queue of its own."""
+    return BatchConsumerSettings(
+        url=url,
+        queue_name=queue,
+        queue_durable=False,
+        dead_letter_exchange=f"{queue}.dlx",
+        dead_letter_queue=f"{queue}.dlq",
+        batch_size=100,
+        batch_timeout=0.2,
+        prefetch_count=500,
+        max_requeue_attempts=DEMO_RETRIES,
+    )
+
+
+async def _dead_letter_count(url: str, dlq: str, memory: MemoryBroker | None) -> int:
+    """How many messages the dead-letter queue holds."""
+    if memory is not None:
+        return memory.message_count(dlq)
+    async with open_publisher(parse_url(url)) as admin:
+        info = await admin.channel.queue_declare(dlq, passive=True)
+        return int(info.message_count)
+
+
+async def _demo_transport(
+    url: str, queue: str
+) -> tuple[Transport, MemoryBroker | None]:
+    """The transport (announced), and the memory broker when it is one."""
+    transport, where = await _pick_transport(url)
+    print(f"amqp-batch {__version__} demo on {where}")
+    from ..testing import MemoryBroker
+
+    if isinstance(transport, MemoryBroker):
+        return transport, transport
+    await _delete_topology(url, queue)  # leftovers of an interrupted run
+    return transport, None
+
+
 async def run_demo(
     url: str, count: int, *, interactive: bool, queue: str = DEMO_QUEUE
 ) -> Counter[str]:
@@ -119,25 +161,9 @@ async def run_demo(
     ``REQUEUE``), ``final`` (messages that reached their last result),
     ``dead_letter_queue`` (its size at the end) and ``in_memory`` (1 if the demo
     ran on the in-memory broker)."""
-    transport, where = await _pick_transport(url)
-    print(f"amqp-batch {__version__} demo on {where}")
-    from ..testing import MemoryBroker
-
-    memory = transport if isinstance(transport, MemoryBroker) else None
-    if memory is None:
-        await _delete_topology(url, queue)  # leftovers of an interrupted run
+    transport, memory = await _demo_transport(url, queue)
     dlq = f"{queue}.dlq"
-    settings = BatchConsumerSettings(
-        url=url,
-        queue_name=queue,
-        queue_durable=False,
-        dead_letter_exchange=f"{queue}.dlx",
-        dead_letter_queue=dlq,
-        batch_size=100,
-        batch_timeout=0.2,
-        prefetch_count=500,
-        max_requeue_attempts=DEMO_RETRIES,
-    )
+    settings = _demo_settings(url, queue)
     counts: Counter[str] = Counter()
     settled = anyio.Event()
     quarters_shown = 0
@@ -177,13 +203,10 @@ async def run_demo(
         ) from None
     if interactive:
         print()
+    counts["dead_letter_queue"] = await _dead_letter_count(url, dlq, memory)
     if memory is not None:
-        counts["dead_letter_queue"] = memory.message_count(dlq)
         counts["in_memory"] = 1
     else:
-        async with open_publisher(parse_url(url)) as admin:
-            info = await admin.channel.queue_declare(dlq, passive=True)
-            counts["dead_letter_queue"] = info.message_count
         await _delete_topology(url, queue)
     return counts
 

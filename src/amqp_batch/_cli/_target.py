@@ -7,7 +7,6 @@ import importlib.util
 import inspect
 import os
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import attrs
 
 from .._consumer import BatchConsumer, Consumer
-from .._message import Message
+from .._results import BatchHandler
 from ._common import CLIError, describe
 
 __all__ = ["Target", "load_target"]
@@ -26,7 +25,7 @@ class Target:
     """What ``run`` consumes with: exactly one of ``handler`` and ``consumer_class``."""
 
     spec: str
-    handler: Callable[[Sequence[Message]], Any] | None = None
+    handler: BatchHandler | None = None
     consumer_class: type[BatchConsumer[Any]] | None = None
 
     @property

@@ -8,22 +8,18 @@ from contextlib import AbstractAsyncContextManager
 import anyio
 import anyio.lowlevel
 
-from ..._exceptions import (
-    AuthenticationError,
-    ConnectionLost,
-    ConnectionRefused,
-    UnknownVirtualHost,
-)
+from ..._exceptions import ConnectionLost
 from .._base import BindingSpec, ExchangeSpec, Properties, QueueSpec, SessionSpec
 from .._url import ConnectionParameters
 from ._core import BrokerCore
-from ._model import BrokerMessage, Channel, Queue
+from ._gate import Gate
+from ._model import BrokerMessage, Published, Queue
 from ._session import MemoryPublisher, MemorySession, open_publisher, open_session
 
 __all__ = ["MemoryBroker"]
 
 
-class MemoryBroker(BrokerCore):
+class MemoryBroker:
     """An in-memory RabbitMQ for tests, implementing the transport contract.
 
     Pass it as ``transport=`` to a consumer or publisher and the real consumer
@@ -48,19 +44,27 @@ class MemoryBroker(BrokerCore):
         virtual_hosts: Collection[str] | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        super().__init__(clock)
-        self._users = dict(users) if users is not None else None
-        self._virtual_hosts = set(virtual_hosts) if virtual_hosts is not None else None
-        self._blocked = False
-        self._unblocked: anyio.Event | None = None
-        #: While True, every new connection fails with ``ConnectionRefused``.
-        self.refuse_connections = False
+        self._core = BrokerCore(clock, Gate(users, virtual_hosts))
 
     def __repr__(self) -> str:
         return (
-            f"<MemoryBroker queues={len(self._queues)} "
-            f"connections={len(self._channels)}>"
+            f"<MemoryBroker queues={len(self._core.queues)} "
+            f"connections={len(self._core.channels)}>"
         )
+
+    @property
+    def published(self) -> list[Published]:
+        """Every publish a client made, in order."""
+        return self._core.published
+
+    @property
+    def refuse_connections(self) -> bool:
+        """While True, every new connection fails with ``ConnectionRefused``."""
+        return self._core.gate.refuse_connections
+
+    @refuse_connections.setter
+    def refuse_connections(self, refuse: bool) -> None:
+        self._core.gate.refuse_connections = refuse
 
     # The transport contract
 
@@ -69,7 +73,7 @@ class MemoryBroker(BrokerCore):
     ) -> AbstractAsyncContextManager[MemorySession]:
         """Connect, declare ``spec``'s topology, consume ``spec.queue``; yield the
         session (see the transport contract)."""
-        return open_session(self, spec)
+        return open_session(self._core, spec)
 
     def open_publisher(
         self,
@@ -78,41 +82,17 @@ class MemoryBroker(BrokerCore):
         declare: Sequence[ExchangeSpec | QueueSpec | BindingSpec] = (),
     ) -> AbstractAsyncContextManager[MemoryPublisher]:
         """Connect, declare ``declare`` in order; yield a confirm-mode publisher."""
-        return open_publisher(self, parameters, declare)
-
-    async def _connect(self, parameters: ConnectionParameters) -> Channel:
-        await anyio.lowlevel.checkpoint()
-        if self.refuse_connections:
-            raise ConnectionRefused(
-                f"cannot connect to {parameters.redacted_url}: the memory broker "
-                "refuses connections"
-            )
-        user, vhost = parameters.username, parameters.virtual_host
-        if self._users is not None and self._users.get(user) != parameters.password:
-            raise AuthenticationError(
-                f"the broker refused the credentials of user {user!r} on vhost "
-                f"{vhost!r} (403 ACCESS_REFUSED)",
-                reply_code=403,
-                reply_text="ACCESS_REFUSED - Login was refused",
-            )
-        if self._virtual_hosts is not None and vhost not in self._virtual_hosts:
-            raise UnknownVirtualHost(
-                f"the broker closed the connection: 530 NOT_ALLOWED - vhost {vhost!r} "
-                "not found",
-                reply_code=530,
-                reply_text=f"NOT_ALLOWED - vhost {vhost} not found",
-            )
-        return self._open_channel(parameters.connection_name)
+        return open_publisher(self._core, parameters, declare)
 
     # Topology
 
     def declare(self, *items: ExchangeSpec | QueueSpec | BindingSpec) -> None:
         """Declare exchanges, queues and bindings in the order given, with the
         same rules as a session (idempotent; a 406 on different arguments)."""
-        self._declare(items)
+        self._core.declare(items)
 
     def _inspect(self, name: str) -> Queue:
-        queue = self._queues.get(name)
+        queue = self._core.queues.get(name)
         if queue is None:
             raise KeyError(f"no queue {name!r} on this MemoryBroker")
         return queue
@@ -121,20 +101,20 @@ class MemoryBroker(BrokerCore):
         """Delete a queue and its messages; its consumers are cancelled by the
         broker (their stream ends, ``consumer_cancelled_by_broker`` is True).
         Returns how many ready messages were deleted (0 if there was no queue)."""
-        queue = self._queues.get(name)
-        return self._delete_queue(queue) if queue is not None else 0
+        queue = self._core.queues.get(name)
+        return self._core.delete_queue(queue) if queue is not None else 0
 
     def delete_exchange(self, name: str) -> None:
         """Delete an exchange and its bindings (nothing if there is none)."""
-        self._exchanges.pop(name, None)
-        self._notify()
+        self._core.exchanges.pop(name, None)
+        self._core.notify()
 
     def purge(self, name: str) -> int:
         """Remove a queue's ready messages; returns how many."""
         queue = self._inspect(name)
         count = len(queue.ready)
         queue.ready.clear()
-        self._notify()
+        self._core.notify()
         return count
 
     def cancel_consumers(self, name: str) -> int:
@@ -142,16 +122,16 @@ class MemoryBroker(BrokerCore):
         queue's leader moves), keeping the queue; returns how many."""
         consumers = list(self._inspect(name).consumers)
         for consumer in consumers:
-            self._remove_consumer(consumer, by_broker=True)
+            self._core.remove_consumer(consumer, by_broker=True)
         return len(consumers)
 
     def has_queue(self, name: str) -> bool:
         """Whether the queue exists."""
-        return name in self._queues
+        return name in self._core.queues
 
     def has_exchange(self, name: str) -> bool:
         """Whether the exchange exists (``""`` is the default exchange)."""
-        return name == "" or name in self._exchanges
+        return name == "" or name in self._core.exchanges
 
     # Messages
 
@@ -167,18 +147,12 @@ class MemoryBroker(BrokerCore):
         """Publish without opening a connection (same routing and errors as a
         publisher session)."""
         await anyio.lowlevel.checkpoint()
-        self._publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=properties,
-            mandatory=mandatory,
-        )
+        self._core.publish(body, exchange, routing_key, properties, mandatory)
 
     def queue_messages(self, name: str) -> list[BrokerMessage]:
         """The queue's ready messages, head first (expired ones are applied)."""
         queue = self._inspect(name)
-        self._expire(queue)
+        self._core.expire(queue)
         return [m.snapshot() for m in queue.in_order()]
 
     def unacked_messages(self, name: str) -> list[BrokerMessage]:
@@ -189,11 +163,11 @@ class MemoryBroker(BrokerCore):
     def get(self, name: str) -> BrokerMessage | None:
         """Take the head of the queue (``basic.get`` with auto-ack), or None."""
         queue = self._inspect(name)
-        self._expire(queue)
+        self._core.expire(queue)
         if not queue.ready:
             return None
         message = queue.pop()
-        self._notify()
+        self._core.notify()
         return message.snapshot()
 
     def bodies(self, name: str) -> list[bytes]:
@@ -203,7 +177,7 @@ class MemoryBroker(BrokerCore):
     def message_count(self, name: str) -> int:
         """How many messages are ready in the queue."""
         queue = self._inspect(name)
-        self._expire(queue)
+        self._core.expire(queue)
         return len(queue.ready)
 
     def unacked_count(self, name: str) -> int:
@@ -218,7 +192,7 @@ class MemoryBroker(BrokerCore):
 
     def connection_names(self) -> list[str]:
         """Names of the open connections (``connection_name`` or ``memory-N``)."""
-        return list(self._snapshot_names())
+        return list(self._core.connection_names())
 
     def disconnect(self, name: str | None = None) -> int:
         """Force-close connections (all, or those named ``name``) as RabbitMQ's
@@ -228,12 +202,12 @@ class MemoryBroker(BrokerCore):
         Returns how many connections were closed."""
         victims = [
             c
-            for c in list(self._channels.values())
+            for c in list(self._core.channels.values())
             if name is None or c.connection_name == name
         ]
         for channel in victims:
             text = "CONNECTION_FORCED - closed by MemoryBroker.disconnect"
-            self._fail(
+            self._core.fail(
                 channel,
                 ConnectionLost(
                     f"connection {channel.connection_name!r} lost: the broker closed "
@@ -251,20 +225,11 @@ class MemoryBroker(BrokerCore):
     def block_publishers(self) -> None:
         """Make publishes wait, as under a RabbitMQ memory alarm
         (``connection.blocked``)."""
-        self._blocked = True
+        self._core.gate.blocked = True
 
     def unblock_publishers(self) -> None:
         """Let waiting and new publishes through again."""
-        self._blocked = False
-        event, self._unblocked = self._unblocked, None
-        if event is not None:
-            event.set()
-
-    async def _wait_unblocked(self) -> None:
-        while self._blocked:
-            if self._unblocked is None:
-                self._unblocked = anyio.Event()
-            await self._unblocked.wait()
+        self._core.gate.unblock()
 
     # Waiting (no sleeps in tests)
 
@@ -275,7 +240,7 @@ class MemoryBroker(BrokerCore):
         of the broker's state. Raises ``TimeoutError`` after ``timeout`` seconds."""
         with anyio.fail_after(timeout):
             while not predicate():
-                await self._wait_for_change()
+                await self._core.wait_for_change()
 
     async def wait_drained(self, name: str, *, timeout: float | None = None) -> None:
         """Wait until the queue has no ready and no unacknowledged messages."""

@@ -12,9 +12,10 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
+import anyio.lowlevel
 import attrs
 
 from ..._exceptions import (
@@ -26,11 +27,11 @@ from ..._exceptions import (
 )
 from .._base import (
     BindingSpec,
-    Delivery,
     ExchangeSpec,
     Properties,
     QueueSpec,
 )
+from .._url import ConnectionParameters
 from ._deadletter import dead_letter_properties, is_cycle
 from ._declare import (
     channel_error,
@@ -38,6 +39,7 @@ from ._declare import (
     check_queue_arguments,
     check_queue_equivalent,
 )
+from ._gate import Gate
 from ._model import (
     Binding,
     Channel,
@@ -71,20 +73,35 @@ def _default_clock() -> float:
         return time.monotonic()
 
 
+_Spec = TypeVar("_Spec", ExchangeSpec, QueueSpec)
+
+
+def _with_own_arguments(spec: _Spec) -> _Spec:
+    # A copy of the arguments: the caller's mapping may change after declaring.
+    arguments = dict(spec.arguments) if spec.arguments else None
+    return attrs.evolve(spec, arguments=arguments)
+
+
 def _not_found(kind: str, name: str) -> ChannelClosed:
     return channel_error(404, f"NOT_FOUND - no {kind} '{name}' in vhost '/'")
 
 
 class BrokerCore:
-    """State and rules shared by the public broker and its sessions."""
+    """The broker's state and rules, held by the public broker and its sessions.
 
-    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+    Its methods are the broker's side of the AMQP methods a session sends; every
+    change of state ends with :meth:`notify`.
+    """
+
+    def __init__(self, clock: Callable[[], float] | None, gate: Gate) -> None:
         self._clock = clock or _default_clock
-        self._exchanges: dict[str, Exchange] = {
-            name: Exchange(name=name, type=kind) for name, kind in _PREDEFINED.items()
+        self.gate = gate
+        self.exchanges: dict[str, Exchange] = {
+            name: Exchange(spec=ExchangeSpec(name=name, type=kind))
+            for name, kind in _PREDEFINED.items()
         }
-        self._queues: dict[str, Queue] = {}
-        self._channels: dict[int, Channel] = {}
+        self.queues: dict[str, Queue] = {}
+        self.channels: dict[int, Channel] = {}
         self._seq = itertools.count(1)
         self._connection_ids = itertools.count(1)
         self._changed: anyio.Event | None = None
@@ -93,37 +110,42 @@ class BrokerCore:
 
     # Change notification (for waiting helpers)
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
+        """Wake every :meth:`wait_for_change` waiter."""
         event, self._changed = self._changed, None
         if event is not None:
             event.set()
 
-    async def _wait_for_change(self) -> None:
+    async def wait_for_change(self) -> None:
+        """Return after the next change of the broker's state."""
         if self._changed is None:
             self._changed = anyio.Event()
         await self._changed.wait()
 
     # Lookups
 
-    def _queue(self, name: str) -> Queue:
-        queue = self._queues.get(name)
+    def queue_named(self, name: str) -> Queue:
+        """The queue, or the 404 channel error RabbitMQ gives for a missing one."""
+        queue = self.queues.get(name)
         if queue is None:
             raise _not_found("queue", name)
         return queue
 
-    def _exchange(self, name: str) -> Exchange:
-        exchange = self._exchanges.get(name)
+    def exchange_named(self, name: str) -> Exchange:
+        """The exchange, or the 404 channel error for a missing one."""
+        exchange = self.exchanges.get(name)
         if exchange is None:
             raise _not_found("exchange", name)
         return exchange
 
     # Declarations
 
-    def _declare(
+    def declare(
         self,
         items: Iterable[ExchangeSpec | QueueSpec | BindingSpec],
         owner: int | None = None,
     ) -> None:
+        """Declare ``items`` in order; exclusive queues belong to ``owner``."""
         try:
             for item in items:
                 if isinstance(item, ExchangeSpec):
@@ -133,7 +155,7 @@ class BrokerCore:
                 else:
                     self._bind(item)
         finally:
-            self._notify()
+            self.notify()
 
     def _declare_exchange(self, spec: ExchangeSpec) -> None:
         if not spec.name or spec.name.startswith("amq."):
@@ -145,18 +167,11 @@ class BrokerCore:
                 reply_code=503,
                 reply_text=f"COMMAND_INVALID - invalid exchange type '{spec.type}'",
             )
-        existing = self._exchanges.get(spec.name)
+        existing = self.exchanges.get(spec.name)
         if existing is not None:
-            check_exchange_equivalent(existing, spec)
+            check_exchange_equivalent(existing.spec, spec)
             return
-        self._exchanges[spec.name] = Exchange(
-            name=spec.name,
-            type=spec.type,
-            durable=spec.durable,
-            auto_delete=spec.auto_delete,
-            internal=spec.internal,
-            arguments=dict(spec.arguments) if spec.arguments else None,
-        )
+        self.exchanges[spec.name] = Exchange(spec=_with_own_arguments(spec))
 
     def _declare_queue(self, spec: QueueSpec, owner: int | None) -> None:
         if not spec.name:
@@ -167,19 +182,14 @@ class BrokerCore:
                 f"ACCESS_REFUSED - queue name '{spec.name}' contains reserved "
                 "prefix 'amq.*'",
             )
-        existing = self._queues.get(spec.name)
+        existing = self.queues.get(spec.name)
         if existing is not None:
             self._check_exclusive(existing, owner)
-            check_queue_equivalent(existing, spec)
+            check_queue_equivalent(existing.spec, spec)
             return
         check_queue_arguments(spec)
-        self._queues[spec.name] = Queue(
-            name=spec.name,
-            durable=spec.durable,
-            exclusive=spec.exclusive,
-            auto_delete=spec.auto_delete,
-            arguments=dict(spec.arguments) if spec.arguments else None,
-            owner=owner if spec.exclusive else None,
+        self.queues[spec.name] = Queue(
+            spec=_with_own_arguments(spec), owner=owner if spec.exclusive else None
         )
 
     @staticmethod
@@ -196,8 +206,8 @@ class BrokerCore:
             raise channel_error(
                 403, "ACCESS_REFUSED - operation not permitted on the default exchange"
             )
-        self._queue(spec.queue)
-        exchange = self._exchange(spec.exchange)
+        self.queue_named(spec.queue)
+        exchange = self.exchange_named(spec.exchange)
         arguments = dict(spec.arguments) if spec.arguments else None
         for binding in exchange.bindings:
             if (binding.queue, binding.routing_key, binding.arguments) == (
@@ -210,16 +220,17 @@ class BrokerCore:
             Binding(queue=spec.queue, routing_key=spec.routing_key, arguments=arguments)
         )
 
-    def _delete_queue(self, queue: Queue) -> int:
+    def delete_queue(self, queue: Queue) -> int:
+        """Delete ``queue``, cancelling its consumers; how many ready messages went."""
         count = len(queue.ready)
         queue.deleted = True
         queue.ready.clear()
-        self._queues.pop(queue.name, None)
-        for exchange in self._exchanges.values():
+        self.queues.pop(queue.name, None)
+        for exchange in self.exchanges.values():
             exchange.bindings = [b for b in exchange.bindings if b.queue != queue.name]
         for consumer in list(queue.consumers):
-            self._remove_consumer(consumer, by_broker=True)
-        self._notify()
+            self.remove_consumer(consumer, by_broker=True)
+        self.notify()
         return count
 
     # Routing and enqueueing
@@ -229,33 +240,32 @@ class BrokerCore:
     ) -> list[Queue]:
         seen: set[str] = set()
         current: Exchange | None = exchange
-        while current is not None and current.name not in seen:
-            seen.add(current.name)
+        while current is not None and current.spec.name not in seen:
+            seen.add(current.spec.name)
             names = dict.fromkeys(
                 b.queue
                 for b in current.bindings
                 if matches(
-                    current.type, b.routing_key, b.arguments, routing_key, headers
+                    current.spec.type, b.routing_key, b.arguments, routing_key, headers
                 )
             )
             if names:
-                return [self._queues[name] for name in names]
-            alternate = (current.arguments or {}).get("alternate-exchange")
-            current = self._exchanges.get(alternate) if alternate else None
+                return [self.queues[name] for name in names]
+            alternate = (current.spec.arguments or {}).get("alternate-exchange")
+            current = self.exchanges.get(alternate) if alternate else None
         return []
 
     def _targets(
         self, exchange: str, routing_key: str, headers: Mapping[str, Any] | None
     ) -> list[Queue]:
         if exchange == "":
-            queue = self._queues.get(routing_key)
+            queue = self.queues.get(routing_key)
             return [queue] if queue is not None else []
-        return self._route(self._exchange(exchange), routing_key, headers)
+        return self._route(self.exchange_named(exchange), routing_key, headers)
 
-    def _publish(
+    def publish(
         self,
         body: bytes,
-        *,
         exchange: str,
         routing_key: str,
         properties: Properties | None,
@@ -272,7 +282,7 @@ class BrokerCore:
             raise channel_error(
                 406, f"PRECONDITION_FAILED - invalid expiration '{expiration}'"
             )
-        if exchange and self._exchange(exchange).internal:
+        if exchange and self.exchange_named(exchange).spec.internal:
             raise channel_error(
                 403,
                 f"ACCESS_REFUSED - cannot publish to internal exchange '{exchange}' "
@@ -293,7 +303,7 @@ class BrokerCore:
         accepted = [
             self._enqueue(q, body, properties, exchange, routing_key) for q in queues
         ]
-        self._notify()
+        self.notify()
         if mandatory and not queues:
             raise MessageReturned(
                 "message returned by the broker: 312 NO_ROUTE "
@@ -354,7 +364,7 @@ class BrokerCore:
         )
 
     def _dead_letter(self, queue: Queue, message: StoredMessage, reason: str) -> None:
-        arguments = queue.arguments or {}
+        arguments = queue.spec.arguments or {}
         if "x-dead-letter-exchange" not in arguments:
             return  # no DLX: the message is dropped
         exchange = str(arguments["x-dead-letter-exchange"])
@@ -368,13 +378,14 @@ class BrokerCore:
             exchange=message.exchange,
             routing_key=message.routing_key,
         )
-        if exchange and exchange not in self._exchanges:
+        if exchange and exchange not in self.exchanges:
             return  # a missing DLX drops the message, as in RabbitMQ
         for target in self._targets(exchange, routing_key, properties.headers):
             if not is_cycle(properties, target.name):
                 self._enqueue(target, message.body, properties, exchange, routing_key)
 
-    def _expire(self, queue: Queue) -> None:
+    def expire(self, queue: Queue) -> None:
+        """Dead-letter (or drop) the queue's ready messages whose TTL passed."""
         now = self._clock()
         expired = [
             m for m in queue.ready if m.expires_at is not None and m.expires_at <= now
@@ -402,7 +413,7 @@ class BrokerCore:
                 self._dead_letter(queue, message, "expired")
             else:
                 self._deliver(consumer, queue, message)
-        self._expire(queue)
+        self.expire(queue)
 
     @staticmethod
     def _next_consumer(queue: Queue) -> Consumer | None:
@@ -424,15 +435,7 @@ class BrokerCore:
         channel.unacked[tag] = Unacked(queue, message, consumer)
         consumer.unacked += 1
         queue.unacked[message.seq] = message
-        delivery = Delivery(
-            delivery_tag=tag,
-            redelivered=message.redelivered,
-            exchange=message.exchange,
-            routing_key=message.routing_key,
-            consumer_tag=consumer.tag,
-            body=message.body,
-            properties=message.properties,
-        )
+        delivery = message.delivery(tag, consumer.tag)
         # Nobody reading any more: like a client that dropped it, it stays unacked
         # until the channel closes and then goes back to the queue.
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -440,15 +443,17 @@ class BrokerCore:
 
     # Consumers
 
-    def _consume(self, channel: Channel, consumer: Consumer) -> None:
+    def consume(self, channel: Channel, consumer: Consumer) -> None:
+        """Add ``consumer`` (``basic.consume``) and deliver to it."""
         queue = consumer.queue
         self._check_exclusive(queue, channel.connection_id)
         queue.consumers.append(consumer)
         channel.consumers[consumer.tag] = consumer
         self._dispatch(queue)
-        self._notify()
+        self.notify()
 
-    def _remove_consumer(self, consumer: Consumer, *, by_broker: bool = False) -> None:
+    def remove_consumer(self, consumer: Consumer, *, by_broker: bool = False) -> None:
+        """End ``consumer``'s stream (``basic.cancel``, or the broker's own)."""
         if not consumer.active:
             return
         consumer.active = False
@@ -458,28 +463,29 @@ class BrokerCore:
             queue.consumers.remove(consumer)
         consumer.channel.consumers.pop(consumer.tag, None)
         consumer.sink.close()
-        if queue.auto_delete and not queue.consumers and not queue.deleted:
-            self._delete_queue(queue)
-        self._notify()
+        if queue.spec.auto_delete and not queue.consumers and not queue.deleted:
+            self.delete_queue(queue)
+        self.notify()
 
     # Settling
 
-    def _check_open(self, channel: Channel) -> None:
+    def check_open(self, channel: Channel) -> None:
+        """Raise why ``channel`` is closed, if it is."""
         error = channel.connection_error or channel.error
         if error is not None:
             raise error
         if channel.closed:
             raise ChannelClosed("channel 1 is closed")
 
-    def _settle(
+    def settle(
         self, channel: Channel, tag: int, *, multiple: bool, how: Settle
     ) -> None:
         """Apply an ack (``how="ack"``), a requeue or a reject (dead-letter)."""
-        self._check_open(channel)
+        self.check_open(channel)
         if tag == 0 and multiple:
             tags = list(channel.unacked)
         elif tag not in channel.unacked:
-            self._fail(
+            self.fail(
                 channel,
                 channel_error(406, f"PRECONDITION_FAILED - unknown delivery tag {tag}"),
             )
@@ -501,7 +507,7 @@ class BrokerCore:
                 self._dead_letter(queue, message, "rejected")
         for queue in touched.values():
             self._dispatch(queue)
-        self._notify()
+        self.notify()
 
     # Closing
 
@@ -518,22 +524,22 @@ class BrokerCore:
         for queue in touched.values():
             self._dispatch(queue)
 
-    def _close_channel(self, channel: Channel) -> None:
+    def close_channel(self, channel: Channel) -> None:
         """Close like ``channel.close``: consumers go, unacked messages go back to
         their queues in order (``redelivered``), exclusive queues are deleted."""
         if channel.closed:
             return
         channel.closed = True
         for consumer in list(channel.consumers.values()):
-            self._remove_consumer(consumer)
+            self.remove_consumer(consumer)
         self._requeue_all(channel)
-        for queue in list(self._queues.values()):
+        for queue in list(self.queues.values()):
             if queue.owner == channel.connection_id:
-                self._delete_queue(queue)
-        self._channels.pop(channel.connection_id, None)
-        self._notify()
+                self.delete_queue(queue)
+        self.channels.pop(channel.connection_id, None)
+        self.notify()
 
-    def _fail(self, channel: Channel, error: TransportError) -> None:
+    def fail(self, channel: Channel, error: TransportError) -> None:
         """The broker closes the channel (a ``ChannelClosed``) or the whole
         connection (a ``ConnectionLost``); the session's body is cancelled."""
         if channel.closed:
@@ -542,18 +548,25 @@ class BrokerCore:
             channel.error = error
         else:
             channel.connection_error = error
-        self._close_channel(channel)
+        self.close_channel(channel)
         if channel.on_failure is not None:
             channel.on_failure()
+
+    async def connect(self, parameters: ConnectionParameters) -> Channel:
+        """Open a connection (with its one channel) if the gate lets it in."""
+        await anyio.lowlevel.checkpoint()
+        self.gate.check(parameters)
+        return self._open_channel(parameters.connection_name)
 
     def _open_channel(self, name: str | None) -> Channel:
         number = next(self._connection_ids)
         channel = Channel(
             connection_id=number, connection_name=name or f"memory-{number}"
         )
-        self._channels[number] = channel
-        self._notify()
+        self.channels[number] = channel
+        self.notify()
         return channel
 
-    def _snapshot_names(self) -> Sequence[str]:
-        return [c.connection_name for c in self._channels.values()]
+    def connection_names(self) -> Sequence[str]:
+        """Names of the open connections."""
+        return [c.connection_name for c in self.channels.values()]

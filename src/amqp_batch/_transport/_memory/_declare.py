@@ -8,7 +8,6 @@ from typing import Any
 
 from ..._exceptions import ChannelClosed
 from .._base import ExchangeSpec, QueueSpec
-from ._model import Exchange, Queue
 
 __all__ = [
     "channel_error",
@@ -63,7 +62,7 @@ def _inequivalent(what: str, name: str, key: str, new: Any, old: Any) -> Channel
     )
 
 
-def check_exchange_equivalent(existing: Exchange, spec: ExchangeSpec) -> None:
+def check_exchange_equivalent(existing: ExchangeSpec, spec: ExchangeSpec) -> None:
     """Raise the 406 RabbitMQ sends when ``spec`` differs from ``existing``."""
     pairs = (
         ("type", spec.type, existing.type),
@@ -88,7 +87,7 @@ def _queue_argument(arguments: Mapping[str, Any] | None, key: str) -> Any:
     return value
 
 
-def check_queue_equivalent(existing: Queue, spec: QueueSpec) -> None:
+def check_queue_equivalent(existing: QueueSpec, spec: QueueSpec) -> None:
     """Raise the 406 RabbitMQ sends when ``spec`` differs from ``existing``."""
     for key, new, old in (
         ("durable", spec.durable, existing.durable),

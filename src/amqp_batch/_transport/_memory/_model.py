@@ -1,6 +1,6 @@
 """The memory broker's state: messages, queues, exchanges, channels, consumers.
 
-Plain records only; the rules that change them live in ``_broker``.
+Plain records only; the rules that change them live in ``_core``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ..._exceptions import TransportError
-from .._base import Delivery, FieldTable, Properties
+from .._base import Delivery, ExchangeSpec, FieldTable, Properties, QueueSpec
 
 __all__ = [
     "BrokerMessage",
@@ -75,15 +75,23 @@ class StoredMessage:
     def __lt__(self, other: StoredMessage) -> bool:
         return self.seq < other.seq
 
+    def _view(self) -> dict[str, Any]:
+        # Every field of BrokerMessage is a field of this class; a Delivery has
+        # them all too, with its tags.
+        return {name: getattr(self, name) for name in _VIEW_FIELDS}
+
     def snapshot(self) -> BrokerMessage:
         """A public, immutable view."""
-        return BrokerMessage(
-            body=self.body,
-            properties=self.properties,
-            exchange=self.exchange,
-            routing_key=self.routing_key,
-            redelivered=self.redelivered,
+        return BrokerMessage(**self._view())
+
+    def delivery(self, delivery_tag: int, consumer_tag: str) -> Delivery:
+        """This message as delivered with ``delivery_tag`` to ``consumer_tag``."""
+        return Delivery(
+            delivery_tag=delivery_tag, consumer_tag=consumer_tag, **self._view()
         )
+
+
+_VIEW_FIELDS = tuple(field.name for field in attrs.fields(BrokerMessage))
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -97,26 +105,18 @@ class Binding:
 
 @attrs.define(eq=False, kw_only=True)
 class Exchange:
-    """An exchange and its bindings."""
+    """An exchange, as it was declared, and its bindings."""
 
-    name: str
-    type: str
-    durable: bool = True
-    auto_delete: bool = False
-    internal: bool = False
-    arguments: FieldTable | None = None
+    spec: ExchangeSpec
     bindings: list[Binding] = attrs.field(factory=list)
 
 
 @attrs.define(eq=False, kw_only=True)
 class Queue:
-    """A queue: ready messages in order, unacknowledged ones, its consumers."""
+    """A queue, as it was declared: ready messages in order, unacknowledged ones,
+    its consumers."""
 
-    name: str
-    durable: bool = True
-    exclusive: bool = False
-    auto_delete: bool = False
-    arguments: FieldTable | None = None
+    spec: QueueSpec
     #: The connection that owns an exclusive queue.
     owner: int | None = None
     ready: list[StoredMessage] = attrs.field(factory=list)  # a heap by seq
@@ -124,9 +124,14 @@ class Queue:
     consumers: list[Consumer] = attrs.field(factory=list)
     deleted: bool = False
 
+    @property
+    def name(self) -> str:
+        """The queue's name."""
+        return self.spec.name
+
     def argument(self, key: str) -> Any:
         """One ``x-`` argument, or None."""
-        return (self.arguments or {}).get(key)
+        return (self.spec.arguments or {}).get(key)
 
     def push(self, message: StoredMessage) -> None:
         """Put a message at its place (by ``seq``)."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
@@ -22,10 +23,13 @@ from ..._exceptions import (
 )
 from .._base import (
     BindingSpec,
+    Confirmation,
     Delivery,
     ExchangeSpec,
     Properties,
+    PublisherSession,
     QueueSpec,
+    Session,
     SessionSpec,
 )
 from .._url import ConnectionParameters
@@ -33,7 +37,7 @@ from ._core import Settle
 from ._model import Channel, Consumer
 
 if TYPE_CHECKING:
-    from ._broker import MemoryBroker
+    from ._core import BrokerCore
 
 __all__ = [
     "MemoryConfirmation",
@@ -45,18 +49,21 @@ __all__ = [
 
 _consumer_numbers = itertools.count(1)
 
+#: The arguments of one publish: body, exchange, routing key, properties, mandatory.
+_Publish = tuple[bytes, str, str, Properties | None, bool]
 
-class MemorySession:
+
+class MemorySession(Session):
     """A consuming session on a :class:`~amqp_batch.testing.MemoryBroker`."""
 
     def __init__(
         self,
-        broker: MemoryBroker,
+        core: BrokerCore,
         channel: Channel,
         consumer: Consumer,
         deliveries: MemoryObjectReceiveStream[Delivery],
     ) -> None:
-        self._broker = broker
+        self._core = core
         self._channel = channel
         self._consumer = consumer
         self._deliveries = deliveries
@@ -74,17 +81,14 @@ class MemorySession:
 
     @property
     def deliveries(self) -> MemoryObjectReceiveStream[Delivery]:
-        """Deliveries in arrival order; ends after cancel or a broker cancel."""
         return self._deliveries
 
     @property
     def consumer_cancelled_by_broker(self) -> bool:
-        """True once the broker cancelled the consumer (e.g. its queue was
-        deleted)."""
         return self._consumer.cancelled_by_broker
 
     async def _settle(self, tag: int, *, multiple: bool, how: Settle) -> None:
-        self._broker._settle(self._channel, tag, multiple=multiple, how=how)
+        self._core.settle(self._channel, tag, multiple=multiple, how=how)
         if self._channel.closed:
             # Like the broker's channel.close arriving: the session body is
             # cancelled here and the error is raised out of ``open_session``.
@@ -101,28 +105,26 @@ class MemorySession:
     async def nack(
         self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True
     ) -> None:
-        """Negatively acknowledge; ``requeue=False`` dead-letters."""
         how: Settle = "requeue" if requeue else "reject"
         await self._settle(delivery_tag, multiple=multiple, how=how)
 
     async def reject(self, delivery_tag: int, *, requeue: bool = True) -> None:
-        """Reject one delivery; ``requeue=False`` dead-letters."""
         how: Settle = "requeue" if requeue else "reject"
         await self._settle(delivery_tag, multiple=False, how=how)
 
     async def cancel(self) -> None:
-        """Stop deliveries; the stream ends after what it already holds.
-        Unacknowledged deliveries can still be settled."""
         await anyio.lowlevel.checkpoint()
-        self._broker._remove_consumer(self._consumer)
+        self._core.remove_consumer(self._consumer)
 
 
-class MemoryConfirmation:
+class MemoryConfirmation(Confirmation):
     """A publish started on a :class:`MemoryPublisher`: routed at once, or when
     the broker unblocks publishers; :meth:`wait` gives its outcome."""
 
-    def __init__(self, publisher: MemoryPublisher, route: Callable[[], None]) -> None:
-        self._publisher = publisher
+    def __init__(
+        self, route: Callable[[], None], unblocked: Callable[[], Awaitable[None]]
+    ) -> None:
+        self._unblocked = unblocked
         self._route: Callable[[], None] | None = route
         self._error: BaseException | None = None
 
@@ -137,20 +139,18 @@ class MemoryConfirmation:
             self._error = exc
 
     async def wait(self) -> None:
-        """Return once the message is routed; raise what routing it raised."""
         if self._route is not None:
-            await self._publisher._broker._wait_unblocked()
-            self._publisher._route_started()
+            await self._unblocked()
         await anyio.lowlevel.checkpoint()
         if self._error is not None:
             raise self._error
 
 
-class MemoryPublisher:
+class MemoryPublisher(PublisherSession):
     """A confirm-mode publisher on a :class:`~amqp_batch.testing.MemoryBroker`."""
 
-    def __init__(self, broker: MemoryBroker, channel: Channel) -> None:
-        self._broker = broker
+    def __init__(self, core: BrokerCore, channel: Channel) -> None:
+        self._core = core
         self._channel = channel
         #: Started while publishers were blocked; routed in order on unblock.
         self._started: deque[MemoryConfirmation] = deque()
@@ -175,39 +175,31 @@ class MemoryPublisher:
         :class:`~amqp_batch.ChannelClosed` at once if this publisher's channel is
         closed.
         """
-        self._broker._check_open(self._channel)
+        self._core.check_open(self._channel)
+        arguments = (body, exchange, routing_key, properties, mandatory)
         confirmation = MemoryConfirmation(
-            self,
-            lambda: self._route(body, exchange, routing_key, properties, mandatory),
+            partial(self._route, arguments), self._wait_unblocked
         )
         self._started.append(confirmation)
-        if not self._broker._blocked:
+        if not self._core.gate.blocked:
             self._route_started()
         return confirmation
 
-    def _route(
-        self,
-        body: bytes,
-        exchange: str,
-        routing_key: str,
-        properties: Properties | None,
-        mandatory: bool,
-    ) -> None:
+    def _route(self, arguments: _Publish) -> None:
         try:
-            self._broker._publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=mandatory,
-            )
-        except ChannelClosed as exc:
-            self._broker._fail(self._channel, exc)
+            self._core.publish(*arguments)
+        except ChannelClosed as exc:  # RabbitMQ closes the publisher's channel
+            self._core.fail(self._channel, exc)
             raise
 
     def _route_started(self) -> None:
         while self._started:
             self._started.popleft().settle()
+
+    async def _wait_unblocked(self) -> None:
+        # Then route, in order, what was started while publishers were blocked.
+        await self._core.gate.wait_unblocked()
+        self._route_started()
 
     async def publish(
         self,
@@ -227,11 +219,10 @@ class MemoryPublisher:
         which this publisher's channel is closed. Waits while the broker blocks
         publishers.
         """
-        await self._broker._wait_unblocked()
-        self._route_started()
-        self._broker._check_open(self._channel)
+        await self._wait_unblocked()
+        self._core.check_open(self._channel)
         try:
-            self._route(body, exchange, routing_key, properties, mandatory)
+            self._route((body, exchange, routing_key, properties, mandatory))
         finally:
             await anyio.lowlevel.checkpoint()
 
@@ -244,7 +235,7 @@ def _buffer(spec: SessionSpec) -> float:
 
 @asynccontextmanager
 async def open_session(
-    broker: MemoryBroker, spec: SessionSpec
+    core: BrokerCore, spec: SessionSpec
 ) -> AsyncIterator[MemorySession]:
     """Connect, declare the topology, consume; yield the session.
 
@@ -254,10 +245,10 @@ async def open_session(
     :class:`~amqp_batch.ConnectionLost`; a broker-side channel close (an unknown
     delivery tag) as :class:`~amqp_batch.ChannelClosed`.
     """
-    channel = await broker._connect(spec.parameters)
+    channel = await core.connect(spec.parameters)
     try:
         with recording_phase(Phase.SETUP):
-            broker._declare(
+            core.declare(
                 [*spec.exchanges, *spec.queues, *spec.bindings], channel.connection_id
             )
         send, receive = anyio.create_memory_object_stream[Delivery](_buffer(spec))
@@ -265,18 +256,18 @@ async def open_session(
             tag = spec.consumer_tag or f"amq.ctag-memory-{next(_consumer_numbers)}"
             consumer = Consumer(
                 tag=tag,
-                queue=broker._queue(spec.queue),
+                queue=core.queue_named(spec.queue),
                 channel=channel,
                 prefetch=max(spec.prefetch_count, 0),
                 sink=send,
             )
-            broker._consume(channel, consumer)
+            core.consume(channel, consumer)
             with anyio.CancelScope() as scope:
                 channel.on_failure = scope.cancel
-                yield MemorySession(broker, channel, consumer, receive)
+                yield MemorySession(core, channel, consumer, receive)
     finally:
         channel.on_failure = None
-        broker._close_channel(channel)
+        core.close_channel(channel)
     error = channel.connection_error or channel.error
     if error is not None:
         raise error
@@ -284,7 +275,7 @@ async def open_session(
 
 @asynccontextmanager
 async def open_publisher(
-    broker: MemoryBroker,
+    core: BrokerCore,
     parameters: ConnectionParameters,
     declare: Sequence[ExchangeSpec | QueueSpec | BindingSpec] = (),
 ) -> AsyncIterator[MemoryPublisher]:
@@ -292,16 +283,16 @@ async def open_publisher(
 
     A forced close is raised out of the block as :class:`~amqp_batch.ConnectionLost`.
     """
-    channel = await broker._connect(parameters)
+    channel = await core.connect(parameters)
     try:
-        broker._declare(declare, channel.connection_id)
+        core.declare(declare, channel.connection_id)
         with anyio.CancelScope() as scope:
             channel.on_failure = lambda: (
                 scope.cancel() if channel.connection_error is not None else None
             )
-            yield MemoryPublisher(broker, channel)
+            yield MemoryPublisher(core, channel)
     finally:
         channel.on_failure = None
-        broker._close_channel(channel)
+        core.close_channel(channel)
     if channel.connection_error is not None:
         raise channel.connection_error

@@ -238,6 +238,34 @@ def _decode_deliver(data: bytes, start: int, end: int) -> commands.Basic.Deliver
     return method
 
 
+def _frame_end(
+    data: bytes,
+    at: int,
+    frame_type: int,
+    channel: int,
+    max_frame_size: int,
+    *,
+    size: int | None = None,
+) -> int | None:
+    """The offset of the frame-end octet of the frame at ``data[at:]`` when that
+    frame is complete, of ``frame_type`` on ``channel``, within frame_max (and of
+    ``size`` bytes when given); else ``None``."""
+    if len(data) - at < _FRAME_HEADER_SIZE:
+        return None
+    found_type, found_channel, found_size = _FRAME_HEADER.unpack_from(data, at)
+    frame_end: int = at + _FRAME_HEADER_SIZE + found_size
+    if (
+        found_type != frame_type
+        or found_channel != channel
+        or (size is not None and found_size != size)
+        or frame_end >= len(data)
+        or (max_frame_size and found_size + FRAME_OVERHEAD > max_frame_size)
+        or data[frame_end] != _FRAME_END
+    ):
+        return None
+    return frame_end
+
+
 def _whole_delivery(
     data: bytes, channel: int, start: int, end: int, max_frame_size: int
 ) -> tuple[Delivery, int] | None:
@@ -253,20 +281,9 @@ def _whole_delivery(
     consumer_tag, delivery_tag, redelivered, exchange, routing_key = _deliver_fields(
         data, start, end
     )
-    unpack_from = _FRAME_HEADER.unpack_from
-    available = len(data)
     at = end + 1
-    if available - at < _FRAME_HEADER_SIZE:
-        return None
-    frame_type, frame_channel, size = unpack_from(data, at)
-    header_end = at + _FRAME_HEADER_SIZE + size
-    if (
-        frame_type != _FRAME_HEADER_TYPE
-        or frame_channel != channel
-        or header_end >= available
-        or (max_frame_size and size + FRAME_OVERHEAD > max_frame_size)
-        or data[header_end] != _FRAME_END
-    ):
+    header_end = _frame_end(data, at, _FRAME_HEADER_TYPE, channel, max_frame_size)
+    if header_end is None:
         return None
     header = _decode_header(data, at + _FRAME_HEADER_SIZE, header_end)
     at = header_end + 1
@@ -274,18 +291,10 @@ def _whole_delivery(
     if not body_size:
         body = b""
     else:
-        if available - at < _FRAME_HEADER_SIZE:
-            return None
-        frame_type, frame_channel, size = unpack_from(data, at)
-        body_end = at + _FRAME_HEADER_SIZE + size
-        if (
-            frame_type != _FRAME_BODY
-            or frame_channel != channel
-            or size != body_size
-            or body_end >= available
-            or (max_frame_size and size + FRAME_OVERHEAD > max_frame_size)
-            or data[body_end] != _FRAME_END
-        ):
+        body_end = _frame_end(
+            data, at, _FRAME_BODY, channel, max_frame_size, size=body_size
+        )
+        if body_end is None:
             return None
         body = data[at + _FRAME_HEADER_SIZE : body_end]
         at = body_end + 1

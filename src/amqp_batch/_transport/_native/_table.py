@@ -76,12 +76,12 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 # values (x-original-exchange...): their encodings are remembered. Both caches
 # are bounded (emptied when full) and hold only exact ``str`` keys.
 #: key -> length octet + UTF-8.
-_KEY_HEADS: dict[str, bytes] = {}
-_KEY_HEADS_MAX = 1024
+KEY_HEADS: dict[str, bytes] = {}
+KEY_HEADS_MAX = 1024
 #: (key, str value) -> the whole entry: key head, ``S``, length, UTF-8.
-_STR_ENTRIES: dict[tuple[str, str], bytes] = {}
-_STR_ENTRIES_MAX = 2048
-_STR_ENTRY_VALUE_MAX = 128  # longer values are not remembered (bounds the memory)
+STR_ENTRIES: dict[tuple[str, str], bytes] = {}
+STR_ENTRIES_MAX = 2048
+STR_ENTRY_VALUE_MAX = 128  # longer values are not remembered (bounds the memory)
 
 
 def encode_table(table: Mapping[str, Any]) -> bytes:
@@ -96,8 +96,8 @@ def encode_table(table: Mapping[str, Any]) -> bytes:
         raise TypeError(f"a table must be a mapping, not {type(table).__name__}")
     parts: list[bytes] = []
     append = parts.append
-    str_entries = _STR_ENTRIES
-    key_heads = _KEY_HEADS
+    str_entries = STR_ENTRIES
+    key_heads = KEY_HEADS
     small_ints = _SMALL_INTS
     for key in _sorted_keys(table):
         value = table[key]
@@ -142,24 +142,24 @@ def _key_head(key: object) -> bytes:
         )
     head = bytes((len(encoded),)) + encoded
     if type(key) is str:
-        if len(_KEY_HEADS) >= _KEY_HEADS_MAX:
-            _KEY_HEADS.clear()
-        _KEY_HEADS[key] = head
+        if len(KEY_HEADS) >= KEY_HEADS_MAX:
+            KEY_HEADS.clear()
+        KEY_HEADS[key] = head
     return head
 
 
 def _str_entry(key: str, value: str) -> bytes:
     """A whole entry whose value is a str (remembered if short)."""
-    head = _KEY_HEADS.get(key) or _key_head(key)
+    head = KEY_HEADS.get(key) or _key_head(key)
     try:
         encoded = value.encode()
     except UnicodeEncodeError as exc:
         raise ValueError(f"header {key!r} error: {exc}") from None
     entry = head + _TAGGED_U32.pack(b"S", len(encoded)) + encoded
-    if type(key) is str and len(value) <= _STR_ENTRY_VALUE_MAX:
-        if len(_STR_ENTRIES) >= _STR_ENTRIES_MAX:
-            _STR_ENTRIES.clear()
-        _STR_ENTRIES[key, value] = entry
+    if type(key) is str and len(value) <= STR_ENTRY_VALUE_MAX:
+        if len(STR_ENTRIES) >= STR_ENTRIES_MAX:
+            STR_ENTRIES.clear()
+        STR_ENTRIES[key, value] = entry
     return entry
 
 

@@ -1,0 +1,286 @@
+"""What the acker does with each result, as data (pure: no IO, no logging).
+
+:func:`plan` maps a message, its :data:`Disposition` and the queue's
+:class:`~amqp_batch._retry.RetryPolicy` to one plan value:
+
+- :class:`Settle`: send ``action`` for the delivery, nothing else;
+- :class:`Republish`: publish a copy (confirmed, ``mandatory``), then ack the
+  original; its ``fallback`` says how to dead-letter the original if the copy
+  cannot be encoded or is returned or nacked;
+- :class:`DeadLetterPublish`: publish the message to the dead-letter exchange
+  with a reason header (confirmed), then ack the original; its ``fallback``
+  (a ``basic.reject``) is for when that publish fails.
+
+Fallbacks are plans too, so every path is decided here and the acker only runs
+them. Once a plan has been carried out, the acker records an :class:`Applied`
+with the message's :class:`Fate`.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import attrs
+
+from .._message import Message
+from .._results import MessageResult
+from .._retry import (
+    RetryPolicy,
+    dead_letter_properties,
+    original_destination,
+    requeue_properties,
+)
+from .._transport._base import Delivery, Properties
+from .ledger import Action
+
+__all__ = [
+    "MAX_REQUEUE_ATTEMPTS",
+    "REJECTED",
+    "REPUBLISH_FAILED",
+    "Applied",
+    "DeadLetter",
+    "DeadLetterPublish",
+    "Disposition",
+    "Fate",
+    "Plan",
+    "Publish",
+    "Republish",
+    "Settle",
+    "plan",
+    "requeue_target",
+]
+
+#: The dead-letter reason of a NACK.
+REJECTED = "rejected"
+#: The dead-letter reason of a REQUEUE past ``max_requeue_attempts``.
+MAX_REQUEUE_ATTEMPTS = "max-requeue-attempts"
+#: The dead-letter reason of a REQUEUE whose copy failed.
+REPUBLISH_FAILED = "republish-failed"
+
+
+@attrs.frozen
+class DeadLetter:
+    """Dead-letter this message without asking the handler (e.g. a bad header)."""
+
+    reason: str
+
+
+Disposition = MessageResult | DeadLetter
+
+
+class Fate(enum.Enum):
+    """How a message was settled, once it was. Each member's value is its
+    label; ``action`` is the frame that settles the original, ``dead_letters``
+    whether the message left the queue as a dead letter."""
+
+    action: Action
+    dead_letters: bool
+
+    def __new__(cls, label: str, action: Action, dead_letters: bool) -> Fate:
+        member = object.__new__(cls)
+        member._value_ = label
+        # Plain attributes, not properties: read once per settled message.
+        member.action = action
+        member.dead_letters = dead_letters
+        return member
+
+    #: ``basic.ack``: the handler's ACK.
+    ACKED = ("acked", Action.ACK, False)
+    #: ``basic.nack(requeue=True)``: REQUEUE_IMMEDIATE.
+    REQUEUED = ("requeued", Action.REQUEUE, False)
+    #: A copy was published to the back of the queue and confirmed, then the
+    #: original acked.
+    REPUBLISHED = ("republished", Action.ACK, False)
+    #: The library published the message to the dead-letter exchange (with
+    #: ``x-dead-letter-reason``), it was confirmed, then the original acked.
+    DEAD_LETTERED = ("dead-lettered", Action.ACK, True)
+    #: ``basic.reject(requeue=False)``: the broker dead-letters it through the
+    #: queue's DLX, or drops it when the queue has none.
+    REJECTED = ("rejected", Action.REJECT, True)
+
+
+# Enum members bound to module names once: in Python 3.11 reading
+# ``Enum.MEMBER`` costs about ten times as much as reading a global.
+_ACK_ACTION, _REJECT_ACTION = Action.ACK, Action.REJECT
+_ACKED, _REQUEUED, _REJECTED = Fate.ACKED, Fate.REQUEUED, Fate.REJECTED
+_REPUBLISHED, _DEAD_LETTERED = Fate.REPUBLISHED, Fate.DEAD_LETTERED
+_ACK_RESULT, _NACK_RESULT = MessageResult.ACK, MessageResult.NACK
+_REQUEUE_IMMEDIATE_RESULT = MessageResult.REQUEUE_IMMEDIATE
+
+# The plan values are named tuples, not attrs classes: one or two are made per
+# message that is not a plain ACK, and a named tuple costs a third as much to make.
+
+
+class Settle(NamedTuple):
+    """Send ``action`` for the delivery; ``reason`` says why it is rejected."""
+
+    action: Action
+    reason: str | None = None
+
+    @property
+    def fate(self) -> Fate:
+        """What this settlement does to the message."""
+        # Identity tests, not a dict: an enum's hash is a Python-level call.
+        action = self.action
+        if action is _ACK_ACTION:
+            return _ACKED
+        return _REJECTED if action is _REJECT_ACTION else _REQUEUED
+
+
+class DeadLetterPublish(NamedTuple):
+    """Publish the message to ``exchange`` with ``routing_key`` and
+    ``x-dead-letter-reason: reason`` (not ``mandatory``: like broker
+    dead-lettering, an unroutable dead letter is dropped), then ack the original.
+    If the publish cannot be encoded or is nacked: ``fallback``."""
+
+    exchange: str
+    routing_key: str
+    reason: str
+    #: The original delivery, whose properties the dead letter keeps.
+    delivery: Delivery
+    fallback: Settle
+
+    @property
+    def properties(self) -> Properties:
+        """The dead letter's properties (built when it is published: most
+        dead-letter plans are fallbacks that never run)."""
+        return dead_letter_properties(self.delivery, self.reason)
+
+    def __repr__(self) -> str:
+        # Without the delivery: its body and headers are the producer's data.
+        return (
+            f"DeadLetterPublish(exchange={self.exchange!r}, routing_key="
+            f"{self.routing_key!r}, reason={self.reason!r}, fallback={self.fallback!r})"
+        )
+
+    @property
+    def mandatory(self) -> bool:
+        """Never: an unroutable dead letter is dropped."""
+        return False
+
+    @property
+    def fate(self) -> Fate:
+        """What this plan does to the message once its publish is confirmed."""
+        return _DEAD_LETTERED
+
+
+class Republish(NamedTuple):
+    """Publish a copy to ``exchange`` with ``routing_key`` (``mandatory``), then
+    ack the original. If the copy cannot be encoded, is returned or is nacked,
+    the original is dead-lettered by ``fallback``."""
+
+    exchange: str
+    routing_key: str
+    properties: Properties
+    fallback: Settle | DeadLetterPublish
+
+    def __repr__(self) -> str:
+        # Without the properties: their headers are the producer's data.
+        return (
+            f"Republish(exchange={self.exchange!r}, routing_key="
+            f"{self.routing_key!r}, fallback={self.fallback!r})"
+        )
+
+    @property
+    def mandatory(self) -> bool:
+        """Always: an unroutable copy must not count as requeued."""
+        return True
+
+    @property
+    def fate(self) -> Fate:
+        """What this plan does to the message once its copy is confirmed."""
+        return _REPUBLISHED
+
+    @property
+    def reason(self) -> None:
+        """A republished message is not dead-lettered."""
+        return None
+
+
+Publish = Republish | DeadLetterPublish
+Plan = Settle | Publish
+
+
+class Applied(NamedTuple):
+    """One message whose settlement was (or, held in the ledger, is about to
+    be) sent: the handler's ``disposition``, what happened (``fate``), and the
+    dead-letter reason if it was dead-lettered. (A named tuple: one is made
+    per settled message that is not a plain ACK.)"""
+
+    message: Message
+    disposition: Disposition
+    fate: Fate
+    reason: str | None = None
+
+    @property
+    def action(self) -> Action:
+        """The frame that settles the original."""
+        return self.fate.action
+
+
+ACK = Settle(Action.ACK)
+REQUEUE = Settle(Action.REQUEUE)
+_REJECTS = {
+    reason: Settle(Action.REJECT, reason)
+    for reason in (REJECTED, MAX_REQUEUE_ATTEMPTS, REPUBLISH_FAILED)
+}
+
+
+def plan(message: Message, disposition: Disposition, policy: RetryPolicy) -> Plan:
+    """What to do with ``message`` given its disposition and the queue's policy.
+
+    ACK and REQUEUE_IMMEDIATE are settled as they are; NACK dead-letters;
+    REQUEUE republishes a copy with ``x-retry-count`` + 1 until the count reached
+    ``max_requeue_attempts``, then dead-letters; a :class:`DeadLetter` is
+    dead-lettered with its reason (by the library whenever the DLX is known).
+    """
+    if disposition is _ACK_RESULT:
+        return ACK
+    if disposition is _REQUEUE_IMMEDIATE_RESULT:
+        return REQUEUE
+    delivery = message.delivery
+    if isinstance(disposition, DeadLetter):
+        return _dead_letter(delivery, policy, disposition.reason, by_library=True)
+    by_library = policy.is_copy(delivery)
+    if disposition is _NACK_RESULT:
+        return _dead_letter(delivery, policy, REJECTED, by_library=by_library)
+    if policy.is_exhausted(message.retry_count):
+        return _dead_letter(
+            delivery, policy, MAX_REQUEUE_ATTEMPTS, by_library=by_library
+        )
+    exchange, routing_key = requeue_target(policy)
+    return Republish(
+        exchange,
+        routing_key,
+        requeue_properties(delivery, message.retry_count + 1),
+        _dead_letter(delivery, policy, REPUBLISH_FAILED, by_library=by_library),
+    )
+
+
+def requeue_target(policy: RetryPolicy) -> tuple[str, str]:
+    """The exchange and routing key a REQUEUE copy is published to: the
+    default exchange, straight to the queue."""
+    return "", policy.queue
+
+
+def _dead_letter(
+    delivery: Delivery, policy: RetryPolicy, reason: str, *, by_library: bool
+) -> Settle | DeadLetterPublish:
+    """Dead-letter with the original routing key.
+
+    An original is rejected and the broker dead-letters it (keeping its exchange
+    and routing key, adding ``x-death``). A republished copy would be
+    dead-lettered under the queue's name, so when the DLX is known the library
+    publishes it there itself (``by_library``); so it does for messages that
+    need a reason header. The routing key is the queue's
+    ``x-dead-letter-routing-key`` when set, as the broker would use it.
+    """
+    reject = _REJECTS.get(reason) or Settle(_REJECT_ACTION, reason)
+    exchange = policy.dead_letter_exchange
+    if exchange is None or not by_library:
+        return reject
+    routing_key = policy.dead_letter_routing_key
+    if routing_key is None:
+        _, routing_key = original_destination(delivery)
+    return DeadLetterPublish(exchange, routing_key, reason, delivery, reject)
