@@ -1,5 +1,10 @@
 """amqp-batch: a RabbitMQ batch consumer for anyio (asyncio and trio)."""
 
+from ._bodies import Decoder as Decoder
+from ._bodies import UnsupportedContentType as UnsupportedContentType
+from ._bodies import json_decoder as json_decoder
+from ._bodies import msgspec_decoder as msgspec_decoder
+from ._bodies import pydantic_decoder as pydantic_decoder
 from ._consumer import BatchConsumer as BatchConsumer
 from ._consumer import Consumer as Consumer
 from ._consumer import batch_consumer as batch_consumer
@@ -47,6 +52,7 @@ __all__ = [
     "Consumer",
     "ConsumerCancelled",
     "ConsumerSettings",
+    "Decoder",
     "Message",
     "MessageNacked",
     "MessageResult",
@@ -56,11 +62,15 @@ __all__ = [
     "Publisher",
     "TransportError",
     "UnknownVirtualHost",
+    "UnsupportedContentType",
     "WorkerHealth",
     "WorkerState",
     "__version__",
     "batch_consumer",
+    "json_decoder",
+    "msgspec_decoder",
     "parse_url",
+    "pydantic_decoder",
 ]
 
 set_public_module(__name__, globals(), __all__)

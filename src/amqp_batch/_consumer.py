@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import signal
 import sys
@@ -9,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from functools import partial
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 import attrs
@@ -22,6 +23,7 @@ from anyio import (
 )
 from anyio.abc import TaskStatus
 
+from ._bodies import Decoder
 from ._exceptions import AMQPBatchError, unwrap_group
 from ._message import Message
 from ._publisher import default_transport
@@ -70,7 +72,14 @@ class BatchConsumer(Generic[SettingsT]):
 
     Run it with :meth:`run` (handles SIGINT/SIGTERM), ``await nursery.start(
     consumer.serve)``, or ``async with consumer:``. A consumer runs once.
+
+    Set :attr:`decoder` (e.g. ``decoder = msgspec_decoder(Order)``) to receive
+    ``Message[Order]`` with ``message.value`` decoded.
     """
+
+    #: Decodes each body before :meth:`process_messages` sees it (``None``: no
+    #: decoding); a body that fails is dead-lettered with a reason header.
+    decoder: Decoder[Any] | None = None
 
     def __init__(self, settings: SettingsT, *, transport: Transport | None = None):
         self.settings: SettingsT = settings
@@ -133,6 +142,13 @@ class BatchConsumer(Generic[SettingsT]):
 
     def _handler(self) -> BatchHandler:
         return self.process_messages
+
+    def _decoder(self) -> Decoder[Any] | None:
+        # As stored: a function set as a class attribute is not a method here.
+        decoder = inspect.getattr_static(self, "decoder")
+        if isinstance(decoder, staticmethod):
+            decoder = decoder.__func__
+        return decoder  # type: ignore[no-any-return]
 
     def _batch_settings(self) -> BatchConsumerSettings:
         settings = self.settings
@@ -210,6 +226,7 @@ class BatchConsumer(Generic[SettingsT]):
                 run.stop_requested,
                 partial(self._worker_consuming, run),
                 on_state_change=self._worker_state_changed,
+                decoder=self._decoder(),
             )
             for index in range(settings.num_workers)
         ]
@@ -355,12 +372,17 @@ class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):
         return self._function
 
 
+#: The body type a handler and its decoder agree on.
+DecodedT = TypeVar("DecodedT")
+
+
 @asynccontextmanager
 async def batch_consumer(
     settings: BatchConsumerSettings,
-    handler: BatchHandler,
+    handler: BatchHandler[DecodedT],
     *,
     transport: Transport | None = None,
+    decoder: Decoder[DecodedT] | None = None,
 ) -> AsyncIterator[BatchConsumer[BatchConsumerSettings]]:
     """Consume with ``handler`` while the ``async with`` body runs.
 
@@ -368,8 +390,14 @@ async def batch_consumer(
     an exception) drains gracefully: no new deliveries, the current batches finish
     and settle, prefetched messages go back to the queue, within
     ``shutdown_timeout``.
+
+    ``decoder`` decodes each body first (``message.value``); a handler of
+    ``Message[Order]`` takes a ``Decoder[Order]``. A body that does not decode
+    is dead-lettered (``x-dead-letter-reason: decode-error``) without reaching
+    the handler.
     """
     consumer = _FunctionConsumer(settings, handler, transport=transport)
+    consumer.decoder = decoder
     async with consumer:
         yield consumer
 

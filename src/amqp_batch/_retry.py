@@ -128,6 +128,11 @@ def requeue_properties(delivery: Delivery, new_retry_count: int) -> Properties:
     return _with_headers(delivery, {RETRY_COUNT_HEADER: new_retry_count})
 
 
-def dead_letter_properties(delivery: Delivery, reason: str) -> Properties:
-    """Properties for a copy the library dead-letters itself, with the reason."""
-    return _with_headers(delivery, {DEAD_LETTER_REASON_HEADER: reason})
+def dead_letter_properties(
+    delivery: Delivery, reason: str, headers: Mapping[str, Any] | None = None
+) -> Properties:
+    """Properties for a copy the library dead-letters itself, with the reason
+    (and ``headers``, when given)."""
+    return _with_headers(
+        delivery, {**(headers or {}), DEAD_LETTER_REASON_HEADER: reason}
+    )

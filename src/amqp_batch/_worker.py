@@ -32,6 +32,7 @@ from ._actors.acker import Acker, Outcome
 from ._actors.batcher import Intake, run_batcher
 from ._actors.handler import run_handler_runner
 from ._actors.ledger import AckLedger
+from ._bodies import Decoder
 from ._exceptions import (
     ConsumerCancelled,
     Phase,
@@ -78,7 +79,8 @@ class WorkerHealth:
     #: The last transport error, as ``Type: message`` (never contains a password).
     last_error: str | None
     #: Results applied so far, by name (``ack``, ``nack``, ``requeue``,
-    #: ``requeue_immediate``) plus ``dead_lettered``.
+    #: ``requeue_immediate``) plus ``dead_lettered`` and ``decode_error`` (bodies
+    #: the decoder refused, dead-lettered without reaching the handler).
     results: Mapping[str, int]
     #: The broker URL in use, password redacted.
     url: str
@@ -98,8 +100,10 @@ class Worker:
         *,
         rng: random.Random | None = None,
         on_state_change: Callable[[Worker, WorkerState], None] | None = None,
+        decoder: Decoder[object] | None = None,
     ) -> None:
         self.index = index
+        self._decoder = decoder
         self._settings = settings
         self._handler = handler
         self._transport = transport
@@ -291,6 +295,7 @@ class Worker:
             run_handler_runner,
             handler=self._handler,
             fallback=settings.unhandled_exception_action,
+            decoder=self._decoder,
         )
         for _ in range(settings.max_concurrent_batches):
             pipeline.start_soon(

@@ -10,6 +10,7 @@ from contextlib import aclosing
 
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from .._bodies import Decoder, decode_batch
 from .._message import Message
 from .._results import BatchHandler, MessageResult
 from .acker import Outcome
@@ -158,13 +159,21 @@ async def run_handler_runner(
     handler: BatchHandler,
     *,
     fallback: MessageResult,
+    decoder: Decoder[object] | None = None,
 ) -> None:
     """Take batches, run the handler, send one outcome per message to the acker.
 
     A worker starts ``max_concurrent_batches`` of these on clones of the same
-    streams; the acker's input ends when the last clone closes.
+    streams; the acker's input ends when the last clone closes. With a
+    ``decoder``, bodies are decoded first; those that fail go to the acker to be
+    dead-lettered and never reach the handler.
     """
     async with batches, to_acker:
-        async for batch in batches:
+        async for received in batches:
+            batch, undecodable = decode_batch(received, decoder)
+            if undecodable:
+                await to_acker.send(undecodable)
+            if not batch:
+                continue
             results = await collect_results(handler, batch, fallback=fallback)
             await to_acker.send(list(zip(batch, results, strict=True)))

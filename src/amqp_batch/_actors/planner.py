@@ -19,7 +19,8 @@ with the message's :class:`Fate`.
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -35,6 +36,7 @@ from .._transport._base import Delivery, Properties
 from .ledger import Action
 
 __all__ = [
+    "DECODE_ERROR",
     "MAX_REQUEUE_ATTEMPTS",
     "REJECTED",
     "REPUBLISH_FAILED",
@@ -57,13 +59,17 @@ REJECTED = "rejected"
 MAX_REQUEUE_ATTEMPTS = "max-requeue-attempts"
 #: The dead-letter reason of a REQUEUE whose copy failed.
 REPUBLISH_FAILED = "republish-failed"
+#: The dead-letter reason of a body the consumer's decoder refused.
+DECODE_ERROR = "decode-error"
 
 
 @attrs.frozen
 class DeadLetter:
-    """Dead-letter this message without asking the handler (e.g. a bad header)."""
+    """Dead-letter this message without asking the handler (e.g. a bad header);
+    ``headers`` are added to the dead letter besides the reason."""
 
     reason: str
+    headers: Mapping[str, Any] | None = None
 
 
 Disposition = MessageResult | DeadLetter
@@ -140,12 +146,14 @@ class DeadLetterPublish(NamedTuple):
     #: The original delivery, whose properties the dead letter keeps.
     delivery: Delivery
     fallback: Settle
+    #: More headers for the dead letter (e.g. the class of a decode error).
+    headers: Mapping[str, Any] | None = None
 
     @property
     def properties(self) -> Properties:
         """The dead letter's properties (built when it is published: most
         dead-letter plans are fallbacks that never run)."""
-        return dead_letter_properties(self.delivery, self.reason)
+        return dead_letter_properties(self.delivery, self.reason, self.headers)
 
     def __repr__(self) -> str:
         # Without the delivery: its body and headers are the producer's data.
@@ -241,7 +249,13 @@ def plan(message: Message, disposition: Disposition, policy: RetryPolicy) -> Pla
         return REQUEUE
     delivery = message.delivery
     if isinstance(disposition, DeadLetter):
-        return _dead_letter(delivery, policy, disposition.reason, by_library=True)
+        return _dead_letter(
+            delivery,
+            policy,
+            disposition.reason,
+            by_library=True,
+            headers=disposition.headers,
+        )
     by_library = policy.is_copy(delivery)
     if disposition is _NACK_RESULT:
         return _dead_letter(delivery, policy, REJECTED, by_library=by_library)
@@ -265,7 +279,12 @@ def requeue_target(policy: RetryPolicy) -> tuple[str, str]:
 
 
 def _dead_letter(
-    delivery: Delivery, policy: RetryPolicy, reason: str, *, by_library: bool
+    delivery: Delivery,
+    policy: RetryPolicy,
+    reason: str,
+    *,
+    by_library: bool,
+    headers: Mapping[str, Any] | None = None,
 ) -> Settle | DeadLetterPublish:
     """Dead-letter with the original routing key.
 
@@ -283,4 +302,4 @@ def _dead_letter(
     routing_key = policy.dead_letter_routing_key
     if routing_key is None:
         _, routing_key = original_destination(delivery)
-    return DeadLetterPublish(exchange, routing_key, reason, delivery, reject)
+    return DeadLetterPublish(exchange, routing_key, reason, delivery, reject, headers)
