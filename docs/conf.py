@@ -115,6 +115,17 @@ nitpick_ignore = [
     ("py:class", "amqp_batch._settings._S"),
     # The phase a transport error happened in (a fact read by the error policy).
     ("py:class", "amqp_batch._exceptions.Phase"),
+    # Typed bodies and the aiormq transport: type variables, and the private homes
+    # of public types in annotations.
+    ("py:class", "T"),
+    ("py:class", "amqp_batch._bodies.T"),
+    ("py:class", "amqp_batch._bodies.T_co"),
+    ("py:class", "amqp_batch._bodies.Decoder"),
+    ("py:class", "amqp_batch._message.BodyT_co"),
+    ("py:class", "amqp_batch._results.BodyT_contra"),
+    ("py:class", "amqp_batch._handler_testing.T"),
+    ("py:class", "amqp_batch._transport._aiormq.AiormqSession"),
+    ("py:class", "amqp_batch._transport._aiormq.AiormqPublisher"),
 ]
 
 # -- HTML ---------------------------------------------------------------------------

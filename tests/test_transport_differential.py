@@ -21,7 +21,9 @@ native transport there); the trio row checks the clear error instead.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,6 +38,7 @@ from tests.support.transports import make_transport, over_transports
 
 from amqp_batch import (
     AiormqTransport,
+    AuthenticationError,
     ChannelClosed,
     ConnectionLost,
     MessageNacked,
@@ -562,6 +565,96 @@ async def test_cancelled_publish_callers_never_corrupt_a_frame(
         messages.append(got.body)
     assert messages[-1] == b"after"
     assert all(m == body for m in messages[:-1])  # each one whole
+    await admin.queue_delete(queue)
+
+
+@over_transports
+async def test_no_password_in_logs_errors_or_reprs(
+    transport: Any, private_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = "PW-MARKER-4711"
+    url = f"amqp://guest:{marker}@127.0.0.1:{private_node.amqp_port}/"
+    texts = []
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(AuthenticationError) as info:
+            async with transport.open_publisher(parse_url(url)):
+                pass
+        texts += [str(info.value), repr(info.value)]
+        texts.append("".join(traceback.format_exception(info.value)))
+        good = attrs.evolve(parse_url(url), password="guest")
+        async with transport.open_publisher(good) as publisher:
+            texts.append(repr(publisher))
+    texts += [record.getMessage() for record in caplog.records]
+    assert caplog.records
+    assert [text for text in texts if marker in text] == []
+
+
+@over_transports
+async def test_tls_with_the_right_ca(
+    transport: Any, private_node: Any, admin: Any, unique_name: str
+) -> None:
+    queue = await _fresh(admin, unique_name)
+    params = parse_url(
+        private_node.tls_url, ssl_context=private_node.client_ssl_context()
+    )
+    for _ in range(3):  # the close handshake is clean every time
+        async with transport.open_publisher(params) as publisher:
+            await publisher.publish(b"over tls", routing_key=queue)
+    assert (await admin.queue_declare(queue, passive=True)).message_count == 3
+    await admin.queue_delete(queue)
+
+
+@over_transports
+async def test_an_idle_connection_keeps_its_heartbeats(
+    transport: Any, private_node: Any, admin: Any, unique_name: str
+) -> None:
+    """The broker closes a client silent for two 1 s heartbeats; ours is not."""
+    queue = await _fresh(admin, unique_name)
+    params = attrs.evolve(parse_url(private_node.url), heartbeat=1)
+    async with transport.open_publisher(params) as publisher:
+        await anyio.sleep(3.5)  # the workload: idle for 3.5 heartbeat intervals
+        await publisher.publish(b"still here", routing_key=queue)
+    await admin.queue_delete(queue)
+
+
+@over_transports
+async def test_publish_waits_while_the_broker_blocks_the_connection(
+    transport: Any, destructive_node: Any, admin: Any, unique_name: str
+) -> None:
+    queue = await _fresh(admin, unique_name)
+    async with transport.open_publisher(parse_url(destructive_node.url)) as publisher:
+        await publisher.publish(b"before", routing_key=queue)
+        await anyio.to_thread.run_sync(destructive_node.set_memory_alarm)
+        try:
+            confirmation = publisher.start_publish(b"while blocked", routing_key=queue)
+            with anyio.move_on_after(1) as waited:
+                await confirmation.wait()
+            assert waited.cancelled_caught  # held back while the alarm is on
+        finally:
+            await anyio.to_thread.run_sync(destructive_node.clear_memory_alarm)
+        with anyio.fail_after(WAIT):
+            await confirmation.wait()
+    bodies = []
+    while (got := await admin.basic_get(queue, no_ack=True)) is not None:
+        bodies.append(got.body)
+    assert bodies == [b"before", b"while blocked"]
+    await admin.queue_delete(queue)
+
+
+@on_asyncio
+async def test_aiormq_gives_a_publish_without_message_id_one(
+    private_node: Any, admin: Any, unique_name: str
+) -> None:
+    """A documented difference: aiormq matches returns by ``message_id``, so it
+    sets a random one on a publish that has none (the native transport sends
+    the properties as given)."""
+    queue = await _fresh(admin, unique_name)
+    for transport in (NativeTransport(), AiormqTransport()):
+        async with transport.open_publisher(parse_url(private_node.url)) as publisher:
+            await publisher.publish(b"no id", routing_key=queue)
+    native, aiormq = [await admin.basic_get(queue, no_ack=True) for _ in range(2)]
+    assert native is not None and native.properties.message_id is None
+    assert aiormq is not None and len(aiormq.properties.message_id or "") == 32
     await admin.queue_delete(queue)
 
 

@@ -75,7 +75,7 @@ def json_decoder() -> Decoder[Any]: ...
 @overload
 def json_decoder(into: Callable[[Any], T]) -> Decoder[T]: ...
 def json_decoder(into: Callable[[Any], Any] | None = None) -> Decoder[Any]:
-    """A JSON decoder (stdlib :mod:`json`): the parsed value, or ``into(parsed)``
+    """A JSON decoder (the stdlib's ``json``): the parsed value, or ``into(parsed)``
     when ``into`` is given (e.g. ``json_decoder(lambda d: Order(**d))``).
 
     Accepts messages without a content type, ``application/json``,

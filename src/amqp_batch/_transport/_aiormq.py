@@ -790,7 +790,7 @@ class AiormqTransport:
 
     Same sessions, guarantees and errors as the native transport; the differences
     that remain are listed in ``docs/how-to/transports.md``. On trio it raises
-    :class:`AsyncioOnly` (a ``RuntimeError``): at construction when it is built
+    ``AsyncioOnly`` (a ``RuntimeError``): at construction when it is built
     inside trio, else when a session or publisher is first opened.
     """
 
