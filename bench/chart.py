@@ -1,7 +1,9 @@
-"""A PNG of the benchmark table: throughput, latency and memory, one panel each."""
+"""A PNG of the benchmark table: throughput, CPU per message, latency and memory,
+one panel each."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +14,16 @@ import matplotlib.pyplot as plt
 
 COLOURS = {
     "aio-pika-batch": "#c44e52",
+    "FastStream": "#dd8452",
+    "aio-pika ": "#da8bc3",
+    "pika ": "#937860",
     "raw aiormq": "#8172b2",
     "transport ceiling": "#999999",
     "amqp-batch (asyncio)": "#4c72b0",
     "amqp-batch (trio)": "#55a868",
+    "amqp-batch @": "#a1c9f4",
 }
+THROUGHPUT = ("W1", "W2", "W3", "W4", "W1P", "W4P")
 
 
 def colour(consumer: str) -> str:
@@ -44,19 +51,47 @@ def _bars(
     axis.margins(x=0.18)
 
 
+def _cpu(axis: Any, rows: list[dict[str, Any]]) -> None:
+    """Consumer CPU per message, the broker's stacked behind it (lighter)."""
+    positions = list(range(len(rows)))
+    own = [r["cpu_us"] or 0.0 for r in rows]
+    broker = [r.get("broker_us") or 0.0 for r in rows]
+    colours = [colour(r["consumer"]) for r in rows]
+    axis.barh(positions, own, color=colours)
+    axis.barh(positions, broker, left=own, color=colours, alpha=0.35, hatch="//")
+    axis.set_yticks(
+        positions, [f"{r['workload']}  {r['consumer']}" for r in rows], fontsize=8
+    )
+    axis.invert_yaxis()
+    for position, mine, theirs in zip(positions, own, broker, strict=True):
+        text = f" {mine:.1f}" + (f" + broker {theirs:.1f}" if theirs else "")
+        axis.text(mine + theirs, position, text, va="center", fontsize=7)
+    axis.margins(x=0.25)
+
+
 def draw(rows: list[dict[str, Any]], path: Path, subtitle: str = "") -> None:
     """Draw ``rows`` (from ``run.summarise``) to ``path``."""
-    throughput = [r for r in rows if r["workload"] in ("W1", "W2", "W3", "W4")]
+    throughput = [r for r in rows if r["workload"] in THROUGHPUT]
+    cpu = [r for r in throughput if r.get("cpu_us") is not None]
     latency = [r for r in rows if r["workload"] == "W5"]
     memory = [r for r in rows if r["workload"] == "W6"]
-    heights = [max(1, len(throughput)), max(1, len(latency) * 2), max(1, len(memory))]
+    heights = [
+        max(1, len(throughput)),
+        max(1, len(cpu)),
+        max(1, len(latency) * 2),
+        max(1, len(memory)),
+    ]
     figure, axes = plt.subplots(
-        3,
+        4,
         1,
-        figsize=(10, 2.2 + 0.32 * sum(heights)),
+        figsize=(10, 2.8 + 0.3 * sum(heights)),
         gridspec_kw={"height_ratios": heights},
+        layout="constrained",
     )
-    figure.suptitle("amqp-batch benchmark (median of runs)\n" + subtitle, fontsize=10)
+    figure.suptitle(
+        "amqp-batch benchmark (median of runs)\n" + textwrap.fill(subtitle, 140),
+        fontsize=9,
+    )
 
     axis = axes[0]
     if throughput:
@@ -69,11 +104,21 @@ def draw(rows: list[dict[str, Any]], path: Path, subtitle: str = "") -> None:
         )
     axis.set_xlabel("messages per second (higher is better)")
     axis.set_title(
-        "Throughput: W1 drain, W2 mixed + requeue, W3 trio, W4 20 ms I/O handler",
+        "Throughput: W1 drain, W2 mixed + requeue, W3 trio, W4 20 ms I/O handler, "
+        "W1P/W4P 1 vs 2 processes",
         fontsize=9,
     )
 
     axis = axes[1]
+    if cpu:
+        _cpu(axis, cpu)
+    axis.set_xlabel(
+        "CPU µs per message: consumer process(es), then the broker (hatched); "
+        "lower is better"
+    )
+    axis.set_title("CPU per message over the timed window", fontsize=9)
+
+    axis = axes[2]
     if latency:
         labels, values, colours = [], [], []
         for r in latency:
@@ -87,7 +132,7 @@ def draw(rows: list[dict[str, Any]], path: Path, subtitle: str = "") -> None:
     axis.set_xlabel("publish-to-handler delay, ms (lower is better)")
     axis.set_title("W5: latency at 200 msg/s, batch 100, timeout 0.1 s", fontsize=9)
 
-    axis = axes[2]
+    axis = axes[3]
     if memory:
         _bars(
             axis,
@@ -99,6 +144,5 @@ def draw(rows: list[dict[str, Any]], path: Path, subtitle: str = "") -> None:
     axis.set_xlabel("peak RSS, MiB (lower is better)")
     axis.set_title("W6: peak RSS draining 4 KiB messages, prefetch 1000", fontsize=9)
 
-    figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
+from cpu import Meter
 
-from amqp_batch._transport._base import Properties, QueueSpec, SessionSpec
+from amqp_batch._transport._base import Delivery, Properties, QueueSpec, SessionSpec
 from amqp_batch._transport._native import connect, open_session
+from amqp_batch._transport._native._session import open_publisher
 from amqp_batch._transport._url import parse_url
 
 QUEUE = "amqp-batch.bench.transport"
@@ -60,8 +64,9 @@ async def fill(url: str, count: int) -> None:
         assert info.message_count == count, info
 
 
-async def consume_native(url: str, count: int) -> float:
+async def consume_native(url: str, count: int, clock: Meter | None = None) -> float:
     """Drain ``count`` messages with our transport; returns seconds."""
+    clock = clock or Meter()
     spec = SessionSpec(
         parameters=parse_url(url),
         queue=QUEUE,
@@ -69,7 +74,7 @@ async def consume_native(url: str, count: int) -> float:
         queues=[QueueSpec(name=QUEUE, durable=True)],
     )
     async with open_session(spec) as session:
-        started = time.perf_counter()
+        clock.start()
         received = 0
         deliveries = session.deliveries
         while True:
@@ -84,11 +89,188 @@ async def consume_native(url: str, count: int) -> float:
                 await session.ack(delivery.delivery_tag, multiple=True)
             if received == count:
                 break
-        elapsed = time.perf_counter() - started
-    return elapsed
+        return clock.stop()
 
 
-async def consume_aiormq(url: str, count: int) -> float:
+#: W2's settlement actions in the ceiling's ledger (besides a copy's confirm).
+_ACK, _REJECT = "ack", "reject"
+RETRY_HEADER = "x-retry-count"
+
+
+class _MixedLedger:
+    """Unsettled tags in tag order; settles from the lowest, as DESIGN.md says.
+
+    An entry is ``_ACK``, ``_REJECT`` or the confirm of a publish (a copy or a
+    dead-letter) after which the original is acked. :meth:`flush` sends a run of
+    ACKs and confirmed publishes as one ``ack(multiple=True)`` at the run's last
+    tag and a reject at its place, and stops at the first unconfirmed publish.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.pending: deque[tuple[int, Any]] = deque()
+
+    def flush(self) -> None:
+        pending, channel, last_ack = self.pending, self.channel, 0
+        while pending:
+            tag, entry = pending[0]
+            if entry is _REJECT:
+                if last_ack:
+                    channel.ack(last_ack, multiple=True)
+                    last_ack = 0
+                channel.reject(tag, requeue=False)
+            elif entry is _ACK or entry.done:
+                last_ack = tag
+            else:
+                break
+            pending.popleft()
+        if last_ack:
+            channel.ack(last_ack, multiple=True)
+
+
+def _copy_properties(delivery: Delivery, extra: dict[str, Any]) -> Properties:
+    """A copy's properties: the headers kept, the first destination noted."""
+    headers = dict(delivery.properties.headers or {})
+    headers.setdefault("x-original-exchange", delivery.exchange)
+    headers.setdefault("x-original-routing-key", delivery.routing_key)
+    headers.update(extra)
+    return Properties(delivery_mode=delivery.properties.delivery_mode, headers=headers)
+
+
+async def consume_native_mixed(
+    url: str,
+    count: int,
+    *,
+    queue: str,
+    dead_letter_exchange: str,
+    dead_letter_queue: str,
+    expect_dead: int,
+    max_requeue: int = 3,
+    clock: Meter | None = None,
+) -> tuple[float, int]:
+    """W2's broker work on the bare transport: its ceiling; returns seconds and
+    the number of deliveries.
+
+    Message ``i`` (the body starts with it) is rejected (the broker dead-letters
+    it) if ``i % 10 == 0``, always requeued if ``i % 10 == 1``, else acked. A
+    requeue publishes a copy to the back of the queue with ``x-retry-count`` + 1
+    (persistent, mandatory, confirmed, on a publisher connection of its own as
+    the library's) and acks the original once the copy is confirmed; a copy at
+    ``max_requeue`` is published to the dead-letter exchange under its original
+    routing key and acked after that confirm. What the library adds is gone:
+    no batches, no handler, no actors and streams between them. Publishes are
+    pipelined, confirms awaited in order by one task, settlement in tag order with
+    one ``ack(multiple=True)`` per run, every 100 deliveries, whenever the delivery
+    buffer runs dry and whenever a confirm unblocks the lowest tag. Timed like the
+    library's W2: until the queue is empty and the dead-letter queue holds
+    ``expect_dead``.
+    """
+    clock = clock or Meter()
+    parameters = parse_url(url)
+    sink, deliveries = anyio.create_memory_object_stream[Delivery](PREFETCH + 16)
+    async with (
+        connect(parameters) as probe_connection,
+        probe_connection.channel() as probe,
+        connect(parameters) as connection,
+        connection.channel() as channel,
+        open_publisher(parameters) as publisher,
+        sink,
+        deliveries,
+    ):
+        await channel.basic_qos(PREFETCH)
+        await channel.basic_consume(queue, f"amqp-batch.bench.{os.getpid()}", sink)
+        clock.start()
+        ledger = _MixedLedger(channel)
+        confirms_in, confirms_out = anyio.create_memory_object_stream[Any](math.inf)
+        async with anyio.create_task_group() as group:
+            group.start_soon(_confirm_in_order, confirms_out, ledger)
+            received = await _mixed_deliveries(
+                deliveries,
+                publisher,
+                ledger,
+                confirms_in,
+                count,
+                queue,
+                dead_letter_exchange,
+                max_requeue,
+            )
+            confirms_in.close()
+        # Every confirm is in and the flush behind it sent.
+        while [
+            (await probe.queue_declare(name, passive=True)).message_count
+            for name in (queue, dead_letter_queue)
+        ] != [0, expect_dead]:
+            await anyio.sleep(0.005)
+        return clock.stop(), received
+
+
+async def _confirm_in_order(confirms: Any, ledger: _MixedLedger) -> None:
+    """Await each publish confirm; one that unblocks the lowest tag flushes."""
+    async with confirms:
+        async for waiter in confirms:
+            await waiter.wait()  # raises if the broker nacked or returned it
+            if ledger.pending and ledger.pending[0][1] is waiter:
+                ledger.flush()
+    ledger.flush()
+
+
+async def _mixed_deliveries(
+    deliveries: Any,
+    publisher: Any,
+    ledger: _MixedLedger,
+    confirms: Any,
+    count: int,
+    queue: str,
+    dead_letter_exchange: str,
+    max_requeue: int,
+) -> int:
+    """Decide every delivery until each of the ``count`` messages is final;
+    returns the number of deliveries."""
+    final = received = 0
+    pending = ledger.pending
+    while final < count:
+        try:
+            delivery = deliveries.receive_nowait()
+        except anyio.WouldBlock:
+            ledger.flush()
+            delivery = await deliveries.receive()
+        received += 1
+        tag, kind = delivery.delivery_tag, int(delivery.body[:10]) % 10
+        if kind == 0:
+            pending.append((tag, _REJECT))
+            final += 1
+        elif kind == 1:
+            headers = delivery.properties.headers
+            retries = headers.get(RETRY_HEADER, 0) if headers else 0
+            if retries >= max_requeue:
+                final += 1
+                waiter = publisher.start_publish(
+                    delivery.body,
+                    exchange=dead_letter_exchange,
+                    routing_key=headers["x-original-routing-key"],
+                    properties=_copy_properties(
+                        delivery, {"x-dead-letter-reason": "max-requeue-attempts"}
+                    ),
+                )
+            else:
+                waiter = publisher.start_publish(
+                    delivery.body,
+                    routing_key=queue,
+                    properties=_copy_properties(delivery, {RETRY_HEADER: retries + 1}),
+                    mandatory=True,
+                )
+            pending.append((tag, waiter))
+            confirms.send_nowait(waiter)
+        else:
+            pending.append((tag, _ACK))
+            final += 1
+        if received % ACK_EVERY == 0:
+            ledger.flush()
+    ledger.flush()
+    return received
+
+
+async def consume_aiormq(url: str, count: int, clock: Meter | None = None) -> float:
     """Drain ``count`` messages with raw aiormq; returns seconds."""
     import asyncio
 
@@ -108,10 +290,11 @@ async def consume_aiormq(url: str, count: int) -> float:
         if received == count:
             done.set()
 
-    started = time.perf_counter()
+    clock = clock or Meter()
+    clock.start()
     await channel.basic_consume(QUEUE, on_message, no_ack=False)
     await done.wait()
-    elapsed = time.perf_counter() - started
+    elapsed = clock.stop()
     await connection.close()
     return elapsed
 

@@ -20,7 +20,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import mmap
 import os
+import struct
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -32,7 +35,9 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import transport
+from cpu import Meter
 
+import amqp_batch
 from amqp_batch import (
     AiormqTransport,
     BatchConsumerSettings,
@@ -181,11 +186,56 @@ async def delete_all(url: str) -> None:
 # -- amqp-batch as a consumer ------------------------------------------------------
 
 
+class Progress:
+    """The final counts of several consumer processes, in one shared file.
+
+    Each process of a multi-process measurement writes its own count into its
+    slot after every batch; each stops once the slots add up to the total.
+    """
+
+    #: The share of the messages handled at which the runner stops the clock.
+    MARK = 0.95
+
+    def __init__(self, path: str, slot: int, slots: int) -> None:
+        self._file = open(path, "r+b")  # noqa: SIM115 (lives as long as the process)
+        self._map = mmap.mmap(self._file.fileno(), 8 * slots)
+        self._slot = slot
+        self._format = f"{slots}q"
+
+    @staticmethod
+    def create(path: str, slots: int) -> None:
+        Path(path).write_bytes(bytes(8 * slots))
+
+    def publish(self, value: int) -> None:
+        struct.pack_into("q", self._map, 8 * self._slot, value)
+
+    def total(self) -> int:
+        return sum(struct.unpack_from(self._format, self._map))
+
+    async def wait(self, count: int) -> float:
+        """Poll until the slots add up to ``count``; return the wall-clock time
+        at which they first reached ``MARK`` of it.
+
+        The runner times several processes to that mark, not to the end: once the
+        queue is drained each process holds a partial batch that waits out the
+        batch timeout, however many processes there are.
+        """
+        mark = None
+        while (total := self.total()) < count:
+            if mark is None and total >= self.MARK * count:
+                mark = time.time()
+            await anyio.sleep(0.002)
+        return time.time() if mark is None else mark
+
+
 class _State:
-    def __init__(self, mode: str, target: int, sleep: float) -> None:
+    def __init__(
+        self, mode: str, target: float, sleep: float, progress: Progress | None = None
+    ) -> None:
         self.mode = mode
         self.target = target
         self.sleep = sleep
+        self.progress = progress
         self.handled = 0
         self.final = 0
         self.latencies: list[float] = []
@@ -231,6 +281,8 @@ def make_handler(state: _State) -> Any:
             else:
                 state.final += 1
                 yield MessageResult.ACK
+        if state.progress is not None:
+            state.progress.publish(state.final)
         if state.final >= state.target:
             state.done.set()
 
@@ -239,7 +291,14 @@ def make_handler(state: _State) -> Any:
 
 async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement of amqp-batch (asyncio or trio, from ``args.backend``)."""
-    state = _State(args.mode, args.count, args.sleep)
+    progress = None
+    if args.progress:
+        path, slot, slots = args.progress.split(",")
+        progress = Progress(path, int(slot), int(slots))
+    # With several processes, none knows when its own share is done.
+    state = _State(
+        args.mode, math.inf if progress else args.count, args.sleep, progress
+    )
     dead_letter = (
         {"dead_letter_exchange": MIXED_DLX, "dead_letter_queue": MIXED_DLQ}
         if args.mode == "mixed"
@@ -256,13 +315,17 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
         **dead_letter,
     )
     baseline = rss_kib()
+    meter = Meter()
     chosen = AiormqTransport() if args.transport == "aiormq" else None
     async with connect(parse_url(args.url)) as probe, probe.channel() as channel:
-        started = time.perf_counter()
+        meter.start()
         async with batch_consumer(settings, make_handler(state), transport=chosen):
             if args.mode in ("latency", "soak"):
                 print(json.dumps({"ready": True}), flush=True)
-            await state.done.wait()
+            if progress is None:
+                await state.done.wait()
+            else:
+                mark = await progress.wait(args.count)
         # Leaving the block drains: every result is applied, republishes confirmed.
         if args.mode == "mixed":
             while [
@@ -270,13 +333,16 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
                 for name in (args.queue, MIXED_DLQ)
             ] != [0, args.expect_dlq]:
                 await anyio.sleep(0.005)
-        seconds = time.perf_counter() - started
+        seconds = meter.stop()
     result: dict[str, Any] = {
         "seconds": seconds,
         "handled": state.handled,
         "latencies": state.latencies,
         "baseline_rss_kib": baseline,
+        **meter.figures(),
     }
+    if progress is not None:
+        result["wall_mark"] = mark
     if args.mode == "soak" and state.rss_samples:
         # Growth after a one-minute warm-up.
         warm = next((kib for t, kib in state.rss_samples if t >= 60), None)
@@ -287,15 +353,31 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def consume_bare(args: argparse.Namespace) -> dict[str, Any]:
-    """bench/transport.py's bare consumers: our transport's ceiling, raw aiormq."""
+    """bench/transport.py's bare consumers: our transport's ceilings, raw aiormq."""
     baseline = rss_kib()
-    function = (
-        transport.consume_native
-        if args.consumer == "ceiling"
-        else transport.consume_aiormq
-    )
-    seconds = await function(args.url, args.count)
-    return {"seconds": seconds, "handled": args.count, "baseline_rss_kib": baseline}
+    meter = Meter()
+    handled = args.count
+    if args.consumer == "aiormq":
+        seconds = await transport.consume_aiormq(args.url, args.count, meter)
+    elif args.mode == "mixed":
+        seconds, handled = await transport.consume_native_mixed(
+            args.url,
+            args.count,
+            queue=args.queue,
+            dead_letter_exchange=MIXED_DLX,
+            dead_letter_queue=MIXED_DLQ,
+            expect_dead=args.expect_dlq,
+            max_requeue=MAX_REQUEUE,
+            clock=meter,
+        )
+    else:
+        seconds = await transport.consume_native(args.url, args.count, meter)
+    return {
+        "seconds": seconds,
+        "handled": handled,
+        "baseline_rss_kib": baseline,
+        **meter.figures(),
+    }
 
 
 def child(argv: list[str] | None = None) -> None:
@@ -326,11 +408,20 @@ def child(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--profile", default=None, help="write a pyinstrument/cProfile file"
     )
+    parser.add_argument(
+        "--progress",
+        default=None,
+        help="PATH,SLOT,SLOTS: one of several processes sharing --count; waits "
+        "for a line on stdin after printing a ready line",
+    )
     args = parser.parse_args(argv)
     if args.transport == "aiormq" and args.backend != "asyncio":
         parser.error("--transport aiormq runs on asyncio only")
     if args.transport == "aiormq" and args.consumer != "amqp-batch":
         parser.error("--transport applies to --consumer amqp-batch")
+    if args.progress:
+        print(json.dumps({"ready": True}), flush=True)
+        sys.stdin.readline()
     function = consume_amqp_batch if args.consumer == "amqp-batch" else consume_bare
     if args.profile:
         result = _profiled(function, args)
@@ -338,6 +429,8 @@ def child(argv: list[str] | None = None) -> None:
         result = anyio.run(function, args, backend=args.backend)
     result["peak_rss_kib"] = rss_kib("VmHWM")
     result["python"] = sys.version.split()[0]
+    # Which amqp_batch ran (a --baseline row imports another commit's).
+    result["amqp_batch"] = str(Path(amqp_batch.__file__).resolve().parent)
     print(json.dumps(result), flush=True)
 
 

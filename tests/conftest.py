@@ -70,12 +70,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_collection_modifyitems(
     config: pytest.Config, items: list[pytest.Item]
 ) -> None:
-    """Tag tests that use the private node, so ``-m "not private_node"`` works;
-    keep ``soak`` tests for ``--soak`` runs and only those (deselected, not
-    skipped, otherwise)."""
+    """Tag tests that use the private node, so ``-m "not private_node"`` works,
+    and tests that use ``broker_url`` ``broker`` (``-m "not private_node and not
+    broker"`` is the offline part, which ``nox -s tests_pythons`` runs); keep
+    ``soak`` tests for ``--soak`` runs and only those (deselected, not skipped,
+    otherwise)."""
     for item in items:
         if "private_node" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.private_node)
+        callspec = getattr(item, "callspec", None)
+        if "broker_url" in getattr(item, "fixturenames", ()) or (
+            callspec is not None and "rabbitmq" in callspec.params.values()
+        ):  # broker_url, or a fixture parametrized "rabbitmq" that asks for it
+            item.add_marker(pytest.mark.broker)
     soak = config.getoption("--soak")
     keep = [
         item for item in items if (item.get_closest_marker("soak") is not None) == soak

@@ -48,7 +48,7 @@ def test_a_copy_keeps_every_property_but_user_id() -> None:
         headers={"h": 1},
         delivery_mode=2,
         priority=3,
-        timestamp=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
+        timestamp=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
     )
     original = Properties(**values)  # type: ignore[arg-type]
     delivery = Delivery(

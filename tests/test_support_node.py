@@ -224,6 +224,7 @@ def test_stop_app_start_app(destructive_node: PrivateNode) -> None:
         assert sock.recv(7)[0] == FRAME_METHOD
 
 
+@pytest.mark.private_node  # boots a node of its own
 def test_own_node_kill9_restart_and_stop(unique_name: str) -> None:
     """A second node: a crash keeps confirmed persistent messages; stop() cleans up."""
     with PrivateNode(tls=False) as node:

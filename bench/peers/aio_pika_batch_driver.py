@@ -2,10 +2,8 @@
 
 Runs with the Python 3.12 interpreter of the virtual environment that the bench
 creates (``bench/.venvs/aio-pika-batch``); it imports nothing from amqp-batch. The
-queue is filled by the runner before this starts. Protocol on stdout (one JSON
-object per line): ``{"ready": true}`` once the consumer consumes, then the result
-``{"seconds": ..., "handled": ..., "latencies": [...], "baseline_rss_kib": ...,
-"peak_rss_kib": ...}``. Logs go to stderr.
+queue is filled by the runner before this starts. Protocol on stdout and the
+arguments: ``common.py`` beside this file. Logs go to stderr.
 
 Modes (``--mode``), mirroring ``bench/workloads.py``:
 
@@ -33,21 +31,7 @@ from typing import Any
 import aio_pika
 import structlog
 from aio_pika_batch import BatchConsumer, BatchConsumerSettings, MessageResult
-
-RETRY_HEADER = "x-retry-count"
-
-
-def rss_kib(field: str = "VmRSS") -> int:
-    """Current resident set size (``VmHWM``: its peak), KiB.
-
-    Not ``getrusage``: on Linux a child's ``ru_maxrss`` starts at its parent's
-    RSS at fork time, which would hide the consumer's own peak.
-    """
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+from common import RETRY_HEADER, Meter, emit, parser, rss_kib
 
 
 class State:
@@ -109,7 +93,7 @@ async def queue_counts(channel: Any, *names: str) -> list[int]:
     return counts
 
 
-async def main(args: argparse.Namespace) -> dict[str, Any]:
+async def main(args: argparse.Namespace) -> None:
     State.mode = args.mode
     State.target = args.count
     State.sleep = args.sleep
@@ -130,7 +114,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     probe_channel = await probe.channel()
     baseline = rss_kib()
     consumer = Bench(settings)
-    started = time.perf_counter()
+    meter = Meter()
+    meter.start()
     await consumer.__aenter__()
     try:
         if args.mode == "latency":
@@ -149,36 +134,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             args.expect_dlq,
         ]:
             await asyncio.sleep(0.005)
-    seconds = time.perf_counter() - started
+    meter.stop()
     await probe.close()
-    return {
-        "seconds": seconds,
-        "handled": State.handled,
-        "latencies": State.latencies,
-        "baseline_rss_kib": baseline,
-        "peak_rss_kib": rss_kib("VmHWM"),
-        "python": sys.version.split()[0],
-    }
+    emit(meter, State.handled, baseline, latencies=State.latencies)
 
 
 def parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--queue", required=True)
-    parser.add_argument(
-        "--mode", choices=["drain", "mixed", "io", "latency"], default="drain"
-    )
-    parser.add_argument("--count", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--batch-timeout", type=float, default=0.5)
-    parser.add_argument("--prefetch", type=int, default=1000)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--sleep", type=float, default=0.0)
-    parser.add_argument("--max-requeue", type=int, default=3)
-    parser.add_argument("--dlx", default=None)
-    parser.add_argument("--dlq", default=None)
-    parser.add_argument("--expect-dlq", type=int, default=0)
-    return parser.parse_args()
+    modes = ("drain", "mixed", "io", "latency")
+    return parser(__doc__.splitlines()[0], modes).parse_args()
 
 
 if __name__ == "__main__":
@@ -189,5 +152,4 @@ if __name__ == "__main__":
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
     )
-    result = asyncio.run(main(parse()))
-    print(json.dumps(result), flush=True)
+    asyncio.run(main(parse()))

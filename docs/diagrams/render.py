@@ -423,9 +423,91 @@ def shutdown() -> str:
     return svg.render()
 
 
+def _probes(svg: Svg) -> None:
+    """Panel 1: the kubelet's probes on the pod's HTTP port."""
+    svg.text(20, 58, "1. Probes", weight="bold", size=14)
+    svg.box(20, 76, 150, 70, BROKER)
+    svg.text(95, 104, "kubelet", anchor="middle", weight="bold")
+    svg.text(95, 124, "every 5-10 s", anchor="middle", size=11, color=MUTED)
+    svg.box(250, 70, 300, 170, CONSUMER)
+    svg.text(400, 92, "pod: amqp-batch run", anchor="middle", weight="bold")
+    svg.text(400, 110, "--http-port 9464 --http-host 0.0.0.0", anchor="middle",
+             size=11, color=MUTED)  # fmt: skip
+    svg.box(270, 124, 260, 44, WORKER)
+    svg.text(400, 143, "GET /healthz: 200 while the process", anchor="middle",
+             size=11)  # fmt: skip
+    svg.text(400, 158, "runs (liveness: else restart)", anchor="middle", size=11)
+    svg.box(270, 178, 260, 44, WORKER)
+    svg.text(400, 197, "GET /readyz: 200 while consuming", anchor="middle", size=11)
+    svg.text(400, 212, "(readiness: not while draining)", anchor="middle", size=11)
+    svg.arrow([(170, 100), (210, 100), (210, 146), (270, 146)])
+    svg.arrow([(170, 120), (196, 120), (196, 200), (270, 200)])
+    svg.box(620, 96, 130, 70, BROKER)
+    svg.text(685, 126, "RabbitMQ", anchor="middle", weight="bold")
+    svg.text(685, 146, "queue: orders", anchor="middle", size=11, color=MUTED)
+    svg.arrow([(620, 131), (550, 131)], both=True)
+    svg.text(585, 122, "AMQP", anchor="middle", size=11, color=MUTED)
+
+
+def _drain(svg: Svg) -> None:
+    """Panel 2: SIGTERM, the drain, and the grace period around it."""
+    svg.text(20, 290, "2. SIGTERM: drain, then exit 0", weight="bold", size=14)
+    left, right, y = 40, 1000, 350
+    svg.arrow([(left, y), (right, y)], color=MUTED)
+    steps = [
+        (40, "SIGTERM", "pod deleted, scale-down, rollout"),
+        (180, "not ready", "/readyz 503; basic.cancel"),
+        (380, "batches in the handler", "finish; results settled"),
+        (600, "prefetched messages", "back to the queue, in order"),
+        (790, "exit 0", "within shutdown_timeout (30 s)"),
+    ]
+    for number, (x, title, note) in enumerate(steps):
+        svg.parts.append(
+            f"<line x1='{x}' y1='{y - 8}' x2='{x}' y2='{y + 8}' stroke='{INK}' "
+            "stroke-width='2'/>"
+        )
+        svg.text(x + 4, y - 16, title, weight="bold", size=12)
+        svg.text(x + 4, y + 26 + 16 * (number % 2), note, size=11, color=MUTED)
+    svg.box(40, 404, 750, 26, PUBLISH, radius=4)
+    svg.text(415, 422, "shutdown_timeout: the drain's bound (then the handler is "
+             "cancelled, its messages requeued)", anchor="middle", size=11)  # fmt: skip
+    svg.box(40, 436, 920, 26, BROKER, radius=4, dashed=True)
+    svg.text(500, 454, "terminationGracePeriodSeconds (45 s) > shutdown_timeout + "
+             "margin: SIGKILL only after it", anchor="middle", size=11,
+             color=DANGER)  # fmt: skip
+
+
+def _scaling(svg: Svg) -> None:
+    """Panel 3: KEDA scales the Deployment on the queue's length."""
+    svg.text(20, 510, "3. Scaling on queue length", weight="bold", size=14)
+    boxes = [
+        (20, "RabbitMQ", "ready messages in 'orders'"),
+        (270, "KEDA ScaledObject", "rabbitmq trigger, QueueLength 1000"),
+        (520, "HorizontalPodAutoscaler", "1..10 replicas; down slowly"),
+        (770, "Deployment", "pods drain as in 2; PDB: 1 at a time"),
+    ]
+    for x, title, note in boxes:
+        svg.box(x, 530, 220, 64, WORKER if x else BROKER)
+        svg.text(x + 110, 556, title, anchor="middle", weight="bold")
+        svg.text(x + 110, 576, note, anchor="middle", size=11, color=MUTED)
+    for x in (240, 490, 740):
+        svg.arrow([(x, 562), (x + 30, 562)])
+
+
+def containers() -> str:
+    """Probes, the drain on SIGTERM and scaling of a consumer in Kubernetes."""
+    svg = Svg(1040, 620, "amqp-batch in Kubernetes: probes, drain, scaling")
+    svg.text(20, 28, "amqp-batch in Kubernetes", weight="bold", size=16)
+    _probes(svg)
+    _drain(svg)
+    _scaling(svg)
+    return svg.render()
+
+
 DIAGRAMS: dict[str, Callable[[], str]] = {
     "actors.svg": actors,
     "shutdown.svg": shutdown,
+    "containers.svg": containers,
 }
 
 

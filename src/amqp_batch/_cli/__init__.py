@@ -4,6 +4,8 @@
   ``BatchConsumer`` / ``Consumer`` subclass; settings from flags, then
   ``AMQP_BATCH_*`` environment variables, then a ``.env`` file, then defaults.
 - ``amqp-batch demo``: publish sample messages and consume them in batches.
+- ``amqp-batch dlq inspect|replay|purge QUEUE``: a dead-letter queue's contents,
+  moved back or removed, without losing or reordering a message.
 - ``amqp-batch --version``.
 
 Exit codes: 0 done (stopped by SIGINT/SIGTERM, or the demo finished); 1 the
@@ -34,7 +36,10 @@ from ._common import (
     report,
 )
 from ._demo import add_demo_arguments, demo_command
+from ._dlq import add_dlq_arguments, dlq_command
+from ._reload import add_reload_arguments, reload_command
 from ._run import add_run_arguments, run_command
+from ._supervisor import add_supervisor_arguments, supervise_command
 
 __all__ = ["main", "parser"]
 
@@ -109,6 +114,8 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(run)
+    add_supervisor_arguments(run)
+    add_reload_arguments(run)
     _add_common(run, log_level="INFO")
     demo = commands.add_parser(
         "demo",
@@ -118,6 +125,13 @@ def parser() -> argparse.ArgumentParser:
     )
     add_demo_arguments(demo)
     _add_common(demo, log_level="WARNING")
+    dlq = commands.add_parser(
+        "dlq",
+        help="inspect, replay or purge a dead-letter queue",
+        description="Inspect, replay or purge a dead-letter queue; nothing is lost "
+        "or reordered (see 'amqp-batch dlq ACTION --help').",
+    )
+    add_dlq_arguments(dlq, lambda sub: _add_common(sub, log_level="WARNING"))
     return top
 
 
@@ -129,12 +143,19 @@ def _check_backend(backend: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``amqp-batch`` console script; the exit code."""
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging(args.log_level)
     prog = f"amqp-batch {args.command}"
     try:
         _check_backend(args.backend)
+        if args.command == "run" and args.reload:
+            return reload_command(args)
+        if args.command == "run" and args.processes is not None:
+            return supervise_command(args)
         if args.command == "run":
             return run_command(args)
+        if args.command == "dlq":
+            return dlq_command(args, interactive=sys.stdout.isatty())
         return demo_command(args, interactive=sys.stdout.isatty())
     except CLIError as exc:
         report(str(exc), prog=prog)

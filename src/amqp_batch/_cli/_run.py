@@ -256,7 +256,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         field="num_workers",
         type=int,
         metavar="N",
-        help="workers, each with its own connection",
+        help="connections in this process, each a worker consuming the queue "
+        "(--processes N runs N OS processes, each with this many)",
     )
     _setting(
         batching,
