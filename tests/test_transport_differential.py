@@ -701,19 +701,22 @@ async def test_no_aiormq_task_outlives_a_session_even_after_a_cut(
     await admin.queue_delete(queue)
 
 
-BUILT_OUTSIDE_ASYNC = AiormqTransport()  # nothing runs yet: checked at first use
+@pytest.fixture
+def built_outside_async() -> AiormqTransport:
+    """Built in synchronous code: it cannot know the event loop yet."""
+    return AiormqTransport()
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"], scope="module")
 async def test_on_trio_the_aiormq_transport_refuses_clearly(
-    private_node: Any,
+    private_node: Any, built_outside_async: AiormqTransport
 ) -> None:
     with pytest.raises(AsyncioOnly, match="asyncio only"):
         AiormqTransport()  # inside trio: at construction
     spec = _session_spec(private_node.url, "never-declared")
     with pytest.raises(AsyncioOnly, match="runs on trio"):
-        async with BUILT_OUTSIDE_ASYNC.open_session(spec):
+        async with built_outside_async.open_session(spec):
             pass
     with pytest.raises(AsyncioOnly):
-        async with BUILT_OUTSIDE_ASYNC.open_publisher(spec.parameters):
+        async with built_outside_async.open_publisher(spec.parameters):
             pass

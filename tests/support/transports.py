@@ -11,8 +11,12 @@ from typing import Any
 
 import pytest
 
+#: aiormq rows run with the broker tests (``-m broker``): the offline sessions
+#: (``nox -s tests_pythons``) do not install the aiormq extra.
+_AIORMQ = pytest.param("asyncio", "aiormq", marks=pytest.mark.broker)
+
 #: (backend, transport) rows: every pair except aiormq on trio.
-ROWS = [("asyncio", "native"), ("trio", "native"), ("asyncio", "aiormq")]
+ROWS = [("asyncio", "native"), ("trio", "native"), _AIORMQ]
 
 over_transports = pytest.mark.parametrize(
     ("anyio_backend", "transport_kind"), ROWS, scope="module"
@@ -26,7 +30,7 @@ PARITY_ROWS = [
     ("trio", "rabbitmq"),
     ("asyncio", "memory"),
     ("trio", "memory"),
-    ("asyncio", "aiormq"),
+    _AIORMQ,
 ]
 
 over_brokers = pytest.mark.parametrize(
