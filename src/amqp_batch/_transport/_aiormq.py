@@ -113,6 +113,15 @@ def _import_aiormq() -> Any:
         raise ImportError(
             "AiormqTransport needs aiormq: pip install 'amqp-batch[aiormq]'"
         ) from exc
+    from importlib.metadata import version
+
+    found = version("aiormq")
+    major, minor = (int(part) for part in found.split(".")[:2])
+    if (major, minor) < (7, 2) or major >= 8:
+        raise ImportError(
+            f"AiormqTransport needs aiormq 7.2 or a later 7.x (found {found}): "
+            "pip install 'amqp-batch[aiormq]'"
+        )
     return aiormq
 
 
