@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
+import attrs
 import msgspec
 import pydantic
 import pytest
@@ -173,7 +174,7 @@ async def test_a_batch_that_is_all_bad_never_calls_the_handler(
         calls.append(len(messages))
         return [MessageResult.ACK] * len(messages)
 
-    settings = _settings(broker_url, queue, dlx, dlq)
+    settings = attrs.evolve(_settings(broker_url, queue, dlx, dlq), batch_timeout=0.2)
     async with batch_consumer(settings, handle, decoder=json_decoder()):
         async with admin_channel(broker_url) as channel:
             for body in (b"nope", b"{"):
