@@ -23,7 +23,7 @@ COLOURS = {
     "amqp-batch (trio)": "#55a868",
     "amqp-batch @": "#a1c9f4",
 }
-THROUGHPUT = ("W1", "W2", "W3", "W4", "W1P", "W4P")
+THROUGHPUT = ("W1", "W2", "W3", "W4", "W1P", "W4P", "W1Q", "W2Q")
 
 
 def colour(consumer: str) -> str:
@@ -104,8 +104,8 @@ def draw(rows: list[dict[str, Any]], path: Path, subtitle: str = "") -> None:
         )
     axis.set_xlabel("messages per second (higher is better)")
     axis.set_title(
-        "Throughput: W1 drain, W2 mixed + requeue, W3 trio, W4 20 ms I/O handler, "
-        "W1P/W4P 1 vs 2 processes",
+        "Throughput: W1 drain, W2 mixed + requeue, W3 trio, W4 20 ms I/O handler,\n"
+        "W1P/W4P 1 vs 2 processes, W1Q/W2Q W1/W2 on quorum queues",
         fontsize=9,
     )
 

@@ -1,4 +1,4 @@
-"""The amqp-batch benchmark: workloads W1-W6 with every peer in the same run.
+"""The amqp-batch benchmark: workloads W1-W7 with every peer in the same run.
 
     python bench/run.py [--runs 3] [--quick] [--soak] [--only W1,W2] [--url ...]
                         [--baseline REV] [--callgrind] [--out DIR]
@@ -58,7 +58,15 @@ from workloads import (  # noqa: E402
     LATENCY_QUEUE,
     MIXED_DLQ,
     MIXED_DLX,
+    MIXED_Q_DLQ,
+    MIXED_Q_DLX,
+    MIXED_Q_QUEUE,
     MIXED_QUEUE,
+    OUTAGE_DLQ,
+    OUTAGE_DLX,
+    OUTAGE_QUEUE,
+    OUTAGE_RETRY_DELAYS,
+    QUORUM_QUEUE,
 )
 
 VENVS = HERE / ".venvs"
@@ -168,7 +176,7 @@ ENVS = {
 }
 #: The workloads each peer environment is measured in.
 ENV_WORKLOADS = {
-    "aio-pika-batch": {"W1", "W2", "W3", "W4", "W5", "W6"},
+    "aio-pika-batch": {"W1", "W2", "W3", "W4", "W5", "W6", "W1Q", "W2Q", "W7"},
     "faststream": {"W1", "W2"},
     "aio-pika": {"W1", "W2"},
     "pika": {"W1", "W2"},
@@ -185,10 +193,32 @@ CEIL_AIO = "transport ceiling (asyncio)"
 CEIL_TRIO = "transport ceiling (trio)"
 AB_AIO = "amqp-batch (asyncio)"
 AB_TRIO = "amqp-batch (trio)"
-ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W1P", "W4P")
-#: Workloads on the drain queue: it must be empty after every measurement (a
-#: consumer that stopped before its last ack leaves messages behind).
-DRAIN_WORKLOADS = {"W1", "W3", "W4", "W6", "W1P", "W4P"}
+ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W1P", "W4P", "W1Q", "W2Q", "W7")
+#: Workloads that drain a queue: it must be empty after every measurement (a
+#: consumer that stopped before its last ack leaves messages behind). W2, W2Q
+#: and W7 check their queues themselves (their end condition).
+DRAIN_WORKLOADS = {
+    **dict.fromkeys(("W1", "W3", "W4", "W6", "W1P", "W4P"), DRAIN_QUEUE),
+    "W1Q": QUORUM_QUEUE,
+}
+#: W7: seconds of the outage, from the consumer's start.
+OUTAGE_SECONDS = 5.0
+#: W7's configurations: (label, which consumer, options).
+OUTAGE_CONFIGURATIONS = (
+    (f"{APB}, requeue (max 3)", "peer", {"max_requeue": 3}),
+    (f"{AB_AIO}, immediate requeue (max 3)", "amqp-batch", {"max_requeue": 3}),
+    (
+        f"{AB_AIO}, delays {'/'.join(f'{d:g}' for d in OUTAGE_RETRY_DELAYS)} s "
+        "(max 10) + kill switch",
+        "amqp-batch",
+        {
+            "max_requeue": 10,
+            "retry_delays": ",".join(f"{d:g}" for d in OUTAGE_RETRY_DELAYS),
+            # threshold 0.5, window 2 s, at least 100 results, cool-down 1 s
+            "kill_switch": "0.5,2,100,1",
+        },
+    ),
+)
 
 
 # -- sizes --------------------------------------------------------------------------
@@ -196,8 +226,22 @@ DRAIN_WORKLOADS = {"W1", "W3", "W4", "W6", "W1P", "W4P"}
 
 def sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"W1": 5_000, "W2": 2_000, "W4": 4_000, "W5_seconds": 5, "W6": 10_000}
-    return {"W1": 50_000, "W2": 20_000, "W4": 20_000, "W5_seconds": 30, "W6": 100_000}
+        return {
+            "W1": 5_000,
+            "W2": 2_000,
+            "W4": 4_000,
+            "W5_seconds": 5,
+            "W6": 10_000,
+            "W7": 2_000,
+        }
+    return {
+        "W1": 50_000,
+        "W2": 20_000,
+        "W4": 20_000,
+        "W5_seconds": 30,
+        "W6": 100_000,
+        "W7": 10_000,
+    }
 
 
 # -- the baseline commit ---------------------------------------------------------------
@@ -416,7 +460,8 @@ class Bench:
                 if baseline and self.baseline:
                     self.baseline.check(result)
             if workload in DRAIN_WORKLOADS:
-                left = anyio.run(workloads.queue_counts, self.url, DRAIN_QUEUE)[0]
+                queue = DRAIN_WORKLOADS[workload]
+                left = anyio.run(workloads.queue_counts, self.url, queue)[0]
                 if left:
                     raise ChildFailed(f"{left} message(s) left in the queue")
         except Exception as exc:  # a failed measurement is reported, not fatal
@@ -447,7 +492,12 @@ class Bench:
 
     @staticmethod
     def show(workload: str, consumer: str, result: dict[str, Any]) -> None:
-        if "rate" in result:
+        if "drain_seconds" in result:
+            shown = (
+                f"{result['dead_lettered']:,} dead-lettered, drained "
+                f"{result['drain_seconds']:.1f} s after recovery"
+            )
+        elif "rate" in result:
             shown = f"{result['rate']:>10,.0f} msg/s"
         elif "p50" in result:
             shown = (
@@ -494,18 +544,55 @@ class Bench:
         for label, env in OTHER_PEERS:
             command = ENVS[env].command(url, n, **dead, **common)
             self.record("W2", label, fill, command, count=n)
-        for backend, ceiling, ours_label in (
-            ("asyncio", CEIL_AIO, AB_AIO),
-            ("trio", CEIL_TRIO, AB_TRIO),
-        ):
-            for consumer, label in (("ceiling", ceiling), ("amqp-batch", ours_label)):
-                command = ours(consumer, url, n, backend=backend, **common)
-                self.record("W2", label, fill, command, count=n)
+        self.backends("W2", fill, n, **common)
         if self.baseline:
             command = ours("amqp-batch", url, n, **common)
             self.record(
                 "W2", self.baseline.label, fill, command, count=n, baseline=True
             )
+
+    def w1q(self) -> None:
+        """W1 on a quorum queue: aio-pika-batch, the ceilings, amqp-batch."""
+        n, url = self.n["W1"], self.url
+        fill = lambda: workloads.fill_queue(url, QUORUM_QUEUE, n)  # noqa: E731
+        command = peer(url, n, queue=QUORUM_QUEUE, queue_type="quorum")
+        self.record("W1Q", APB, fill, command, count=n)
+        self.backends("W1Q", fill, n, queue=QUORUM_QUEUE)
+
+    def w2q(self) -> None:
+        """W2 on a quorum queue with a quorum dead-letter queue."""
+        n, url = self.n["W2"], self.url
+        fill = lambda: workloads.fill_queue(url, MIXED_Q_QUEUE, n)  # noqa: E731
+        common = {"queue": MIXED_Q_QUEUE, "mode": "mixed", "expect_dlq": n // 5}
+        dead = {"dlx": MIXED_Q_DLX, "dlq": MIXED_Q_DLQ, "queue_type": "quorum"}
+        self.record("W2Q", APB, fill, peer(url, n, **dead, **common), count=n)
+        self.backends("W2Q", fill, n, **common)
+
+    def backends(
+        self, workload: str, fill: Callable[[], None], n: int, **options: Any
+    ) -> None:
+        """The ceiling and amqp-batch, on asyncio and on trio."""
+        for backend, ceiling, ours_label in (
+            ("asyncio", CEIL_AIO, AB_AIO),
+            ("trio", CEIL_TRIO, AB_TRIO),
+        ):
+            for consumer, label in (("ceiling", ceiling), ("amqp-batch", ours_label)):
+                command = ours(consumer, self.url, n, backend=backend, **options)
+                self.record(workload, label, fill, command, count=n)
+
+    def w7(self) -> None:
+        """The outage: every message fails for OUTAGE_SECONDS from the
+        consumer's start, then succeeds; dead letters and the drain after it."""
+        n, url = self.n["W7"], self.url
+        fill = lambda: workloads.fill_queue(url, OUTAGE_QUEUE, n)  # noqa: E731
+        common = {"queue": OUTAGE_QUEUE, "mode": "outage", "outage": OUTAGE_SECONDS}
+        for label, consumer, options in OUTAGE_CONFIGURATIONS:
+            if consumer == "peer":
+                dead = {"dlx": OUTAGE_DLX, "dlq": OUTAGE_DLQ}
+                command = peer(url, n, **dead, **common, **options)
+            else:
+                command = ours(consumer, url, n, **common, **options)
+            self.record("W7", label, fill, command, count=n)
 
     def w3(self) -> None:
         n, url = self.n["W1"], self.url
@@ -751,7 +838,7 @@ def summarise(bench: Bench) -> list[dict[str, Any]]:
         return med(v[(w, c)], "rate") if v.get((w, c)) else None
 
     apb_w1 = rate("W1", APB)
-    for workload in ("W1", "W2", "W3", "W4", "W1P", "W4P"):
+    for workload in ("W1", "W2", "W3", "W4", "W1P", "W4P", "W1Q", "W2Q"):
         for (w, consumer), runs in v.items():
             if w != workload:
                 continue
@@ -816,6 +903,21 @@ def summarise(bench: Bench) -> list[dict[str, Any]]:
                     **cpu_figures(runs),
                 }
             )
+        if w == "W7":
+            rows.append(
+                {
+                    "workload": "W7",
+                    "consumer": consumer,
+                    "unit": "failed handler calls",
+                    "value": med(runs, "failed_calls"),
+                    "dead_lettered": med(runs, "dead_lettered"),
+                    "drain_seconds": med(runs, "drain_seconds"),
+                    "vs_peer": None,
+                    "vs_ceiling": None,
+                    "runs": [(r["dead_lettered"], r["drain_seconds"]) for r in runs],
+                    **cpu_figures(runs),
+                }
+            )
         if w == "W6 soak":
             for r in runs:
                 rows.append(
@@ -840,7 +942,18 @@ def fmt_value(row: dict[str, Any]) -> str:
         return f"{value[0]:.1f} MiB (+{value[1]:.1f})"
     if row["workload"] == "W6 soak":
         return f"+{value:.1f} MiB"
+    if row["workload"] == "W7":
+        return f"{value:,.0f} failed calls"
     return f"{value:,.0f} msg/s"
+
+
+def fmt_run(workload: str, run: Any) -> str:
+    """One run's figure in the runs column."""
+    if workload == "W7":
+        return f"{run[0]:,}/{run[1]:.1f} s"
+    if isinstance(run, tuple):
+        return f"{run[0]:.0f}/{run[1]:.0f}"
+    return f"{run:.1f}" if workload == "W6" else f"{run:,.0f}"
 
 
 def fmt_ratio(ratio: float | None) -> str:
@@ -899,6 +1012,24 @@ def goals(bench: Bench) -> list[str]:
                 f"{workload}: 2 processes {two / one:.2f}x 1 process (no goal set)",
                 None,
             )
+    for workload in ("W1Q", "W2Q"):
+        for name in (AB_AIO, AB_TRIO):
+            ours_q, apb_q = rate(workload, name), rate(workload, APB)
+            if ours_q and apb_q:
+                line(
+                    f"{workload} {name}: {ours_q / apb_q:.2f}x aio-pika-batch on the "
+                    "quorum queue (no goal set)",
+                    None,
+                )
+    for label, _, _ in OUTAGE_CONFIGURATIONS:
+        if v.get(("W7", label)):
+            runs = v[("W7", label)]
+            line(
+                f"W7 {label}: {med(runs, 'dead_lettered'):,.0f} of {bench.n['W7']:,} "
+                f"dead-lettered, drained {med(runs, 'drain_seconds'):.1f} s after "
+                "recovery (no goal set)",
+                None,
+            )
     if v.get(("W6", AB_AIO)):
         peak = med(v[("W6", AB_AIO)], "peak_rss_kib") / 1024
         growth = statistics.median(
@@ -950,7 +1081,9 @@ def render(bench: Bench, args: argparse.Namespace, elapsed: float) -> str:
         lines += [
             "",
             f"W1/W3 {n['W1']:,} × 256 B, W2 {n['W2']:,}, W4 {n['W4']:,} (handler sleeps "
-            f"20 ms per batch), W5 200 msg/s for {n['W5_seconds']} s, W6 {n['W6']:,} × 4 KiB. "
+            f"20 ms per batch), W5 200 msg/s for {n['W5_seconds']} s, W6 {n['W6']:,} × 4 KiB, "
+            f"W1Q/W2Q: W1/W2 on quorum queues, W7 {n['W7']:,} with every message "
+            f"failing (REQUEUE) for the first {OUTAGE_SECONDS:g} s of the consumer. "
             "Batch 100, timeout 0.5 s (W5: 0.1 s), prefetch 1000. Throughput counts the "
             "consumer from start until every message is settled and it has stopped "
             "(W2: until the queue is empty and the DLQ holds 20%); the bare consumers "
@@ -960,20 +1093,19 @@ def render(bench: Bench, args: argparse.Namespace, elapsed: float) -> str:
             "process(es) (getrusage), and the broker's beam.smp (/proc).",
             "",
             "| workload | consumer | median | vs aio-pika-batch | vs transport ceiling "
-            "| CPU µs/msg | broker CPU µs/msg | runs |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| CPU µs/msg | broker CPU µs/msg | dead-lettered | drain after recovery (s) "
+            "| runs |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
     for row in rows:
-        runs = ", ".join(
-            f"{r[0]:.0f}/{r[1]:.0f}"
-            if isinstance(r, tuple)
-            else (f"{r:.1f}" if row["workload"] == "W6" else f"{r:,.0f}")
-            for r in row["runs"]
-        )
+        runs = ", ".join(fmt_run(row["workload"], r) for r in row["runs"])
+        dead = row.get("dead_lettered")
         lines.append(
             f"| {row['workload']} | {row['consumer']} | {fmt_value(row)} | "
             f"{fmt_ratio(row['vs_peer'])} | {fmt_ratio(row['vs_ceiling'])} | "
-            f"{fmt_cpu(row.get('cpu_us'))} | {fmt_cpu(row.get('broker_us'))} | {runs} |"
+            f"{fmt_cpu(row.get('cpu_us'))} | {fmt_cpu(row.get('broker_us'))} | "
+            f"{'—' if dead is None else f'{dead:,.0f}'} | "
+            f"{fmt_cpu(row.get('drain_seconds'))} | {runs} |"
         )
     lines += [
         "",
@@ -983,7 +1115,11 @@ def render(bench: Bench, args: argparse.Namespace, elapsed: float) -> str:
         "W1 and W4 (4 workers) with the consumer in 1 and in 2 processes on the same "
         'queue; their "vs aio-pika-batch" column is the ratio to 1 process, and '
         "their CPU is both processes' together. Each row's ceiling is the one of "
-        "its backend (asyncio or trio) in the same workload.",
+        "its backend (asyncio or trio) in the same workload. W7's median is the "
+        "handler's failed calls during the outage (REQUEUEs given), its runs "
+        "dead-lettered/drain after recovery, the time from the end of the outage "
+        "until the queue is empty and every message is acked or dead-lettered; "
+        "its CPU counts the whole run per original message.",
         *bench.callgrind_lines(),
         "",
         "## Performance goals",

@@ -64,14 +64,22 @@ async def fill(url: str, count: int) -> None:
         assert info.message_count == count, info
 
 
-async def consume_native(url: str, count: int, clock: Meter | None = None) -> float:
-    """Drain ``count`` messages with our transport; returns seconds."""
+async def consume_native(
+    url: str,
+    count: int,
+    clock: Meter | None = None,
+    *,
+    queue: str = QUEUE,
+    arguments: dict[str, Any] | None = None,
+) -> float:
+    """Drain ``count`` messages of ``queue`` (declared with ``arguments``, e.g.
+    a quorum queue's) with our transport; returns seconds."""
     clock = clock or Meter()
     spec = SessionSpec(
         parameters=parse_url(url),
-        queue=QUEUE,
+        queue=queue,
         prefetch_count=PREFETCH,
-        queues=[QueueSpec(name=QUEUE, durable=True)],
+        queues=[QueueSpec(name=queue, durable=True, arguments=arguments)],
     )
     async with open_session(spec) as session:
         clock.start()

@@ -1,4 +1,4 @@
-"""Workloads W1-W6: queue fills, paced publishing, and one measurement per process.
+"""Workloads W1-W7: queue fills, paced publishing, and one measurement per process.
 
 The runner (``bench/run.py``) fills the queue in its own process, then starts one
 child process per measurement so that every consumer starts from a fresh
@@ -27,6 +27,7 @@ import struct
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import transport
 from cpu import Meter
+from peers.common import batch_options
 
 import amqp_batch
 from amqp_batch import (
@@ -60,6 +62,56 @@ MIXED_DLQ = PREFIX + "mixed.dlq"
 LATENCY_QUEUE = PREFIX + "latency"
 MAX_REQUEUE = 3
 PERSISTENT = Properties(delivery_mode=2)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A workload's queue, its dead-letter exchange and queue, and their type.
+
+    Every consumer of the workload declares the work queue with
+    :attr:`arguments`; the fill declares all of it first. A quorum topology's
+    dead-letter queue is quorum too: the fill declares and binds it, and the
+    library is given only the exchange (it would declare a classic one).
+    """
+
+    queue: str
+    dlx: str | None = None
+    dlq: str | None = None
+    quorum: bool = False
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        """The work queue's arguments, as every consumer declares them."""
+        arguments: dict[str, Any] = {"x-queue-type": "quorum"} if self.quorum else {}
+        if self.dlx:
+            arguments["x-dead-letter-exchange"] = self.dlx
+        return arguments
+
+
+#: W1Q: W1 on a quorum queue.
+QUORUM_QUEUE = PREFIX + "quorum"
+#: W2Q: W2 on a quorum queue whose dead-letter queue is quorum too.
+MIXED_Q_QUEUE = PREFIX + "mixed-quorum"
+MIXED_Q_DLX = PREFIX + "mixed-quorum.dlx"
+MIXED_Q_DLQ = PREFIX + "mixed-quorum.dlq"
+#: W7: the outage; amqp-batch's delayed retries add ``<queue>.retry.<n>s``.
+OUTAGE_QUEUE = PREFIX + "outage"
+OUTAGE_DLX = PREFIX + "outage.dlx"
+OUTAGE_DLQ = PREFIX + "outage.dlq"
+TOPOLOGIES = {
+    t.queue: t
+    for t in (
+        Topology(DRAIN_QUEUE),
+        Topology(LATENCY_QUEUE),
+        Topology(MIXED_QUEUE, MIXED_DLX, MIXED_DLQ),
+        Topology(QUORUM_QUEUE, quorum=True),
+        Topology(MIXED_Q_QUEUE, MIXED_Q_DLX, MIXED_Q_DLQ, quorum=True),
+        Topology(OUTAGE_QUEUE, OUTAGE_DLX, OUTAGE_DLQ),
+    )
+}
+#: W7's amqp-batch configuration with delayed retries (the names of the delay
+#: queues the library declares follow from it; ``delete_all`` removes them).
+OUTAGE_RETRY_DELAYS = (1.0, 2.0, 4.0)
 
 
 def body(index: int, stamp: float = 0.0, size: int = 256) -> bytes:
@@ -101,40 +153,61 @@ def fill_drain(url: str, count: int, size: int = 256) -> None:
         anyio.run(transport.fill, url, count)
 
 
-async def _declare_mixed(channel: Any) -> None:
-    await channel.exchange_declare(MIXED_DLX, "topic", durable=True)
-    await channel.queue_declare(MIXED_DLQ, durable=True)
-    await channel.queue_bind(MIXED_DLQ, MIXED_DLX, "#")
+async def _declare(channel: Any, topology: Topology) -> None:
+    """The topology's exchange and queues (as the consumers declare them)."""
+    quorum = {"x-queue-type": "quorum"} if topology.quorum else None
+    if topology.dlx and topology.dlq:
+        await channel.exchange_declare(topology.dlx, "topic", durable=True)
+        await channel.queue_declare(topology.dlq, durable=True, arguments=quorum)
+        await channel.queue_bind(topology.dlq, topology.dlx, "#")
     await channel.queue_declare(
-        MIXED_QUEUE, durable=True, arguments={"x-dead-letter-exchange": MIXED_DLX}
+        topology.queue, durable=True, arguments=topology.arguments or None
     )
 
 
-async def fill_mixed_async(url: str, count: int) -> None:
-    """W2: purge the queue and its DLQ, publish ``count`` indexed messages with
-    confirms, pipelined 500 at a time as ``transport.fill`` does."""
+async def fill_queue_async(url: str, topology: Topology, count: int) -> None:
+    """Purge the topology's queues (W7: delete its delay queues, whose copies
+    would come back), publish ``count`` indexed messages with confirms,
+    pipelined 500 at a time as ``transport.fill`` does."""
+    queue = topology.queue
     async with connect(parse_url(url)) as connection, connection.channel() as channel:
-        await _declare_mixed(channel)
-        await channel.queue_purge(MIXED_QUEUE)
-        await channel.queue_purge(MIXED_DLQ)
+        await _declare(channel, topology)
+        await channel.queue_purge(queue)
+        if topology.dlq:
+            await channel.queue_purge(topology.dlq)
+        if queue == OUTAGE_QUEUE:
+            for name in outage_delay_queues():
+                await channel.queue_delete(name)
         await channel.confirm_select()
         window = []
         for index in range(count):
             window.append(
                 channel.start_publish(
-                    body(index), routing_key=MIXED_QUEUE, properties=PERSISTENT
+                    body(index), routing_key=queue, properties=PERSISTENT
                 )
             )
             if len(window) >= 500 or index == count - 1:
                 for pending in window:
                     await pending.wait()
                 window.clear()
-        info = await channel.queue_declare(MIXED_QUEUE, passive=True)
+        info = await channel.queue_declare(queue, passive=True)
         assert info.message_count == count, info
 
 
+def fill_queue(url: str, queue: str, count: int) -> None:
+    """W1Q, W2, W2Q, W7: fill ``queue`` (one of :data:`TOPOLOGIES`)."""
+    anyio.run(fill_queue_async, url, TOPOLOGIES[queue], count)
+
+
 def fill_mixed(url: str, count: int) -> None:
-    anyio.run(fill_mixed_async, url, count)
+    fill_queue(url, MIXED_QUEUE, count)
+
+
+def outage_delay_queues() -> list[str]:
+    """The delay queues amqp-batch declares for W7's delayed retries."""
+    from amqp_batch._delays import delay_queue_name  # the runner's package only
+
+    return [delay_queue_name(OUTAGE_QUEUE, d) for d in OUTAGE_RETRY_DELAYS]
 
 
 async def reset_latency_queue(url: str) -> None:
@@ -178,9 +251,14 @@ async def queue_counts(url: str, *names: str) -> list[int]:
 async def delete_all(url: str) -> None:
     """Delete every queue and exchange the bench declared."""
     async with connect(parse_url(url)) as connection, connection.channel() as channel:
-        for queue in (DRAIN_QUEUE, MIXED_QUEUE, MIXED_DLQ, LATENCY_QUEUE):
+        for topology in TOPOLOGIES.values():
+            for queue in (topology.queue, topology.dlq):
+                if queue:
+                    await channel.queue_delete(queue)
+            if topology.dlx:
+                await channel.exchange_delete(topology.dlx)
+        for queue in outage_delay_queues():
             await channel.queue_delete(queue)
-        await channel.exchange_delete(MIXED_DLX)
 
 
 # -- amqp-batch as a consumer ------------------------------------------------------
@@ -236,8 +314,14 @@ class _State:
         self.target = target
         self.sleep = sleep
         self.progress = progress
+        self.max_requeue = MAX_REQUEUE
         self.handled = 0
         self.final = 0
+        #: outage mode: the handler fails until this ``time.monotonic()``.
+        self.outage_until = math.inf
+        #: outage mode: REQUEUEs given in the outage, and at the limit.
+        self.failed = 0
+        self.dead = 0
         self.latencies: list[float] = []
         self.done = anyio.Event()
         #: soak mode: (seconds since the first batch, RSS KiB) every 5 s.
@@ -289,6 +373,53 @@ def make_handler(state: _State) -> Any:
     return handle
 
 
+def make_outage_handler(state: _State) -> Any:
+    """W7's handler: REQUEUE every message until ``state.outage_until`` (the
+    dependency is down), ACK from then on."""
+
+    async def handle(messages: Sequence[Message]) -> Any:
+        failing = time.monotonic() < state.outage_until
+        for message in messages:
+            state.handled += 1
+            if not failing:
+                state.final += 1
+                yield MessageResult.ACK
+                continue
+            state.failed += 1
+            if message.retry_count >= state.max_requeue:
+                state.final += 1  # dead-lettered by the library
+                state.dead += 1
+            yield MessageResult.REQUEUE
+        if state.final >= state.target:
+            state.done.set()
+
+    return handle
+
+
+def _settings(args: argparse.Namespace) -> BatchConsumerSettings:
+    """The consumer's settings: the workload's topology (a quorum topology's
+    dead-letter queue is the fill's), W7's retry delays and kill switch."""
+    topology = TOPOLOGIES[args.queue]
+    options: dict[str, Any] = {}
+    if topology.quorum:
+        options["queue_arguments"] = {"x-queue-type": "quorum"}
+    if topology.dlx:
+        options["dead_letter_exchange"] = topology.dlx
+        if not topology.quorum:
+            options["dead_letter_queue"] = topology.dlq
+    if args.retry_delays:
+        options["retry_delays"] = tuple(map(float, args.retry_delays.split(",")))
+    if args.kill_switch:
+        threshold, window, samples, cooldown = args.kill_switch.split(",")
+        options |= {
+            "kill_switch_threshold": float(threshold),
+            "kill_switch_window": float(window),
+            "kill_switch_min_samples": int(samples),
+            "kill_switch_cooldown": float(cooldown),
+        }
+    return BatchConsumerSettings(**batch_options(args), **options)
+
+
 async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement of amqp-batch (asyncio or trio, from ``args.backend``)."""
     progress = None
@@ -299,27 +430,19 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
     state = _State(
         args.mode, math.inf if progress else args.count, args.sleep, progress
     )
-    dead_letter = (
-        {"dead_letter_exchange": MIXED_DLX, "dead_letter_queue": MIXED_DLQ}
-        if args.mode == "mixed"
-        else {}
-    )
-    settings = BatchConsumerSettings(
-        url=args.url,
-        queue_name=args.queue,
-        prefetch_count=args.prefetch,
-        batch_size=args.batch_size,
-        batch_timeout=args.batch_timeout,
-        num_workers=args.workers,
-        max_requeue_attempts=MAX_REQUEUE,
-        **dead_letter,
-    )
+    state.max_requeue = args.max_requeue
+    settings = _settings(args)
+    dlq = TOPOLOGIES[args.queue].dlq
+    outage = args.mode == "outage"
+    handler = make_outage_handler(state) if outage else make_handler(state)
     baseline = rss_kib()
     meter = Meter()
     chosen = AiormqTransport() if args.transport == "aiormq" else None
     async with connect(parse_url(args.url)) as probe, probe.channel() as channel:
         meter.start()
-        async with batch_consumer(settings, make_handler(state), transport=chosen):
+        # The outage is a fixed stretch from the consumer's start.
+        state.outage_until = time.monotonic() + args.outage if outage else math.inf
+        async with batch_consumer(settings, handler, transport=chosen):
             if args.mode in ("latency", "soak"):
                 print(json.dumps({"ready": True}), flush=True)
             if progress is None:
@@ -327,12 +450,10 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 mark = await progress.wait(args.count)
         # Leaving the block drains: every result is applied, republishes confirmed.
-        if args.mode == "mixed":
-            while [
-                (await channel.queue_declare(name, passive=True)).message_count
-                for name in (args.queue, MIXED_DLQ)
-            ] != [0, args.expect_dlq]:
-                await anyio.sleep(0.005)
+        if args.mode in ("mixed", "outage"):
+            expect = state.dead if outage else args.expect_dlq
+            await wait_for_queues(channel, args.queue, dlq, expect)
+        ended = time.monotonic()
         seconds = meter.stop()
     result: dict[str, Any] = {
         "seconds": seconds,
@@ -341,6 +462,12 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_rss_kib": baseline,
         **meter.figures(),
     }
+    if outage:
+        result |= {
+            "dead_lettered": state.dead,
+            "failed_calls": state.failed,
+            "drain_seconds": max(0.0, ended - state.outage_until),
+        }
     if progress is not None:
         result["wall_mark"] = mark
     if args.mode == "soak" and state.rss_samples:
@@ -352,26 +479,61 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+async def wait_for_queues(
+    channel: Any, queue: str, dlq: str | None, expect: int, patience: float = 30.0
+) -> None:
+    """Poll until ``queue`` is empty and ``dlq`` holds ``expect``; raise when the
+    counts stay elsewhere for ``patience`` seconds (messages left behind by a
+    consumer that stopped, instead of a measurement that never ends)."""
+    last: list[int] = []
+    since = time.monotonic()
+    while True:
+        counts = [
+            (await channel.queue_declare(name, passive=True)).message_count
+            for name in (queue, dlq)
+            if name
+        ]
+        if counts == [0, expect][: len(counts)]:
+            return
+        if counts != last:
+            last, since = counts, time.monotonic()
+        elif time.monotonic() - since > patience:
+            raise RuntimeError(
+                f"{queue} and {dlq} hold {counts} message(s) for {patience:g} s after "
+                f"the consumer stopped, expected [0, {expect}]"
+            )
+        await anyio.sleep(0.005)
+
+
 async def consume_bare(args: argparse.Namespace) -> dict[str, Any]:
     """bench/transport.py's bare consumers: our transport's ceilings, raw aiormq."""
     baseline = rss_kib()
     meter = Meter()
     handled = args.count
+    topology = TOPOLOGIES[args.queue]
     if args.consumer == "aiormq":
         seconds = await transport.consume_aiormq(args.url, args.count, meter)
     elif args.mode == "mixed":
+        assert topology.dlx
+        assert topology.dlq
         seconds, handled = await transport.consume_native_mixed(
             args.url,
             args.count,
             queue=args.queue,
-            dead_letter_exchange=MIXED_DLX,
-            dead_letter_queue=MIXED_DLQ,
+            dead_letter_exchange=topology.dlx,
+            dead_letter_queue=topology.dlq,
             expect_dead=args.expect_dlq,
             max_requeue=MAX_REQUEUE,
             clock=meter,
         )
     else:
-        seconds = await transport.consume_native(args.url, args.count, meter)
+        seconds = await transport.consume_native(
+            args.url,
+            args.count,
+            meter,
+            queue=args.queue,
+            arguments=topology.arguments or None,
+        )
     return {
         "seconds": seconds,
         "handled": handled,
@@ -396,7 +558,9 @@ def child(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--queue", default=DRAIN_QUEUE)
     parser.add_argument(
-        "--mode", choices=["drain", "mixed", "io", "latency", "soak"], default="drain"
+        "--mode",
+        choices=["drain", "mixed", "io", "latency", "soak", "outage"],
+        default="drain",
     )
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=100)
@@ -405,6 +569,18 @@ def child(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--expect-dlq", type=int, default=0)
+    parser.add_argument("--max-requeue", type=int, default=MAX_REQUEUE)
+    parser.add_argument(
+        "--outage", type=float, default=5.0, help="outage mode: seconds of failures"
+    )
+    parser.add_argument(
+        "--retry-delays", default="", help="comma-separated seconds (retry_delays)"
+    )
+    parser.add_argument(
+        "--kill-switch",
+        default="",
+        help="THRESHOLD,WINDOW,MIN_SAMPLES,COOLDOWN (the kill switch on)",
+    )
     parser.add_argument(
         "--profile", default=None, help="write a pyinstrument/cProfile file"
     )

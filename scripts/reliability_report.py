@@ -41,6 +41,9 @@ TEST_FILES = [
     "tests/test_reliability_rows.py",
     "tests/test_secrets.py",
     "tests/test_soak.py",
+    "tests/test_cluster.py",
+    "tests/test_outage.py",
+    "tests/test_publisher.py",
 ]
 BACKENDS = ("asyncio", "trio")
 
@@ -95,6 +98,59 @@ MATRIX: dict[str, tuple[str, str]] = {
         "redeclare with different arguments",
         "fails fast, clear error, no reconnect storm",
     ),
+    "C1": (
+        "3-node cluster, quorum queue: kill -9 of the consumer's node mid-batch",
+        "consuming on another node within 2 × heartbeat + back-off; invariant",
+    ),
+    "C2": (
+        "3-node cluster: kill -9 of the quorum queue's leader",
+        "a new leader is elected, consuming resumes; invariant",
+    ),
+    "C3": (
+        "3-node cluster: rolling restart while the library's Publisher publishes",
+        "every confirmed id acked or dead-lettered; the publisher never raises",
+    ),
+    "C4": (
+        "3-node cluster: the consumer's node cut off by its proxy (stall)",
+        "detected within 2 × heartbeat; consuming on another node; invariant",
+    ),
+    "R1": (
+        "a dependency outage (the handler fails everything for a stretch) with "
+        "delayed retries and the kill switch, classic and quorum work queues",
+        "nothing dead-lettered; every id acked once after the recovery; attempts "
+        "spaced by at least their delays; invariant",
+    ),
+    "R2": (
+        "the same outage with immediate retries (today's default)",
+        "every id dead-lettered during the outage, exactly once; invariant",
+    ),
+    "R3": (
+        "broker kill -9 with NACKs and delayed REQUEUEs in flight "
+        "(`dead_letter_strategy=publish`)",
+        "every NACKed id reaches the dead-letter queue; invariant",
+    ),
+    "R4": (
+        "a hung handler past `handler_timeout`",
+        "cancelled; its messages get `unhandled_exception_action`; invariant",
+    ),
+    "R5": (
+        "`max_messages_per_second` over several workers",
+        "the rate is shared by all workers of the consumer",
+    ),
+    "R6": (
+        "an idempotency store and redelivered ids",
+        "ids already handled are acked without reaching the handler, counted",
+    ),
+    "R7": (
+        "forged `x-original-*` headers from a producer",
+        "never choose where a dead letter goes",
+    ),
+    "P1": (
+        "the library's `Publisher` under FIN/RST cuts, `close_connection` and "
+        "a broker restart",
+        "every `publish()` that returned is in the queue; duplicates carry "
+        "one `message_id`",
+    ),
     "B1": (
         '`x-retry-count` = "3", -1, 3.5, True, 2^63-1, [1], {}, None, b"\\xff", absent',
         "no crash, no loop, no silent reset; absent = 0",
@@ -134,6 +190,14 @@ KEY_FIGURES: dict[str, Sequence[str]] = {
     "F6": ("held_in_handler", "redelivered_after_kill", "duplicates"),
     "F7": ("case", "exit_s", "bound_s"),
     "F10": ("copies_confirmed_at_cut", "max_copies_per_message"),
+    "R1": ("dead_lettered", "drained_after_recovery_s", "min_attempt_gap_s", "lost"),
+    "R2": ("dead_lettered", "calls_during_outage", "lost"),
+    "R3": ("nacked", "dead_letter_duplicates", "lost"),
+    "P1": ("faults", "confirmed", "republished", "duplicates"),
+    "C1": ("recovery_s", "bound_s", "duplicates", "lost"),
+    "C2": ("leader_seen_s", "nacks_while_electing", "duplicates", "lost"),
+    "C3": ("restarts_s", "republished", "duplicates", "lost"),
+    "C4": ("recovery_s", "bound_s", "duplicates", "lost"),
 }
 #: Figures every row shares (shown in the details, not repeated in the summary).
 COMMON = ("row", "test", "backend")

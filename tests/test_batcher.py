@@ -150,7 +150,38 @@ async def test_bytes_flush(autojump_clock: trio.testing.MockClock) -> None:
     flushed = await _batches(
         feed, batch_size=100, batch_timeout=10, max_batch_bytes=100
     )
-    assert flushed == [(0.0, [1, 2, 3]), (0.0, [4, 5])]
+    assert flushed == [(0.0, [1, 2]), (0.0, [3, 4]), (0.0, [5])]
+
+
+@pytest.mark.trio
+async def test_max_batch_bytes_is_a_cap_not_a_trigger(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: batches overshot max_batch_bytes by their last message. Now no
+    batch exceeds it, except a message that alone is larger (a batch of one);
+    every tag is still registered with the ledger, in order."""
+    sizes = {1: 60, 2: 30, 3: 20, 4: 150, 5: 10, 6: 100, 7: 1}
+    feed = [(0.0, _delivery(tag, size)) for tag, size in sizes.items()]
+    run = await _run_batcher(
+        feed, batch_size=100, batch_timeout=10, max_batch_bytes=100, buffer=10
+    )
+    assert [tags for _, tags in run.flushed] == [[1, 2], [3], [4], [5], [6], [7]]
+    for _, tags in run.flushed:
+        assert len(tags) == 1 or sum(sizes[t] for t in tags) <= 100
+    assert len(run.ledger) == 7
+
+
+@pytest.mark.trio
+async def test_carried_delivery_keeps_its_batch_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The delivery that did not fit starts the next batch, which still flushes
+    on its deadline (nothing is held back waiting for more input)."""
+    feed = [(0.0, _delivery(1, 80)), (1.0, _delivery(2, 80)), (50.0, _delivery(3))]
+    run = await _run_batcher(
+        feed, batch_size=10, batch_timeout=5, max_batch_bytes=100, buffer=10
+    )
+    assert run.flushed == [(1.0, [1]), (6.0, [2]), (50.0, [3])]
 
 
 @pytest.mark.trio

@@ -95,16 +95,24 @@ def _no_secret(health: WorkerHealth) -> None:
 # --------------------------------------------------------------------- failover
 
 
+@pytest.mark.parametrize("url_order", ["primary", "spread"])
 async def test_failover_url_used_when_the_first_url_is_dead(
-    private_node: PrivateNode, queue: str
+    private_node: PrivateNode, queue: str, url_order: str
 ) -> None:
-    """``url`` points at a dead port; worker 0 starts there, backs off, rotates to
-    the failover URL (the node) and consumes; worker 1 starts on the failover URL.
-    Every id is acked; health names the error without the password."""
+    """``url`` points at a dead port. ``primary``: both workers start there,
+    back off once and consume on the failover URL (the node); ``spread``:
+    worker 1 starts on the failover URL. Every id is acked; health names the
+    error without the password."""
     dead = f"amqp://guest:{SECRET}@127.0.0.1:{_dead_port()}/"
     handled: list[str] = []
     done = anyio.Event()
-    settings = _settings(dead, queue, failover_urls=(private_node.url,), num_workers=2)
+    settings = _settings(
+        dead,
+        queue,
+        failover_urls=(private_node.url,),
+        num_workers=2,
+        url_order=url_order,
+    )
     assert SECRET not in repr(settings)
     async with admin_channel(private_node.url) as channel:
         await channel.queue_declare(queue, durable=True)
@@ -121,9 +129,53 @@ async def test_failover_url_used_when_the_first_url_is_dead(
     assert w0.last_error.startswith("ConnectionRefused: ")
     _no_secret(w0)
     assert w0.url == w1.url == parse_url(private_node.url).redacted_url
-    assert (w1.reconnect_count, w1.last_error) == (0, None)
+    if url_order == "spread":
+        assert (w1.reconnect_count, w1.last_error) == (0, None)
+    else:
+        assert w1.reconnect_count == 1
+        _no_secret(w1)
     assert sorted(handled, key=int) == ids
     assert sum(h.results.get("ack", 0) for h in c.health()) == 50
+    await _assert_queue_empty(private_node.url, queue)
+
+
+async def test_a_url_that_just_failed_is_skipped(
+    private_node: PrivateNode, queue: str
+) -> None:
+    """The primary URL is dead; the worker consumes on the failover URL. When
+    that connection is then closed by the broker, the worker reconnects to the
+    failover URL straight away instead of trying the primary that failed a
+    moment ago (one reconnect, not two); a URL is skipped only for
+    ``reconnect_backoff_cap`` seconds."""
+    dead = f"amqp://guest:guest@127.0.0.1:{_dead_port()}/"
+    handled: list[str] = []
+    done = anyio.Event()
+    settings = _settings(
+        dead, queue, failover_urls=(private_node.url,), reconnect_backoff_cap=60.0
+    )
+    async with admin_channel(private_node.url) as channel:
+        await channel.queue_declare(queue, durable=True)
+    with anyio.fail_after(60):
+        async with batch_consumer(
+            settings, _ack_recording(handled, 20, done)
+        ) as consumer:
+            assert consumer.health()[0].reconnect_count == 1
+            private_node.close_connection(f"{queue}-w0")
+            await _wait_for(
+                lambda: (
+                    consumer.health()[0].reconnect_count >= 2 and consumer.is_healthy
+                ),
+                timeout=50,
+            )
+            health = consumer.health()[0]
+            async with admin_channel(private_node.url) as channel:
+                ids = await publish_ids(channel, range(20), routing_key=queue)
+            await done.wait()
+    assert health.reconnect_count == 2, health
+    assert health.url == parse_url(private_node.url).redacted_url
+    assert health.last_error is not None
+    assert "ConnectionRefused" not in health.last_error
+    assert sorted(handled, key=int) == ids
     await _assert_queue_empty(private_node.url, queue)
 
 

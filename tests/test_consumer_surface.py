@@ -182,6 +182,7 @@ def test_consumer_classes_and_health_shapes() -> None:
         "connecting",
         "consuming",
         "backing_off",
+        "paused",
         "stopping",
         "stopped",
     ]

@@ -15,8 +15,9 @@ import anyio
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from tests.support.rabbit_node import PrivateNode
 
-from amqp_batch import BatchConsumerSettings
+from amqp_batch import BatchConsumerSettings, Publisher
 from consumer_support import (
     admin_channel,
     cleanup,
@@ -152,6 +153,145 @@ async def test_fastapi_endpoints_answer_while_a_batch_is_in_progress(
     counts = app.state.counts
     assert (counts.batches, counts.processed, counts.invalid) == (2, 5, 1)
     assert not consumer.is_running
+
+
+async def test_fastapi_publishes_across_a_cut_and_a_broker_restart(
+    destructive_node: PrivateNode,
+) -> None:
+    """POST /orders keeps answering 202 after the publisher's connection is cut
+    and after the broker application is restarted; every order is saved."""
+    node = destructive_node
+    fastapi_app = load_example("fastapi_app")
+    queue = unique_name("api-faults")
+    orders = ["o0", "o1", "o2"]
+    saved: set[str] = set()
+    changed = anyio.Event()
+
+    async def save(batch: Sequence[Any]) -> None:
+        nonlocal changed
+        saved.update(order.id for order in batch)
+        changed.set()
+        changed = anyio.Event()
+
+    async def saved_all(ids: Sequence[str]) -> None:
+        with anyio.fail_after(30):
+            while not set(ids) <= saved:
+                await changed.wait()
+
+    settings = BatchConsumerSettings(
+        url=node.url,
+        queue_name=queue,
+        batch_size=10,
+        batch_timeout=0.05,
+        connection_name=queue,
+        reconnect_backoff_base=0.05,
+        reconnect_backoff_cap=0.5,
+    )
+    app = fastapi_app.create_app(settings, save=save)
+    try:
+        async with (
+            LifespanManager(app) as manager,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=manager.app),
+                base_url="http://orders.test",
+            ) as client,
+        ):
+            for number, order in enumerate(orders):
+                if number == 1:
+                    closed = await anyio.to_thread.run_sync(
+                        node.close_connection, f"{queue}-publisher"
+                    )
+                    assert closed == 1
+                elif number == 2:
+                    await anyio.to_thread.run_sync(node.stop_app)
+                    await anyio.to_thread.run_sync(node.start_app)
+                response = await client.post(
+                    "/orders", json={"id": order, "item": "book"}
+                )
+                assert response.status_code == 202
+                await saved_all(orders[: number + 1])
+            publisher = app.state.service["publisher"]
+            assert publisher.connections_opened == 3
+    finally:
+        await cleanup(node.url, queues=[queue])
+    assert saved == set(orders)
+
+
+# -- examples/fan_in.py across faults ------------------------------------------------
+
+
+async def test_fan_in_across_a_broker_restart_and_a_cut(
+    destructive_node: PrivateNode, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """The fan-in pipeline, run in-process with its Publisher wrapped: the broker
+    application restarts as the first message is published (every consumer and
+    the publisher reconnect), and the publisher's connection is cut before the
+    fifth publish (none in flight, so no duplicates). Every row arrives once."""
+    node = destructive_node
+    prefix = unique_name("fan-faults")
+    monkeypatch.setenv("AMQP_BATCH_URL", node.url)
+    monkeypatch.setenv("EXAMPLE_QUEUE", prefix)
+    fan_in = load_example("fan_in")
+
+    async def restart() -> None:
+        await anyio.to_thread.run_sync(node.stop_app)
+        await anyio.to_thread.run_sync(node.start_app)
+
+    async def cut() -> None:
+        closed = await anyio.to_thread.run_sync(
+            node.close_connection, f"{prefix}-publisher"
+        )
+        assert closed == 1
+
+    faults = {1: restart, 5: cut}
+    publishers: list[Publisher] = []
+
+    class FaultyPublisher(Publisher):
+        """Runs the fault of the n-th publish once no publish is in flight."""
+
+        def __init__(self, url: str) -> None:
+            super().__init__(
+                url,
+                connection_name=f"{prefix}-publisher",
+                reconnect_backoff_base=0.05,
+                reconnect_backoff_cap=0.5,
+            )
+            self.calls, self.in_flight = 0, 0
+            self.lock, self.idle = anyio.Lock(), anyio.Event()
+            publishers.append(self)
+
+        async def publish(self, body: bytes, **kwargs: Any) -> None:
+            self.calls += 1
+            fault = faults.get(self.calls)
+            async with self.lock:
+                while fault is not None and self.in_flight:
+                    await self.idle.wait()
+                if fault is not None:
+                    await fault()
+                self.in_flight += 1
+            try:
+                await super().publish(body, **kwargs)
+            finally:
+                self.in_flight -= 1
+                if not self.in_flight:
+                    self.idle.set()
+                    self.idle = anyio.Event()
+
+    monkeypatch.setattr(fan_in, "Publisher", FaultyPublisher)
+    try:
+        with anyio.fail_after(90):
+            await fan_in.main()
+    finally:
+        await cleanup(
+            node.url,
+            queues=[*fan_in.SOURCES, fan_in.WRITER_QUEUE],
+            exchanges=[fan_in.STAGING],
+        )
+    rows = sorted(f"{queue}:{n}" for queue in fan_in.SOURCES for n in range(3))
+    assert capsys.readouterr().out.splitlines()[-1] == f"rows {rows}"
+    (publisher,) = publishers
+    assert publisher.calls == 18  # 9 from main, 9 from the sources
+    assert publisher.connections_opened == 3
 
 
 # -- examples/trio_nursery.py ------------------------------------------------------

@@ -915,7 +915,7 @@ async def test_the_docs_example() -> None:
 
     assert broker.bodies("orders.dead") == [b"bad"]
     [dead] = broker.queue_messages("orders.dead")
-    assert dead.headers["x-death"][0]["reason"] == "rejected"
+    assert dead.headers["x-dead-letter-reason"] == "rejected"
 
 
 # A model check: every message is somewhere, exactly once -----------------------------

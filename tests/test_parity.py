@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
+from itertools import pairwise
 from typing import Any
 
 import anyio
@@ -31,6 +32,7 @@ from amqp_batch import (
     Publisher,
     batch_consumer,
 )
+from amqp_batch._delays import delay_queues
 from amqp_batch._transport._base import (
     BindingSpec,
     ExchangeSpec,
@@ -118,6 +120,10 @@ class Broker:
         name = unique_name(f"parity-{prefix}")
         self._queues.append(name)
         return name
+
+    def also_clean_up(self, queues: Iterable[str]) -> None:
+        """Delete these queues too at the end (e.g. the library's delay queues)."""
+        self._queues.extend(queues)
 
     def exchange_name(self, prefix: str = "ex") -> str:
         name = unique_name(f"parity-{prefix}")
@@ -414,6 +420,7 @@ async def test_nack_dead_letters_under_the_original_exchange_and_key(
         exchange_type="topic",
         routing_key="orders.#",
         dead_letter_exchange=dlx,
+        dead_letter_strategy="broker",
     )
     async with batch_consumer(settings, handle, transport=broker.transport) as consumer:
         await broker.publish(
@@ -599,6 +606,7 @@ async def test_handler_raises_the_rest_get_the_unhandled_action(
         dead_letter_exchange=dlx,
         dead_letter_queue=dlq,
         unhandled_exception_action="NACK",
+        dead_letter_strategy="broker",
     )
     await broker.declare_topology(settings)
     await broker.publish(range(6), routing_key=queue)
@@ -908,6 +916,7 @@ async def test_dead_letter_routing_key_argument_is_used_by_both_paths(
         dead_letter_exchange=dlx,
         queue_arguments={"x-dead-letter-routing-key": "dead.letter"},
         max_requeue_attempts=1,
+        dead_letter_strategy="broker",
     )
     async with batch_consumer(settings, handle, transport=broker.transport) as consumer:
         await broker.publish(
@@ -1007,4 +1016,51 @@ async def test_single_active_consumer_feeds_one_worker(broker: Broker) -> None:
     assert set(handled.values()) == {1}
     acks = sorted(worker.results.get("ack", 0) for worker in consumer.health())
     assert acks == [0, 30]
+    assert await broker.take(queue, 0) == []
+
+
+async def test_delayed_retries_wait_in_delay_queues(broker: Broker) -> None:
+    """retry_delays=(0.2, 0.4): each REQUEUE copy waits in the delay queue of
+    its attempt (no consumer: the TTL expires on the broker's timer) and comes
+    back through the default exchange with x-retry-count + 1 and its headers;
+    attempts are spaced by at least their delays; the delay queues are left
+    empty and in place."""
+    queue = broker.queue_name()
+    delays = (0.2, 0.4)
+    names = [spec.name for spec in delay_queues(queue, delays)]
+    broker.also_clean_up(names)
+    attempts: dict[str, list[tuple[int, float, str, str, bool]]] = defaultdict(list)
+    done = anyio.Event()
+
+    async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
+        for message in messages:
+            attempts[message.message_id or ""].append(
+                (
+                    message.retry_count,
+                    anyio.current_time(),
+                    message.exchange,
+                    message.routing_key,
+                    message.redelivered,
+                )
+            )
+            yield (
+                MessageResult.ACK if message.retry_count == 3 else MessageResult.REQUEUE
+            )
+        if sum(len(a) for a in attempts.values()) == 8:
+            done.set()
+
+    settings = broker.settings(queue, retry_delays=delays, max_requeue_attempts=5)
+    await broker.declare_topology(settings)
+    await broker.publish(["a", "b"], routing_key=queue, headers={"h": "kept"})
+    async with batch_consumer(settings, handle, transport=broker.transport) as consumer:
+        await wait(done)
+    for message_id in ("a", "b"):
+        seen = attempts[message_id]
+        assert [count for count, *_ in seen] == [0, 1, 2, 3]
+        for (count, before, *_), (_, after, exchange, key, again) in pairwise(seen):
+            assert after - before >= delays[min(count + 1, len(delays)) - 1]
+            assert (exchange, key, again) == ("", queue, False)
+    for name in names:
+        assert await broker.ready(name) == 0
+    assert consumer.health()[0].results == {"requeue": 6, "ack": 2}
     assert await broker.take(queue, 0) == []

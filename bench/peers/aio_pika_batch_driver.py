@@ -16,6 +16,16 @@ Modes (``--mode``), mirroring ``bench/workloads.py``:
 - ``io``: ACK everything after awaiting ``--sleep`` seconds per batch.
 - ``latency``: ACK everything and record ``now - timestamp`` (the body's second
   field) per message; the runner publishes at a fixed rate.
+- ``outage`` (W7): REQUEUE every message for ``--outage`` seconds from the
+  consumer's start (the dependency is down), ACK from then on; done when every
+  message was acked or dead-lettered (its own REQUEUE, ``--max-requeue``), the
+  consumer stopped, the queue is empty and the DLQ holds the dead-lettered ones.
+  Reports them and the seconds from the end of the outage to that point.
+
+``--queue-type quorum`` declares the work queue with ``x-queue-type: quorum``
+(besides ``x-dead-letter-exchange``), the same arguments as the runner's fill
+and amqp-batch: aio-pika-batch declares the queue itself from
+``queue_arguments``.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from typing import Any
 import aio_pika
 import structlog
 from aio_pika_batch import BatchConsumer, BatchConsumerSettings, MessageResult
-from common import RETRY_HEADER, Meter, emit, parser, rss_kib
+from common import RETRY_HEADER, Meter, batch_options, emit, parser, rss_kib
 
 
 class State:
@@ -45,6 +55,10 @@ class State:
     max_requeue = 3
     latencies: list[float] = []
     done: asyncio.Event | None = None
+    #: outage mode: REQUEUE until this ``time.monotonic()``.
+    outage_until = float("inf")
+    failed = 0
+    dead = 0
 
 
 class Bench(BatchConsumer[BatchConsumerSettings]):
@@ -58,6 +72,10 @@ class Bench(BatchConsumer[BatchConsumerSettings]):
             now = time.time()
             for message in messages:
                 state.latencies.append(now - float(message.body[11:29]))
+        if state.mode == "outage":
+            for result in outage_results(messages):
+                yield result
+            return
         for message in messages:
             state.handled += 1
             if state.mode != "mixed":
@@ -84,6 +102,26 @@ class Bench(BatchConsumer[BatchConsumerSettings]):
             State.done.set()
 
 
+def outage_results(messages: list[Any]) -> list[Any]:
+    """W7: REQUEUE while the outage lasts (a REQUEUE at the limit is
+    dead-lettered by aio-pika-batch), then ACK."""
+    state = State
+    failing = time.monotonic() < state.outage_until
+    results = []
+    for message in messages:
+        state.handled += 1
+        if not failing:
+            state.final += 1
+            results.append(MessageResult.ACK)
+            continue
+        state.failed += 1
+        if int((message.headers or {}).get(RETRY_HEADER, 0)) >= state.max_requeue:
+            state.final += 1
+            state.dead += 1
+        results.append(MessageResult.REQUEUE)
+    return results
+
+
 async def queue_counts(channel: Any, *names: str) -> list[int]:
     """Ready-message counts of ``names`` (passive declares)."""
     counts = []
@@ -99,16 +137,13 @@ async def main(args: argparse.Namespace) -> None:
     State.sleep = args.sleep
     State.max_requeue = args.max_requeue
     State.done = asyncio.Event()
-    arguments = {"x-dead-letter-exchange": args.dlx} if args.dlx else None
+    arguments: dict[str, Any] = {}
+    if args.queue_type == "quorum":
+        arguments["x-queue-type"] = "quorum"
+    if args.dlx:
+        arguments["x-dead-letter-exchange"] = args.dlx
     settings = BatchConsumerSettings(
-        url=args.url,
-        queue_name=args.queue,
-        prefetch_count=args.prefetch,
-        batch_size=args.batch_size,
-        batch_timeout=args.batch_timeout,
-        num_workers=args.workers,
-        max_requeue_attempts=args.max_requeue,
-        queue_arguments=arguments,
+        **batch_options(args), queue_arguments=arguments or None
     )
     probe = await aio_pika.connect(args.url)
     probe_channel = await probe.channel()
@@ -116,6 +151,8 @@ async def main(args: argparse.Namespace) -> None:
     consumer = Bench(settings)
     meter = Meter()
     meter.start()
+    if args.mode == "outage":
+        State.outage_until = time.monotonic() + args.outage
     await consumer.__aenter__()
     try:
         if args.mode == "latency":
@@ -129,19 +166,28 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         await consumer.stop()
     if args.dlq:
-        while await queue_counts(probe_channel, args.queue, args.dlq) != [
-            0,
-            args.expect_dlq,
-        ]:
+        expect = State.dead if args.mode == "outage" else args.expect_dlq
+        while await queue_counts(probe_channel, args.queue, args.dlq) != [0, expect]:
             await asyncio.sleep(0.005)
+    ended = time.monotonic()
     meter.stop()
     await probe.close()
-    emit(meter, State.handled, baseline, latencies=State.latencies)
+    extra: dict[str, Any] = {"latencies": State.latencies}
+    if args.mode == "outage":
+        extra |= {
+            "dead_lettered": State.dead,
+            "failed_calls": State.failed,
+            "drain_seconds": max(0.0, ended - State.outage_until),
+        }
+    emit(meter, State.handled, baseline, **extra)
 
 
 def parse() -> argparse.Namespace:
-    modes = ("drain", "mixed", "io", "latency")
-    return parser(__doc__.splitlines()[0], modes).parse_args()
+    modes = ("drain", "mixed", "io", "latency", "outage")
+    arguments = parser(__doc__.splitlines()[0], modes)
+    arguments.add_argument("--queue-type", choices=("classic", "quorum"))
+    arguments.add_argument("--outage", type=float, default=5.0)
+    return arguments.parse_args()
 
 
 if __name__ == "__main__":

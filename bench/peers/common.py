@@ -31,6 +31,7 @@ __all__ = [
     "RETRY_HEADER",
     "Decision",
     "Meter",
+    "batch_options",
     "decide",
     "emit",
     "parser",
@@ -126,6 +127,20 @@ def parser(description: str, modes: tuple[str, ...]) -> argparse.ArgumentParser:
     parser.add_argument("--dlq", default=None)
     parser.add_argument("--expect-dlq", type=int, default=0)
     return parser
+
+
+def batch_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings aio-pika-batch and amqp-batch share (same names), from the
+    arguments of :func:`parser` (``bench/workloads.py`` takes the same)."""
+    return {
+        "url": args.url,
+        "queue_name": args.queue,
+        "prefetch_count": args.prefetch,
+        "batch_size": args.batch_size,
+        "batch_timeout": args.batch_timeout,
+        "num_workers": args.workers,
+        "max_requeue_attempts": args.max_requeue,
+    }
 
 
 def emit(meter: Meter, handled: int, baseline: int, **extra: Any) -> None:

@@ -423,6 +423,82 @@ def shutdown() -> str:
     return svg.render()
 
 
+DELAY_ROWS = [
+    ("orders.retry.1s", "1000", "attempt 1"),
+    ("orders.retry.10s", "10000", "attempt 2"),
+    ("orders.retry.60s", "60000", "attempt 3, 4, …"),
+]
+
+
+def delays() -> str:
+    """The delay queues of retry_delays=(1, 10, 60): a REQUEUEd copy waits in
+    the queue of its attempt, then the broker sends it back to the work queue."""
+    svg = Svg(960, 490, "amqp-batch: delayed retries through delay queues")
+    svg.box(16, 14, 600, 462, BROKER)
+    svg.text(32, 40, "RabbitMQ", weight="bold", size=15)
+    svg.box(40, 64, 120, 52, "#ffffff")
+    svg.lines(100, 86, ["producer's", "exchange"], anchor="middle", size=12)
+    svg.box(236, 60, 190, 60, "#ffffff")
+    svg.text(331, 84, "orders", weight="bold", anchor="middle")
+    svg.text(331, 102, "work queue (classic or quorum)", anchor="middle", size=11)
+    svg.arrow([(160, 90), (236, 90)])
+    _delay_queues(svg)
+    _delay_consumer(svg)
+    return svg.render()
+
+
+def _delay_queues(svg: Svg) -> None:
+    for row, (name, ttl, attempt) in enumerate(DELAY_ROWS):
+        y = 170 + row * 76
+        svg.box(236, y, 190, 60, "#ffffff", dashed=True)
+        svg.text(331, y + 24, name, weight="bold", anchor="middle", size=12)
+        svg.text(331, y + 42, f"x-message-ttl {ttl}", anchor="middle", size=11)
+        # Expired copies: dead-lettered to the default exchange, key "orders".
+        svg.arrow([(236, y + 30), (200, y + 30), (200, 108), (236, 108)], color=MUTED)
+        # The consumer publishes the copy of each attempt to its queue.
+        svg.arrow([(700, 140), (700, y + 30), (426, y + 30)])
+        svg.text(440, y + 24, attempt, size=11, color=MUTED)
+    svg.lines(
+        40,
+        190,
+        ["expired:", "x-dead-letter-", 'exchange ""', "routing key", "orders"],
+        size=11,
+        color=MUTED,
+        step=14,
+    )
+    svg.box(236, 400, 190, 40, "#ffffff")
+    svg.text(331, 425, "orders.dlx → orders.dead", anchor="middle", size=12)
+    svg.arrow([(760, 140), (760, 420), (426, 420)], color=DANGER)
+    svg.lines(
+        440,
+        440,
+        ["exhausted or NACK:", "published, confirmed, then acked"],
+        size=11,
+        color=DANGER,
+        step=14,
+    )
+
+
+def _delay_consumer(svg: Svg) -> None:
+    svg.box(640, 50, 300, 90, ACTOR)
+    svg.text(790, 74, "amqp-batch worker", weight="bold", anchor="middle")
+    svg.lines(
+        790,
+        94,
+        [
+            "REQUEUE: copy with x-retry-count + 1,",
+            "every property and header kept;",
+            "original acked after the confirm",
+        ],
+        size=11,
+        anchor="middle",
+        color=MUTED,
+        step=14,
+    )
+    svg.arrow([(426, 90), (640, 90)])
+    svg.text(470, 82, "deliveries", size=11, color=MUTED)
+
+
 def _probes(svg: Svg) -> None:
     """Panel 1: the kubelet's probes on the pod's HTTP port."""
     svg.text(20, 58, "1. Probes", weight="bold", size=14)
@@ -508,6 +584,7 @@ DIAGRAMS: dict[str, Callable[[], str]] = {
     "actors.svg": actors,
     "shutdown.svg": shutdown,
     "containers.svg": containers,
+    "delays.svg": delays,
 }
 
 

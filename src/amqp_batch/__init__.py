@@ -23,6 +23,7 @@ from ._exceptions import UnknownVirtualHost as UnknownVirtualHost
 from ._exports import set_public_module
 from ._message import Message as Message
 from ._publisher import Publisher as Publisher
+from ._publisher import PublishTimeout as PublishTimeout
 from ._results import BatchHandler as BatchHandler
 from ._results import MessageResult as MessageResult
 from ._retry import RETRY_COUNT_HEADER as RETRY_COUNT_HEADER
@@ -59,6 +60,7 @@ __all__ = [
     "MessageReturned",
     "Properties",
     "ProtocolError",
+    "PublishTimeout",
     "Publisher",
     "TransportError",
     "UnknownVirtualHost",

@@ -27,10 +27,12 @@ from ._bodies import Decoder
 from ._exceptions import AMQPBatchError, unwrap_group
 from ._message import Message
 from ._publisher import default_transport
+from ._ratelimit import RateLimiter
 from ._results import BatchHandler, MessageResult
 from ._settings import BatchConsumerSettings, ConsumerSettings
 from ._transport._base import Transport
 from ._worker import Worker, WorkerHealth, WorkerState, inside_consumer
+from .idempotency import IdempotencyStore
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -81,9 +83,18 @@ class BatchConsumer(Generic[SettingsT]):
     #: decoding); a body that fails is dead-lettered with a reason header.
     decoder: Decoder[Any] | None = None
 
-    def __init__(self, settings: SettingsT, *, transport: Transport | None = None):
+    def __init__(
+        self,
+        settings: SettingsT,
+        *,
+        transport: Transport | None = None,
+        idempotency: IdempotencyStore | None = None,
+    ):
         self.settings: SettingsT = settings
         self._transport = transport
+        #: Messages whose key this store has seen are acked without reaching
+        #: the handler (see :mod:`amqp_batch.idempotency`).
+        self.idempotency = idempotency
         self._workers: list[Worker] = []
         #: None until serve() starts.
         self._run: _Run | None = None
@@ -217,6 +228,7 @@ class BatchConsumer(Generic[SettingsT]):
         task_status: TaskStatus[None],
     ) -> None:
         """Run every worker until all stopped; raise the first fatal error."""
+        limiter = _shared_limiter(settings)
         self._workers = [
             Worker(
                 index,
@@ -226,6 +238,8 @@ class BatchConsumer(Generic[SettingsT]):
                 run.stop_requested,
                 partial(self._worker_consuming, run),
                 on_state_change=self._worker_state_changed,
+                limiter=limiter,
+                idempotency=self.idempotency,
                 decoder=self._decoder(),
             )
             for index in range(settings.num_workers)
@@ -357,6 +371,15 @@ class BatchConsumer(Generic[SettingsT]):
             raise
 
 
+def _shared_limiter(settings: BatchConsumerSettings) -> RateLimiter | None:
+    """Log what cannot fit the broker's consumer_timeout; the rate limiter all
+    workers share (``None``: no limit)."""
+    for warning in settings.timing_warnings():
+        logger.warning("%s", warning)
+    rate = settings.max_messages_per_second
+    return None if rate is None else RateLimiter(rate)
+
+
 class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):
     def __init__(
         self,
@@ -364,8 +387,9 @@ class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):
         handler: BatchHandler,
         *,
         transport: Transport | None = None,
+        idempotency: IdempotencyStore | None = None,
     ) -> None:
-        super().__init__(settings, transport=transport)
+        super().__init__(settings, transport=transport, idempotency=idempotency)
         self._function = handler
 
     def _handler(self) -> BatchHandler:
@@ -382,6 +406,7 @@ async def batch_consumer(
     handler: BatchHandler[DecodedT],
     *,
     transport: Transport | None = None,
+    idempotency: IdempotencyStore | None = None,
     decoder: Decoder[DecodedT] | None = None,
 ) -> AsyncIterator[BatchConsumer[BatchConsumerSettings]]:
     """Consume with ``handler`` while the ``async with`` body runs.
@@ -389,14 +414,17 @@ async def batch_consumer(
     Every worker consumes when the body starts; leaving the body (normally or by
     an exception) drains gracefully: no new deliveries, the current batches finish
     and settle, prefetched messages go back to the queue, within
-    ``shutdown_timeout``.
+    ``shutdown_timeout``. With ``idempotency``, messages whose key the store has
+    seen are acked without reaching ``handler``.
 
     ``decoder`` decodes each body first (``message.value``); a handler of
     ``Message[Order]`` takes a ``Decoder[Order]``. A body that does not decode
     is dead-lettered (``x-dead-letter-reason: decode-error``) without reaching
     the handler.
     """
-    consumer = _FunctionConsumer(settings, handler, transport=transport)
+    consumer = _FunctionConsumer(
+        settings, handler, transport=transport, idempotency=idempotency
+    )
     consumer.decoder = decoder
     async with consumer:
         yield consumer

@@ -175,6 +175,17 @@ class Message(Generic[BodyT_co]):
         return self._retry_count
 
     @property
+    def delivery_count(self) -> int:
+        """How often a quorum queue delivered this message before
+        (``x-delivery-count``, set by the broker on redeliveries; 0 when absent:
+        a first delivery, or a classic queue, which does not count). It counts
+        redeliveries of *this* message (channel closed, nack with requeue), not
+        REQUEUEs: a REQUEUE publishes a new copy, see :attr:`retry_count`."""
+        headers = self._delivery.properties.headers
+        value = headers.get("x-delivery-count") if headers else None
+        return value if type(value) is int and value >= 0 else 0
+
+    @property
     def delivery_tag(self) -> int:
         """The delivery tag on the worker's channel."""
         return self._delivery.delivery_tag

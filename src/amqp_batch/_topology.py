@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._delays import delay_queues
 from ._retry import RetryPolicy
 from ._settings import BatchConsumerSettings
 from ._transport._base import BindingSpec, ExchangeSpec, QueueSpec
@@ -19,46 +20,35 @@ def topology(
     exchanges: list[ExchangeSpec] = []
     queues: list[QueueSpec] = []
     bindings: list[BindingSpec] = []
-    arguments: dict[str, Any] = dict(settings.queue_arguments or {})
-    if settings.dead_letter_exchange:
-        arguments.setdefault("x-dead-letter-exchange", settings.dead_letter_exchange)
-        exchanges.append(
-            ExchangeSpec(
-                name=settings.dead_letter_exchange,
-                type=settings.dead_letter_exchange_type,
-                durable=settings.exchange_durable,
-            )
-        )
+    arguments: dict[str, Any] = dict(settings.work_queue_arguments)
+    if settings.effective_dead_letter_routing_key is not None:
+        dead_key = settings.effective_dead_letter_routing_key
+        arguments.setdefault("x-dead-letter-routing-key", dead_key)
+    durable = settings.exchange_durable
+    if dlx := settings.dead_letter_exchange:
+        arguments.setdefault("x-dead-letter-exchange", dlx)
+        kind = settings.dead_letter_exchange_type
+        exchanges.append(ExchangeSpec(name=dlx, type=kind, durable=durable))
         if settings.dead_letter_queue:
+            quorum = settings.queue_type == "quorum"
             queues.append(
                 QueueSpec(
-                    name=settings.dead_letter_queue, durable=settings.queue_durable
+                    name=settings.dead_letter_queue,
+                    durable=settings.queue_durable,
+                    arguments={"x-queue-type": "quorum"} if quorum else None,
                 )
             )
             bindings.append(
                 BindingSpec(
                     queue=settings.dead_letter_queue,
                     exchange=settings.dead_letter_exchange,
-                    routing_key="#"
-                    if settings.dead_letter_exchange_type == "topic"
-                    else "",
+                    routing_key=settings.dead_letter_binding_key,
                 )
             )
-    if settings.exchange_name:
-        exchanges.append(
-            ExchangeSpec(
-                name=settings.exchange_name,
-                type=settings.exchange_type,
-                durable=settings.exchange_durable,
-            )
-        )
-    queues.append(
-        QueueSpec(
-            name=settings.queue_name,
-            durable=settings.queue_durable,
-            arguments=arguments or None,
-        )
-    )
+    if exchange := settings.exchange_name:
+        kind = settings.exchange_type
+        exchanges.append(ExchangeSpec(name=exchange, type=kind, durable=durable))
+    queues.extend(_work_queues(settings, arguments))
     if settings.exchange_name:
         routing_key = settings.routing_key
         bindings.append(
@@ -72,14 +62,34 @@ def topology(
     return exchanges, queues, bindings
 
 
+def _work_queues(
+    settings: BatchConsumerSettings, arguments: dict[str, Any]
+) -> list[QueueSpec]:
+    """The work queue, then its delay queues (if ``retry_delays``)."""
+    work = QueueSpec(
+        name=settings.queue_name,
+        durable=settings.queue_durable,
+        arguments=arguments or None,
+    )
+    delays = delay_queues(
+        settings.queue_name,
+        settings.retry_delay_schedule,
+        queue_arguments=settings.work_queue_arguments,
+    )
+    return [work, *delays]
+
+
 def retry_policy(settings: BatchConsumerSettings) -> RetryPolicy:
     """The acker's retry and dead-letter rules for ``settings``."""
     arguments = settings.queue_arguments or {}
     exchange = settings.dead_letter_exchange or arguments.get("x-dead-letter-exchange")
-    routing_key = arguments.get("x-dead-letter-routing-key")
+    routing_key = settings.effective_dead_letter_routing_key
     return RetryPolicy(
         queue=settings.queue_name,
         max_requeue_attempts=settings.max_requeue_attempts,
         dead_letter_exchange=exchange if isinstance(exchange, str) else None,
         dead_letter_routing_key=routing_key if isinstance(routing_key, str) else None,
+        signing_key=settings.header_signing_key,
+        retry_delays=settings.retry_delay_schedule,
+        dead_letter_strategy=settings.dead_letter_strategy,
     )

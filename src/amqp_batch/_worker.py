@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import random
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from contextvars import ContextVar
 from functools import partial
@@ -30,6 +31,7 @@ from anyio.abc import TaskGroup
 
 from ._actors.acker import Acker, Outcome
 from ._actors.batcher import Intake, run_batcher
+from ._actors.guards import HandlerGuards
 from ._actors.handler import run_handler_runner
 from ._actors.ledger import AckLedger
 from ._bodies import Decoder
@@ -41,12 +43,15 @@ from ._exceptions import (
     first_library_error,
     recording_phase,
 )
+from ._killswitch import KillSwitch, KillSwitchState
 from ._message import Message
-from ._results import BatchHandler
+from ._ratelimit import RateLimiter
+from ._results import BatchHandler, MessageResult
 from ._settings import BatchConsumerSettings
 from ._topology import retry_policy, topology
 from ._transport._base import Session, SessionSpec, Transport
 from ._transport._url import ConnectionParameters
+from .idempotency import IdempotencyStore
 
 __all__ = ["Worker", "WorkerHealth", "WorkerState", "inside_consumer"]
 
@@ -63,6 +68,8 @@ class WorkerState(enum.Enum):
     CONNECTING = "connecting"
     CONSUMING = "consuming"
     BACKING_OFF = "backing_off"
+    #: The kill switch is open: not consuming until its cooldown is over.
+    PAUSED = "paused"
     STOPPING = "stopping"
     STOPPED = "stopped"
 
@@ -84,6 +91,12 @@ class WorkerHealth:
     results: Mapping[str, int]
     #: The broker URL in use, password redacted.
     url: str
+    #: The kill switch's state (``closed``, ``open``, ``half_open``); ``None``
+    #: when it is off.
+    kill_switch: str | None = None
+    #: The kill switch's transitions so far, oldest first, as
+    #: ``"<old> -> <new>: <reason>"``.
+    kill_switch_transitions: tuple[str, ...] = ()
 
 
 class Worker:
@@ -100,6 +113,8 @@ class Worker:
         *,
         rng: random.Random | None = None,
         on_state_change: Callable[[Worker, WorkerState], None] | None = None,
+        limiter: RateLimiter | None = None,
+        idempotency: IdempotencyStore | None = None,
         decoder: Decoder[object] | None = None,
     ) -> None:
         self.index = index
@@ -117,10 +132,72 @@ class Worker:
         self._reconnect_count = 0
         self._last_error: str | None = None
         self._counts: Counter[str] = Counter()
-        self._url = settings.connection_parameters(index).redacted_url
+        first = index if settings.url_order == "spread" else 0
+        self._url = settings.connection_parameters(first).redacted_url
+        #: URL index -> when a session on it last failed to start (to skip it).
+        self._url_failed_at: dict[int, float] = {}
         self.fatal_error: TransportError | None = None
         #: Whether the last session got as far as consuming (resets the backoff).
         self._consumed_last = False
+        self._kill_switch = _kill_switch(settings)
+        self._tripped = anyio.Event()
+        self._switch_changed = anyio.Event()
+        self._guards = self._make_guards(limiter, idempotency)
+
+    def _make_guards(
+        self, limiter: RateLimiter | None, idempotency: IdempotencyStore | None
+    ) -> HandlerGuards | None:
+        settings = self._settings
+        if (
+            limiter is None
+            and idempotency is None
+            and settings.handler_timeout is None
+            and self._kill_switch is None
+        ):
+            return None  # the plain path, exactly as without these settings
+        return HandlerGuards(
+            timeout=settings.handler_timeout,
+            limiter=limiter,
+            idempotency=idempotency,
+            on_results=self._record_results if self._kill_switch else None,
+            on_duplicates=self._count_duplicates,
+        )
+
+    def _count_duplicates(self, count: int) -> None:
+        self._counts["duplicate"] += count
+
+    def _record_results(self, results: Sequence[MessageResult]) -> None:
+        """Feed the kill switch; trip the session when it opens."""
+        switch = self._kill_switch
+        assert switch is not None
+        failed = sum(1 for result in results if result in _FAILED)
+        transition = switch.record(current_time(), len(results) - failed, failed)
+        self._switch_changed.set()
+        self._switch_changed = anyio.Event()
+        if transition is None:
+            return
+        logger.warning(
+            "worker %d: kill switch %s -> %s (%s)",
+            self.index,
+            transition.old.value,
+            transition.new.value,
+            transition.reason,
+        )
+        if transition.new is KillSwitchState.OPEN:
+            self._tripped.set()
+
+    async def _gate(self) -> None:
+        """Wait until the kill switch lets the next batch start."""
+        switch = self._kill_switch
+        assert switch is not None
+        while True:
+            now = current_time()
+            if switch.allows(now):
+                switch.begin_batch(now)
+                return
+            if switch.state is KillSwitchState.OPEN:
+                await anyio.sleep_forever()  # the session is ending
+            await self._switch_changed.wait()  # the probe's result decides
 
     @property
     def state(self) -> WorkerState:
@@ -136,6 +213,7 @@ class Worker:
 
     def health(self) -> WorkerHealth:
         """A snapshot of this worker."""
+        switch = self._kill_switch
         return WorkerHealth(
             index=self.index,
             state=self._state,
@@ -143,7 +221,30 @@ class Worker:
             last_error=self._last_error,
             results=dict(self._counts),
             url=self._url,
+            kill_switch=None if switch is None else switch.state.value,
+            kill_switch_transitions=()
+            if switch is None
+            else tuple(
+                f"{t.old.value} -> {t.new.value}: {t.reason}"
+                for t in switch.transitions
+            ),
         )
+
+    def _next_url(self) -> int:
+        """The index of the URL to connect to: the first in the worker's order
+        (``url_order``) where no session failed to start in the last
+        ``reconnect_backoff_cap`` seconds, else the one that failed longest ago.
+        (A session lost after consuming does not count: the next attempt finds
+        out whether that node is down.)"""
+        count = len(self._settings.urls)
+        start = self.index % count if self._settings.url_order == "spread" else 0
+        order = [(start + offset) % count for offset in range(count)]
+        failed_at = self._url_failed_at
+        since = current_time() - self._settings.reconnect_backoff_cap
+        for index in order:
+            if failed_at.get(index, -math.inf) < since:
+                return index
+        return min(order, key=lambda index: failed_at[index])
 
     def _connection_name(self) -> str:
         base = (
@@ -162,17 +263,18 @@ class Worker:
         failures = 0
         try:
             while not self._stop_requested.is_set():
-                parameters = self._settings.connection_parameters(
-                    self.index + self._reconnect_count
-                )
+                url_index = self._next_url()
+                parameters = self._settings.connection_parameters(url_index)
                 self._url = parameters.redacted_url
                 self._set_state(WorkerState.CONNECTING)
                 try:
-                    await self._run_session(parameters)
+                    paused = await self._run_session(parameters)
                 except Exception as exc:
                     error = first_library_error(exc, TransportError)
                     if error is None:
                         raise
+                    if not self._consumed_last:  # it failed to connect or set up
+                        self._url_failed_at[url_index] = current_time()
                     if self._stop_requested.is_set():
                         break
                     self._last_error = f"{type(error).__name__}: {error}"
@@ -181,7 +283,10 @@ class Worker:
                         self.fatal_error = error
                         return
                 else:
-                    break
+                    if not paused:
+                        break
+                    await self._pause()
+                    continue
                 failures = 0 if self._consumed_last else failures + 1
                 await self._back_off(failures)
         finally:
@@ -201,10 +306,24 @@ class Worker:
         with move_on_after(delay):
             await self._stop_requested.wait()
 
-    async def _run_session(self, parameters: ConnectionParameters) -> None:
-        """One session: open it, run the pipeline, close it. Transport errors
-        leave with the :class:`Phase` they happened in recorded on them."""
+    async def _pause(self) -> None:
+        """The kill switch is open: stay away from the queue for its cooldown."""
+        switch = self._kill_switch
+        assert switch is not None
+        self._set_state(WorkerState.PAUSED)
+        delay = switch.wait_time(current_time())
+        logger.warning(
+            "worker %d: kill switch open; not consuming for %.1f s", self.index, delay
+        )
+        with move_on_after(delay):
+            await self._stop_requested.wait()
+
+    async def _run_session(self, parameters: ConnectionParameters) -> bool:
+        """One session: open it, run the pipeline, close it; True when it ended
+        because the kill switch opened. Transport errors leave with the
+        :class:`Phase` they happened in recorded on them."""
         self._consumed_last = False
+        self._tripped = anyio.Event()
         name = self._connection_name()
         spec = SessionSpec(
             parameters=attrs.evolve(parameters, connection_name=name),
@@ -228,6 +347,8 @@ class Worker:
                 self._on_consuming(self)
                 await self._run_pipeline(session, publisher_parameters)
                 cancelled_by_broker = session.consumer_cancelled_by_broker
+        if self._tripped.is_set() and not self._stop_requested.is_set():
+            return True
         if not self._stop_requested.is_set():
             # Deliveries ended without a stop: the broker cancelled the consumer
             # (e.g. the queue was deleted). Back off and redeclare.
@@ -236,6 +357,7 @@ class Worker:
                 if cancelled_by_broker
                 else "the delivery stream ended"
             )
+        return False
 
     async def _run_pipeline(
         self, session: Session, publisher_parameters: ConnectionParameters
@@ -257,9 +379,7 @@ class Worker:
                     intake = await self._start_actors(
                         pipeline, ends, session, ledger, acker
                     )
-                    supervisor.start_soon(
-                        self._stop_when_requested, session, intake, pipeline_scope
-                    )
+                    self._watch(supervisor, session, intake, pipeline_scope)
             if pipeline_scope.cancelled_caught:
                 logger.warning(
                     "worker %d: shutdown_timeout (%s s) passed; cancelled the "
@@ -295,6 +415,7 @@ class Worker:
             run_handler_runner,
             handler=self._handler,
             fallback=settings.unhandled_exception_action,
+            guards=self._guards,
             decoder=self._decoder,
         )
         for _ in range(settings.max_concurrent_batches):
@@ -312,11 +433,24 @@ class Worker:
             batch_size=settings.batch_size,
             batch_timeout=settings.batch_timeout,
             max_batch_bytes=settings.max_batch_bytes,
+            gate=self._gate if self._kill_switch else None,
         )
         intake: Intake = await pipeline.start(batcher)
         handler_input.close()
         to_acker.close()
         return intake
+
+    def _watch(
+        self,
+        group: TaskGroup,
+        session: Session,
+        intake: Intake,
+        pipeline_scope: CancelScope,
+    ) -> None:
+        """Start the tasks that end the pipeline on a stop or a kill-switch trip."""
+        group.start_soon(self._stop_when_requested, session, intake, pipeline_scope)
+        if self._kill_switch is not None:
+            group.start_soon(self._stop_when_tripped, session, intake)
 
     async def _stop_when_requested(
         self, session: Session, intake: Intake, pipeline_scope: CancelScope
@@ -330,3 +464,27 @@ class Worker:
         intake.cancel()
         with move_on_after(timeout):
             await session.cancel()
+
+    async def _stop_when_tripped(self, session: Session, intake: Intake) -> None:
+        """The kill switch opened: stop taking deliveries and cancel the
+        consumer; the batches already taken finish and settle, and what is
+        prefetched goes back to the queue, in order, when the channel closes."""
+        await self._tripped.wait()
+        intake.cancel()
+        with move_on_after(self._settings.shutdown_timeout):
+            await session.cancel()
+
+
+#: Results the kill switch counts as failures (the dependency did not work).
+_FAILED = frozenset({MessageResult.REQUEUE, MessageResult.REQUEUE_IMMEDIATE})
+
+
+def _kill_switch(settings: BatchConsumerSettings) -> KillSwitch | None:
+    if settings.kill_switch_threshold is None:
+        return None
+    return KillSwitch(
+        threshold=settings.kill_switch_threshold,
+        window=settings.kill_switch_window,
+        min_samples=settings.kill_switch_min_samples,
+        cooldown=settings.kill_switch_cooldown,
+    )

@@ -8,12 +8,14 @@ import logging
 from collections.abc import AsyncIterable, Iterable, Sequence
 from contextlib import aclosing
 
+from anyio import move_on_after
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from .._bodies import Decoder, decode_batch
 from .._message import Message
 from .._results import BatchHandler, MessageResult
 from .acker import Outcome
+from .guards import HandlerGuards, run_guarded
 
 __all__ = ["collect_results", "run_handler_runner"]
 
@@ -25,6 +27,7 @@ async def collect_results(
     messages: Sequence[Message],
     *,
     fallback: MessageResult,
+    timeout: float | None = None,
 ) -> list[MessageResult]:
     """Run ``handler`` on ``messages`` and return exactly one result per message.
 
@@ -32,9 +35,49 @@ async def collect_results(
     or an exception (``Exception`` only: cancellation and other
     ``BaseException`` s propagate) give the unsettled messages ``fallback``.
     Extra results are logged and never applied. An async generator is run to its
-    end (code after its loop runs) unless it yields a non-result.
+    end (code after its loop runs) unless it yields a non-result. Past
+    ``timeout`` seconds (``handler_timeout``) the handler is cancelled; the
+    results it gave still apply and the rest get ``fallback``.
     """
     results: list[MessageResult] = []
+    extra = 0
+    with move_on_after(timeout) as scope:
+        extra = await _run_handler(handler, messages, results, fallback)
+    if scope.cancelled_caught:
+        logger.error(
+            "handler_timeout (%s s) passed after %d of %d result(s); cancelled "
+            "the handler, applying %s to the rest",
+            timeout,
+            len(results),
+            len(messages),
+            fallback.name,
+        )
+    if extra:
+        logger.error(
+            "handler gave %d result(s) more than the %d message(s); ignored them",
+            extra,
+            len(messages),
+        )
+    missing = len(messages) - len(results)
+    if missing > 0:
+        logger.warning(
+            "handler gave %d result(s) for %d message(s); applying %s to %d",
+            len(results),
+            len(messages),
+            fallback.name,
+            missing,
+        )
+        results.extend([fallback] * missing)
+    return results
+
+
+async def _run_handler(
+    handler: BatchHandler,
+    messages: Sequence[Message],
+    results: list[MessageResult],
+    fallback: MessageResult,
+) -> int:
+    """Run the handler, appending its results; returns how many extra it gave."""
     extra = 0
     try:
         # object: a handler that breaks its type still gets its messages settled.
@@ -73,23 +116,7 @@ async def collect_results(
             len(messages) - len(results),
             exc_info=True,
         )
-    if extra:
-        logger.error(
-            "handler gave %d result(s) more than the %d message(s); ignored them",
-            extra,
-            len(messages),
-        )
-    missing = len(messages) - len(results)
-    if missing > 0:
-        logger.warning(
-            "handler gave %d result(s) for %d message(s); applying %s to %d",
-            len(results),
-            len(messages),
-            fallback.name,
-            missing,
-        )
-        results.extend([fallback] * missing)
-    return results
+    return extra
 
 
 def _stray_cancellation(exc: BaseException) -> bool:
@@ -159,12 +186,14 @@ async def run_handler_runner(
     handler: BatchHandler,
     *,
     fallback: MessageResult,
+    guards: HandlerGuards | None = None,
     decoder: Decoder[object] | None = None,
 ) -> None:
     """Take batches, run the handler, send one outcome per message to the acker.
 
     A worker starts ``max_concurrent_batches`` of these on clones of the same
-    streams; the acker's input ends when the last clone closes. With a
+    streams; the acker's input ends when the last clone closes. ``guards``
+    (idempotency, rate limit, timeout, kill-switch feed) wrap each call. With a
     ``decoder``, bodies are decoded first; those that fail go to the acker to be
     dead-lettered and never reach the handler.
     """
@@ -174,6 +203,12 @@ async def run_handler_runner(
             if undecodable:
                 await to_acker.send(undecodable)
             if not batch:
+                continue
+            if guards is not None:
+                outcomes = await run_guarded(
+                    batch, handler, fallback, guards, collect_results
+                )
+                await to_acker.send(outcomes)
                 continue
             results = await collect_results(handler, batch, fallback=fallback)
             await to_acker.send(list(zip(batch, results, strict=True)))

@@ -26,12 +26,7 @@ import attrs
 
 from .._message import Message
 from .._results import MessageResult
-from .._retry import (
-    RetryPolicy,
-    dead_letter_properties,
-    original_destination,
-    requeue_properties,
-)
+from .._retry import RetryPolicy, dead_letter_properties
 from .._transport._base import Delivery, Properties
 from .ledger import Action
 
@@ -146,6 +141,8 @@ class DeadLetterPublish(NamedTuple):
     #: The original delivery, whose properties the dead letter keeps.
     delivery: Delivery
     fallback: Settle
+    #: The queue's policy (trusted ``x-original-*`` headers, signing key).
+    policy: RetryPolicy | None = None
     #: More headers for the dead letter (e.g. the class of a decode error).
     headers: Mapping[str, Any] | None = None
 
@@ -153,7 +150,11 @@ class DeadLetterPublish(NamedTuple):
     def properties(self) -> Properties:
         """The dead letter's properties (built when it is published: most
         dead-letter plans are fallbacks that never run)."""
-        return dead_letter_properties(self.delivery, self.reason, self.headers)
+        if self.policy is not None:
+            return self.policy.dead_letter_properties(
+                self.delivery, self.reason, self.headers
+            )
+        return dead_letter_properties(self.delivery, self.reason, headers=self.headers)
 
     def __repr__(self) -> str:
         # Without the delivery: its body and headers are the producer's data.
@@ -263,19 +264,21 @@ def plan(message: Message, disposition: Disposition, policy: RetryPolicy) -> Pla
         return _dead_letter(
             delivery, policy, MAX_REQUEUE_ATTEMPTS, by_library=by_library
         )
-    exchange, routing_key = requeue_target(policy)
+    new_count = message.retry_count + 1
+    exchange, routing_key = requeue_target(policy, new_count)
     return Republish(
         exchange,
         routing_key,
-        requeue_properties(delivery, message.retry_count + 1),
+        policy.requeue_properties(delivery, new_count),
         _dead_letter(delivery, policy, REPUBLISH_FAILED, by_library=by_library),
     )
 
 
-def requeue_target(policy: RetryPolicy) -> tuple[str, str]:
+def requeue_target(policy: RetryPolicy, new_retry_count: int = 1) -> tuple[str, str]:
     """The exchange and routing key a REQUEUE copy is published to: the
-    default exchange, straight to the queue."""
-    return "", policy.queue
+    default exchange, straight to the queue, or to the delay queue of its
+    attempt when the policy has ``retry_delays``."""
+    return "", policy.retry_destination(new_retry_count)
 
 
 def _dead_letter(
@@ -288,18 +291,22 @@ def _dead_letter(
 ) -> Settle | DeadLetterPublish:
     """Dead-letter with the original routing key.
 
-    An original is rejected and the broker dead-letters it (keeping its exchange
-    and routing key, adding ``x-death``). A republished copy would be
-    dead-lettered under the queue's name, so when the DLX is known the library
-    publishes it there itself (``by_library``); so it does for messages that
-    need a reason header. The routing key is the queue's
+    When the DLX is known the library publishes the dead letter there itself
+    (confirmed, then acks the original): always with ``dead_letter_strategy
+    = "publish"`` (crash-safe), and with ``"broker"`` for copies, which the
+    broker would dead-letter under the queue's name, and for messages that
+    need a reason header (``by_library``). Otherwise the original is rejected
+    and the broker dead-letters it (keeping its exchange and routing key,
+    adding ``x-death``). The routing key is the queue's
     ``x-dead-letter-routing-key`` when set, as the broker would use it.
     """
     reject = _REJECTS.get(reason) or Settle(_REJECT_ACTION, reason)
-    exchange = policy.dead_letter_exchange
-    if exchange is None or not by_library:
+    destination = policy.dead_letter_destination(delivery)
+    if destination is None or not (
+        by_library or policy.dead_letter_strategy == "publish"
+    ):
         return reject
-    routing_key = policy.dead_letter_routing_key
-    if routing_key is None:
-        _, routing_key = original_destination(delivery)
-    return DeadLetterPublish(exchange, routing_key, reason, delivery, reject, headers)
+    exchange, routing_key = destination
+    return DeadLetterPublish(
+        exchange, routing_key, reason, delivery, reject, policy, headers
+    )

@@ -18,12 +18,15 @@ import datetime
 import ssl
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._url import ConnectionParameters
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "BindingSpec",
@@ -31,11 +34,13 @@ __all__ = [
     "Delivery",
     "ExchangeSpec",
     "Properties",
+    "PublishOptions",
     "PublisherSession",
     "QueueSpec",
     "Session",
     "SessionSpec",
     "Transport",
+    "publish_arguments",
 ]
 
 FieldTable = Mapping[str, Any]
@@ -177,17 +182,36 @@ class Confirmation(Protocol):
         ...
 
 
+class PublishOptions(TypedDict, total=False):
+    """The keywords of every publish method of a transport."""
+
+    #: The exchange (default ``""``, the default exchange).
+    exchange: str
+    #: The routing key (default ``""``).
+    routing_key: str
+    #: The message's properties (default none).
+    properties: Properties | None
+    #: Return the message if no queue takes it (default ``False``).
+    mandatory: bool
+
+
+def publish_arguments(
+    options: PublishOptions,
+) -> tuple[str, str, Properties | None, bool]:
+    """``(exchange, routing_key, properties, mandatory)``, defaults filled in."""
+    return (
+        options.get("exchange", ""),
+        options.get("routing_key", ""),
+        options.get("properties"),
+        options.get("mandatory", False),
+    )
+
+
 class PublisherSession(Protocol):
     """A connection with a confirm-mode channel for publishing."""
 
     def start_publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Properties | None = None,
-        mandatory: bool = False,
+        self, body: bytes, **options: Unpack[PublishOptions]
     ) -> Confirmation:
         """Queue a publish now, without waiting; return its :class:`Confirmation`.
 
@@ -200,15 +224,7 @@ class PublisherSession(Protocol):
         """
         ...
 
-    async def publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Properties | None = None,
-        mandatory: bool = False,
-    ) -> None:
+    async def publish(self, body: bytes, **options: Unpack[PublishOptions]) -> None:
         """Publish and return once the broker confirmed it.
 
         Raises :class:`~amqp_batch.MessageNacked` on a nack and

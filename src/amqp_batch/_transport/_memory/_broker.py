@@ -23,7 +23,7 @@ class MemoryBroker:
     """An in-memory RabbitMQ for tests, implementing the transport contract.
 
     Pass it as ``transport=`` to a consumer or publisher and the real consumer
-    actors run on it, on asyncio or trio, with no network and no timers. It models
+    actors run on it, on asyncio or trio, with no network. It models
     the four exchange types with bindings, the default and ``amq.*`` exchanges,
     queues with dead-lettering (``x-death``), ``x-max-length``, TTL, prefetch,
     redelivery, publisher confirms and returns, broker-side consumer cancellation

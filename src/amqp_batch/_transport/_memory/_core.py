@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
@@ -105,6 +106,8 @@ class BrokerCore:
         self._seq = itertools.count(1)
         self._connection_ids = itertools.count(1)
         self._changed: anyio.Event | None = None
+        #: Queues that held a message with a TTL (the expiry timer looks there).
+        self._timed: dict[str, Queue] = {}
         #: Every publish a client made, in order.
         self.published: list[Published] = []
 
@@ -334,6 +337,8 @@ class BrokerCore:
             routing_key=routing_key,
             expires_at=self._expiry(queue, properties, now),
         )
+        if message.expires_at is not None:
+            self._timed[queue.name] = queue
         overflow = queue.argument("x-overflow") or "drop-head"
         if overflow != "drop-head" and self._over_limit(queue, len(body), 1):
             if overflow == "reject-publish-dlx":
@@ -383,6 +388,31 @@ class BrokerCore:
         for target in self._targets(exchange, routing_key, properties.headers):
             if not is_cycle(properties, target.name):
                 self._enqueue(target, message.body, properties, exchange, routing_key)
+
+    async def expire_on_time(self) -> None:
+        """Dead-letter every message when its TTL passes, whether or not its
+        queue has a consumer (RabbitMQ expires on a timer too: a delay queue
+        has no consumer). Runs while a session is open, on the event loop's
+        clock; with a test's own clock expiry stays lazy (on inspection)."""
+        if self._clock is not _default_clock:
+            await anyio.sleep_forever()
+        while True:
+            due = min(
+                (
+                    m.expires_at
+                    for queue in self._timed.values()
+                    for m in queue.ready
+                    if m.expires_at is not None
+                ),
+                default=math.inf,
+            )
+            with anyio.move_on_at(due):
+                await self.wait_for_change()
+            for queue in list(self._timed.values()):
+                if queue.deleted or not queue.ready:
+                    self._timed.pop(queue.name, None)
+                else:
+                    self.expire(queue)
 
     def expire(self, queue: Queue) -> None:
         """Dead-letter (or drop) the queue's ready messages whose TTL passed."""

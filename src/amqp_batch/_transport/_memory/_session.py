@@ -28,15 +28,19 @@ from .._base import (
     ExchangeSpec,
     Properties,
     PublisherSession,
+    PublishOptions,
     QueueSpec,
     Session,
     SessionSpec,
+    publish_arguments,
 )
 from .._url import ConnectionParameters
 from ._core import Settle
 from ._model import Channel, Consumer
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ._core import BrokerCore
 
 __all__ = [
@@ -159,13 +163,7 @@ class MemoryPublisher(PublisherSession):
         return f"<MemoryPublisher connection={self._channel.connection_name!r}>"
 
     def start_publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Properties | None = None,
-        mandatory: bool = False,
+        self, body: bytes, **options: Unpack[PublishOptions]
     ) -> MemoryConfirmation:
         """Route the message now and return its confirmation (already decided).
 
@@ -176,7 +174,7 @@ class MemoryPublisher(PublisherSession):
         closed.
         """
         self._core.check_open(self._channel)
-        arguments = (body, exchange, routing_key, properties, mandatory)
+        arguments = (body, *publish_arguments(options))
         confirmation = MemoryConfirmation(
             partial(self._route, arguments), self._wait_unblocked
         )
@@ -201,15 +199,7 @@ class MemoryPublisher(PublisherSession):
         await self._core.gate.wait_unblocked()
         self._route_started()
 
-    async def publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Properties | None = None,
-        mandatory: bool = False,
-    ) -> None:
+    async def publish(self, body: bytes, **options: Unpack[PublishOptions]) -> None:
         """Route the message and return (the confirm is immediate).
 
         Raises :class:`~amqp_batch.MessageReturned` (312 NO_ROUTE) for an
@@ -222,7 +212,7 @@ class MemoryPublisher(PublisherSession):
         await self._wait_unblocked()
         self._core.check_open(self._channel)
         try:
-            self._route((body, exchange, routing_key, properties, mandatory))
+            self._route((body, *publish_arguments(options)))
         finally:
             await anyio.lowlevel.checkpoint()
 
@@ -262,9 +252,12 @@ async def open_session(
                 sink=send,
             )
             core.consume(channel, consumer)
-            with anyio.CancelScope() as scope:
-                channel.on_failure = scope.cancel
-                yield MemorySession(core, channel, consumer, receive)
+            async with anyio.create_task_group() as timers:
+                timers.start_soon(core.expire_on_time)
+                with anyio.CancelScope() as scope:
+                    channel.on_failure = scope.cancel
+                    yield MemorySession(core, channel, consumer, receive)
+                timers.cancel_scope.cancel()
     finally:
         channel.on_failure = None
         core.close_channel(channel)

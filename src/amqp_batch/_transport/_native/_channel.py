@@ -29,7 +29,12 @@ from ..._exceptions import (
     ProtocolError,
     TransportError,
 )
-from .._base import Delivery, FieldTable, Properties
+from .._base import (
+    Delivery,
+    FieldTable,
+    PublishOptions,
+    publish_arguments,
+)
 from ._framing import (
     ContentHeaderFrame,
     IncomingContent,
@@ -42,6 +47,8 @@ from ._framing import (
 )
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ._framing import IncomingFrame
 
 __all__ = ["Channel", "QueueInfo"]
@@ -660,46 +667,27 @@ class Channel:
 
     # Publishing
 
-    async def publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Properties | None = None,
-        mandatory: bool = False,
-    ) -> None:
+    async def publish(self, body: bytes, **options: Unpack[PublishOptions]) -> None:
         """Publish a message; in confirm mode, return after the broker's confirm.
 
         Waits while the connection is blocked. Raises :class:`MessageNacked` or
         :class:`MessageReturned` (``mandatory`` and unroutable).
         """
         await self._connection.wait_unblocked()
-        pending = self.start_publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=properties,
-            mandatory=mandatory,
-        )
+        pending = self.start_publish(body, **options)
         if pending is None:
             return
         await self._connection.wait_writable()
         await pending.wait()
 
     def start_publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Properties | None = None,
-        mandatory: bool = False,
+        self, body: bytes, **options: Unpack[PublishOptions]
     ) -> Waiter | None:
         """Queue a publish now; return a :class:`Waiter` for its confirm (``None``
         outside confirm mode). Lets callers pipeline many publishes."""
         if not isinstance(body, bytes | bytearray | memoryview):
             raise TypeError(f"body must be bytes, not {type(body).__name__}")
+        exchange, routing_key, properties, mandatory = publish_arguments(options)
         data = encode_publish(
             self.channel_id,
             bytes(body),

@@ -7,6 +7,7 @@ import itertools
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -16,7 +17,7 @@ from .._base import (
     BindingSpec,
     Delivery,
     ExchangeSpec,
-    Properties,
+    PublishOptions,
     QueueSpec,
     SessionSpec,
 )
@@ -24,6 +25,9 @@ from .._url import ConnectionParameters
 from ._channel import Channel, Waiter
 from ._connection import connect
 from ._network import NetworkBackend
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["NativePublisher", "NativeSession", "NativeTransport"]
 
@@ -90,43 +94,15 @@ class NativePublisher:
         """The underlying channel (for declarations and inspection)."""
         return self._channel
 
-    def start_publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Properties | None = None,
-        mandatory: bool = False,
-    ) -> Waiter:
+    def start_publish(self, body: bytes, **options: Unpack[PublishOptions]) -> Waiter:
         """Queue a publish now; return the :class:`Waiter` of its confirm."""
-        waiter = self._channel.start_publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=properties,
-            mandatory=mandatory,
-        )
+        waiter = self._channel.start_publish(body, **options)
         assert waiter is not None, "a publisher channel is in confirm mode"
         return waiter
 
-    async def publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Properties | None = None,
-        mandatory: bool = False,
-    ) -> None:
+    async def publish(self, body: bytes, **options: Unpack[PublishOptions]) -> None:
         """Publish and return after the broker's confirm."""
-        await self._channel.publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=properties,
-            mandatory=mandatory,
-        )
+        await self._channel.publish(body, **options)
 
 
 async def declare(
