@@ -126,6 +126,10 @@ nitpick_ignore = [
     ("py:class", "amqp_batch._handler_testing.T"),
     ("py:class", "amqp_batch._transport._aiormq.AiormqSession"),
     ("py:class", "amqp_batch._transport._aiormq.AiormqPublisher"),
+    # The publish keywords (a TypedDict of the private transport contract) and
+    # MemoryBroker's confirmation, as they appear unqualified in signatures.
+    ("py:class", "PublishOptions"),
+    ("py:class", "MemoryConfirmation"),
 ]
 
 # -- HTML ---------------------------------------------------------------------------

@@ -54,14 +54,17 @@ from ._base import (
     Delivery,
     ExchangeSpec,
     Properties,
+    PublishOptions,
     QueueSpec,
     SessionSpec,
+    publish_arguments,
 )
 from ._url import ConnectionParameters
 
 if TYPE_CHECKING:
     from aiormq.abc import DeliveredMessage
     from pamqp.commands import Basic
+    from typing_extensions import Unpack
 
 __all__ = ["AiormqPublisher", "AiormqSession", "AiormqTransport"]
 
@@ -690,15 +693,10 @@ class AiormqPublisher:
         return not (self._channel.is_closed or self._link.connection.is_closed)
 
     def start_publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Properties | None = None,
-        mandatory: bool = False,
+        self, body: bytes, **options: Unpack[PublishOptions]
     ) -> AiormqConfirmation:
         """Queue a publish now; return its :class:`AiormqConfirmation`."""
+        exchange, routing_key, properties, mandatory = publish_arguments(options)
         if not isinstance(body, bytes | bytearray | memoryview):
             raise TypeError(f"body must be bytes, not {type(body).__name__}")
         if self._link.error is not None:
@@ -747,24 +745,9 @@ class AiormqPublisher:
         else:
             confirmation.settle(None)
 
-    async def publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Properties | None = None,
-        mandatory: bool = False,
-    ) -> None:
+    async def publish(self, body: bytes, **options: Unpack[PublishOptions]) -> None:
         """Publish and return after the broker's confirm."""
-        confirmation = self.start_publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=properties,
-            mandatory=mandatory,
-        )
-        await confirmation.wait()
+        await self.start_publish(body, **options).wait()
 
 
 @asynccontextmanager
