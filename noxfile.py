@@ -103,6 +103,9 @@ def tests(session: nox.Session) -> None:
     # Installs Debian's rabbitmq-server when missing (root only; never starts or
     # stops the machine's own broker), else explains what to install.
     session.run("python", "-m", "tests.support.rabbit_node", "--ensure")
+    # Debian's prometheus for the one real-scrape test; never fails (without apt
+    # that test skips and says why).
+    session.run("python", "-m", "tests.support.prometheus_server", "--ensure")
     session.run("python", "-m", "pytest", *session.posargs)
 
 
@@ -189,7 +192,7 @@ def docs(session: nox.Session) -> None:
     Warnings are errors (``-W``, nitpicky). The diagrams are checked against
     ``docs/diagrams/render.py`` first; ``nox -s docs -- --render`` rewrites them.
     """
-    session.install("-e", ".", *_group("docs"))
+    session.install("-e", ".[prometheus,otel]", *_group("docs"))
     render = ["python", "docs/diagrams/render.py"]
     if "--render" in session.posargs:
         session.run(*render)

@@ -91,7 +91,10 @@ nitpick_ignore_regex = [
         r"py:(class|obj|exc|data)",
         r"(collections\.abc|contextlib|datetime|enum|os|ssl|types|typing)\..*",
     ),
-    (r"py:(class|obj|exc)", r"(anyio|attr|attrs|pytest|_pytest)(\..*)?"),
+    (
+        r"py:(class|obj|exc)",
+        r"(anyio|attr|attrs|pytest|_pytest|prometheus_client|opentelemetry)(\..*)?",
+    ),
     (r"py:class", r"(TimeoutError|ValueError|Exception)"),
 ]
 nitpick_ignore = [
@@ -113,6 +116,12 @@ nitpick_ignore = [
     ("py:obj", "amqp_batch._consumer.SettingsT"),
     ("py:class", "amqp_batch._consumer.SettingsT"),
     ("py:class", "amqp_batch._settings._S"),
+    # serve_http's task_status and consumer (anything with health()).
+    ("py:class", "TaskStatus"),
+    ("py:class", "amqp_batch._http.HealthSource"),
+    # Unqualified in the publishers' signatures (``**options: Unpack[...]``).
+    ("py:class", "PublishOptions"),
+    ("py:class", "MemoryConfirmation"),
     # The phase a transport error happened in (a fact read by the error policy).
     ("py:class", "amqp_batch._exceptions.Phase"),
     # Typed bodies and the aiormq transport: type variables, and the private homes

@@ -21,6 +21,11 @@ from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import TransportError as TransportError
 from ._exceptions import UnknownVirtualHost as UnknownVirtualHost
 from ._exports import set_public_module
+from ._hooks import BatchInfo as BatchInfo
+from ._hooks import ConsumerHooks as ConsumerHooks
+from ._hooks import Settlement as Settlement
+from ._hooks import SettleOutcome as SettleOutcome
+from ._logging import JSONFormatter as JSONFormatter
 from ._message import Message as Message
 from ._publisher import Publisher as Publisher
 from ._publisher import PublishTimeout as PublishTimeout
@@ -45,6 +50,7 @@ __all__ = [
     "BatchConsumer",
     "BatchConsumerSettings",
     "BatchHandler",
+    "BatchInfo",
     "ChannelClosed",
     "ConnectionBlockedTimeout",
     "ConnectionLost",
@@ -52,8 +58,10 @@ __all__ = [
     "ConnectionRefused",
     "Consumer",
     "ConsumerCancelled",
+    "ConsumerHooks",
     "ConsumerSettings",
     "Decoder",
+    "JSONFormatter",
     "Message",
     "MessageNacked",
     "MessageResult",
@@ -62,6 +70,8 @@ __all__ = [
     "ProtocolError",
     "PublishTimeout",
     "Publisher",
+    "SettleOutcome",
+    "Settlement",
     "TransportError",
     "UnknownVirtualHost",
     "UnsupportedContentType",

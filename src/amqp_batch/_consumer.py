@@ -25,6 +25,7 @@ from anyio.abc import TaskStatus
 
 from ._bodies import Decoder
 from ._exceptions import AMQPBatchError, unwrap_group
+from ._hooks import ConsumerHooks, HookDispatcher
 from ._message import Message
 from ._publisher import default_transport
 from ._ratelimit import RateLimiter
@@ -74,6 +75,7 @@ class BatchConsumer(Generic[SettingsT]):
 
     Run it with :meth:`run` (handles SIGINT/SIGTERM), ``await nursery.start(
     consumer.serve)``, or ``async with consumer:``. A consumer runs once.
+    ``hooks`` observe it (:class:`~amqp_batch.ConsumerHooks`: metrics, tracing).
 
     Set :attr:`decoder` (e.g. ``decoder = msgspec_decoder(Order)``) to receive
     ``Message[Order]`` with ``message.value`` decoded.
@@ -88,10 +90,14 @@ class BatchConsumer(Generic[SettingsT]):
         settings: SettingsT,
         *,
         transport: Transport | None = None,
+        hooks: Sequence[ConsumerHooks] = (),
         idempotency: IdempotencyStore | None = None,
     ):
         self.settings: SettingsT = settings
         self._transport = transport
+        self._hooks: list[ConsumerHooks] = list(HookDispatcher(hooks).hooks)
+        #: Built from the hooks when serve() starts.
+        self._dispatcher = HookDispatcher()
         #: Messages whose key this store has seen are acked without reaching
         #: the handler (see :mod:`amqp_batch.idempotency`).
         self.idempotency = idempotency
@@ -129,6 +135,13 @@ class BatchConsumer(Generic[SettingsT]):
         Override it to log or export state changes; the default does nothing.
         """
 
+    def add_hooks(self, *hooks: ConsumerHooks) -> None:
+        """Add observers (see :class:`~amqp_batch.ConsumerHooks`); before the
+        consumer starts only."""
+        if self._run is not None:
+            raise RuntimeError("hooks must be added before the consumer starts")
+        self._hooks.extend(HookDispatcher(hooks).hooks)
+
     # -- health --------------------------------------------------------------------
 
     @property
@@ -144,6 +157,11 @@ class BatchConsumer(Generic[SettingsT]):
             and not self._stop_is_requested()
             and all(w.state is WorkerState.CONSUMING for w in self._workers)
         )
+
+    @property
+    def hook_errors(self) -> int:
+        """How many hook calls raised so far (each was logged and ignored)."""
+        return self._dispatcher.hook_errors
 
     def health(self) -> tuple[WorkerHealth, ...]:
         """A snapshot per worker."""
@@ -203,6 +221,7 @@ class BatchConsumer(Generic[SettingsT]):
             run.stop_requested.set()
         settings = self._batch_settings()
         transport = self._transport or default_transport()
+        self._dispatcher = HookDispatcher(self._hooks)
         try:
             await self.on_start()
         except BaseException:
@@ -238,6 +257,7 @@ class BatchConsumer(Generic[SettingsT]):
                 run.stop_requested,
                 partial(self._worker_consuming, run),
                 on_state_change=self._worker_state_changed,
+                hooks=self._dispatcher,
                 limiter=limiter,
                 idempotency=self.idempotency,
                 decoder=self._decoder(),
@@ -282,10 +302,14 @@ class BatchConsumer(Generic[SettingsT]):
             run.all_consuming.set()
 
     def _worker_state_changed(self, worker: Worker, previous: WorkerState) -> None:
+        health = worker.health()
         try:
-            self.on_worker_state_change(worker.health(), previous)
+            self.on_worker_state_change(health, previous)
         except Exception:
             logger.exception("on_worker_state_change raised; ignored")
+        changed = self._dispatcher.worker_state_changed
+        if changed is not None:
+            changed(health, previous)
 
     async def start(self) -> None:
         """Consume until stopped (aio-pika-batch's name for :meth:`serve`)."""
@@ -387,9 +411,12 @@ class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):
         handler: BatchHandler,
         *,
         transport: Transport | None = None,
+        hooks: Sequence[ConsumerHooks] = (),
         idempotency: IdempotencyStore | None = None,
     ) -> None:
-        super().__init__(settings, transport=transport, idempotency=idempotency)
+        super().__init__(
+            settings, transport=transport, hooks=hooks, idempotency=idempotency
+        )
         self._function = handler
 
     def _handler(self) -> BatchHandler:
@@ -406,6 +433,7 @@ async def batch_consumer(
     handler: BatchHandler[DecodedT],
     *,
     transport: Transport | None = None,
+    hooks: Sequence[ConsumerHooks] = (),
     idempotency: IdempotencyStore | None = None,
     decoder: Decoder[DecodedT] | None = None,
 ) -> AsyncIterator[BatchConsumer[BatchConsumerSettings]]:
@@ -415,7 +443,8 @@ async def batch_consumer(
     an exception) drains gracefully: no new deliveries, the current batches finish
     and settle, prefetched messages go back to the queue, within
     ``shutdown_timeout``. With ``idempotency``, messages whose key the store has
-    seen are acked without reaching ``handler``.
+    seen are acked without reaching ``handler``. ``hooks`` observe it
+    (:class:`~amqp_batch.ConsumerHooks`).
 
     ``decoder`` decodes each body first (``message.value``); a handler of
     ``Message[Order]`` takes a ``Decoder[Order]``. A body that does not decode
@@ -423,7 +452,7 @@ async def batch_consumer(
     the handler.
     """
     consumer = _FunctionConsumer(
-        settings, handler, transport=transport, idempotency=idempotency
+        settings, handler, transport=transport, hooks=hooks, idempotency=idempotency
     )
     consumer.decoder = decoder
     async with consumer:

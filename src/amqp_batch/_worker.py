@@ -43,7 +43,9 @@ from ._exceptions import (
     first_library_error,
     recording_phase,
 )
+from ._hooks import HookDispatcher, confirm_reporter, settlement_reporter
 from ._killswitch import KillSwitch, KillSwitchState
+from ._logging import set_log_context
 from ._message import Message
 from ._ratelimit import RateLimiter
 from ._results import BatchHandler, MessageResult
@@ -113,6 +115,7 @@ class Worker:
         *,
         rng: random.Random | None = None,
         on_state_change: Callable[[Worker, WorkerState], None] | None = None,
+        hooks: HookDispatcher | None = None,
         limiter: RateLimiter | None = None,
         idempotency: IdempotencyStore | None = None,
         decoder: Decoder[object] | None = None,
@@ -126,6 +129,9 @@ class Worker:
         self._on_consuming = on_consuming
         self._on_state_change = on_state_change
         self._rng = rng or random.Random()
+        self._hooks = hooks or HookDispatcher()
+        #: The error that ended the last session (for the ``reconnecting`` hook).
+        self._last_exception: BaseException | None = None
         self._policy = retry_policy(settings)
         self._exchanges, self._queues, self._bindings = topology(settings)
         self._state = WorkerState.CONNECTING
@@ -260,6 +266,8 @@ class Worker:
         bug and propagates.
         """
         inside_consumer.set(True)
+        # This task's context (and its children's, the handler's) logs these.
+        set_log_context(queue=self._settings.queue_name, worker=self.index)
         failures = 0
         try:
             while not self._stop_requested.is_set():
@@ -278,6 +286,7 @@ class Worker:
                     if self._stop_requested.is_set():
                         break
                     self._last_error = f"{type(error).__name__}: {error}"
+                    self._last_exception = error
                     if classify(error).fatal:
                         logger.exception("worker %d: not retrying", self.index)
                         self.fatal_error = error
@@ -295,6 +304,11 @@ class Worker:
     async def _back_off(self, failures: int) -> None:
         self._reconnect_count += 1
         self._set_state(WorkerState.BACKING_OFF)
+        reconnecting = self._hooks.reconnecting
+        if reconnecting is not None:
+            error, self._last_exception = self._last_exception, None
+            reason = type(error).__name__ if error is not None else "SessionEnded"
+            reconnecting(self.health(), reason, error)
         ceiling = min(
             self._settings.reconnect_backoff_cap,
             self._settings.reconnect_backoff_base * 2 ** min(failures, 32),
@@ -371,6 +385,12 @@ class Worker:
             self._policy,
             partial(self._transport.open_publisher, publisher_parameters),
             self._counts,
+            on_applied=settlement_reporter(
+                self._hooks, self.index, self._settings.queue_name
+            ),
+            on_copy_confirmed=confirm_reporter(
+                self._hooks, self.index, self._settings.queue_name
+            ),
         )
         # Every stream end, clones included, closes when the pipeline ends.
         async with AsyncExitStack() as ends, create_task_group() as supervisor:
@@ -415,6 +435,9 @@ class Worker:
             run_handler_runner,
             handler=self._handler,
             fallback=settings.unhandled_exception_action,
+            hooks=self._hooks,
+            worker=self.index,
+            queue=settings.queue_name,
             guards=self._guards,
             decoder=self._decoder,
         )

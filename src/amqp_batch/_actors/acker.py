@@ -81,7 +81,9 @@ class Acker:
     settlement is sent: under its result's key (``ack``, ``nack``, ``requeue``,
     ``requeue_immediate``) and, when it left the queue as a dead letter, under
     ``dead_lettered``. ``on_applied``, if given, receives the same settlements
-    as :class:`Applied` records, one list per run of frames sent.
+    as :class:`Applied` records, one list per run of frames sent;
+    ``on_copy_confirmed`` the seconds from starting each publish (a copy, a
+    dead letter) to its confirm.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class Acker:
         counts: Counter[str],
         *,
         on_applied: Callable[[Sequence[Applied]], None] | None = None,
+        on_copy_confirmed: Callable[[float], None] | None = None,
     ) -> None:
         self._session = session
         self._ledger = ledger
@@ -102,6 +105,7 @@ class Acker:
         self._stack: AsyncExitStack | None = None
         self._counts = counts
         self._on_applied = on_applied
+        self._on_copy_confirmed = on_copy_confirmed
         #: The result settled inline as a bare ACK (no record): ACK, unless
         #: every settlement is reported to ``on_applied``.
         self._bare_ack = MessageResult.ACK if on_applied is None else None
@@ -196,7 +200,7 @@ class Acker:
             self._idle = Event()
             self._group.start_soon(self._watch, self._idle)
         self._pending += len(in_flight)
-        self._group.start_soon(self._confirm, publisher, in_flight)
+        self._group.start_soon(self._confirm, publisher, in_flight, current_time())
 
     def _start(
         self,
@@ -244,12 +248,15 @@ class Acker:
             return Applied(message, disposition, planned.fate, planned.reason)
 
     async def _confirm(
-        self, publisher: PublisherSession, in_flight: list[_InFlight]
+        self, publisher: PublisherSession, in_flight: list[_InFlight], started_at: float
     ) -> None:
-        """Wait for one batch's publishes in order; resolve each original."""
+        """Wait for one batch's publishes (started at ``started_at``) in order;
+        resolve each original."""
         for started in in_flight:
             applied = await self._confirmed(publisher, started)
             self._progress = current_time()
+            if self._on_copy_confirmed is not None:
+                self._on_copy_confirmed(self._progress - started_at)
             self._ledger.resolve(applied.message.delivery_tag, applied)
             self._pending -= 1
             if not self._pending:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterable, Iterable, Sequence
 from contextlib import aclosing
 
@@ -12,12 +13,13 @@ from anyio import move_on_after
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from .._bodies import Decoder, decode_batch
+from .._hooks import BatchInfo, HookDispatcher
 from .._message import Message
 from .._results import BatchHandler, MessageResult
 from .acker import Outcome
-from .guards import HandlerGuards, run_guarded
+from .guards import Collect, HandlerGuards, run_guarded
 
-__all__ = ["collect_results", "run_handler_runner"]
+__all__ = ["collect_results", "handle_batch", "run_handler_runner"]
 
 logger = logging.getLogger("amqp_batch.handler")
 
@@ -39,11 +41,28 @@ async def collect_results(
     ``timeout`` seconds (``handler_timeout``) the handler is cancelled; the
     results it gave still apply and the rest get ``fallback``.
     """
+    results, _ = await handle_batch(
+        handler, messages, fallback=fallback, timeout=timeout
+    )
+    return results
+
+
+async def handle_batch(
+    handler: BatchHandler,
+    messages: Sequence[Message],
+    *,
+    fallback: MessageResult,
+    timeout: float | None = None,
+) -> tuple[list[MessageResult], BaseException | None]:
+    """:func:`collect_results`, and what made the handler fail: the exception
+    it raised (logged), or a :class:`TimeoutError` past ``timeout``; None when
+    it did not fail."""
     results: list[MessageResult] = []
-    extra = 0
+    extra, error = 0, None
     with move_on_after(timeout) as scope:
-        extra = await _run_handler(handler, messages, results, fallback)
+        extra, error = await _run_handler(handler, messages, results, fallback)
     if scope.cancelled_caught:
+        error = TimeoutError(f"handler_timeout ({timeout} s) passed")
         logger.error(
             "handler_timeout (%s s) passed after %d of %d result(s); cancelled "
             "the handler, applying %s to the rest",
@@ -68,7 +87,7 @@ async def collect_results(
             missing,
         )
         results.extend([fallback] * missing)
-    return results
+    return results, error
 
 
 async def _run_handler(
@@ -76,8 +95,9 @@ async def _run_handler(
     messages: Sequence[Message],
     results: list[MessageResult],
     fallback: MessageResult,
-) -> int:
-    """Run the handler, appending its results; returns how many extra it gave."""
+) -> tuple[int, BaseException | None]:
+    """Run the handler, appending its results; how many extra it gave, and the
+    exception it raised (logged), if any."""
     extra = 0
     try:
         # object: a handler that breaks its type still gets its messages settled.
@@ -95,7 +115,7 @@ async def _run_handler(
                 fallback.name,
                 len(messages),
             )
-    except Exception:
+    except Exception as exc:
         logger.exception(
             "handler raised after %d of %d result(s); applying %s to %d message(s)",
             len(results),
@@ -103,6 +123,7 @@ async def _run_handler(
             fallback.name,
             len(messages) - len(results),
         )
+        return extra, exc
     except asyncio.CancelledError as exc:
         if not _stray_cancellation(exc):
             raise
@@ -116,7 +137,8 @@ async def _run_handler(
             len(messages) - len(results),
             exc_info=True,
         )
-    return extra
+        return extra, exc
+    return extra, None
 
 
 def _stray_cancellation(exc: BaseException) -> bool:
@@ -187,16 +209,24 @@ async def run_handler_runner(
     *,
     fallback: MessageResult,
     guards: HandlerGuards | None = None,
+    hooks: HookDispatcher | None = None,
+    worker: int = 0,
+    queue: str = "",
     decoder: Decoder[object] | None = None,
 ) -> None:
     """Take batches, run the handler, send one outcome per message to the acker.
 
     A worker starts ``max_concurrent_batches`` of these on clones of the same
     streams; the acker's input ends when the last clone closes. ``guards``
-    (idempotency, rate limit, timeout, kill-switch feed) wrap each call. With a
+    (idempotency, rate limit, timeout, kill-switch feed) wrap each call.
+    ``hooks`` hear ``batch_started``/``batch_handled`` in this task, around
+    the handler; without listeners a batch costs nothing more. With a
     ``decoder``, bodies are decoded first; those that fail go to the acker to be
     dead-lettered and never reach the handler.
     """
+    observed = hooks is not None and (
+        hooks.batch_started is not None or hooks.batch_handled is not None
+    )
     async with batches, to_acker:
         async for received in batches:
             batch, undecodable = decode_batch(received, decoder)
@@ -204,11 +234,71 @@ async def run_handler_runner(
                 await to_acker.send(undecodable)
             if not batch:
                 continue
-            if guards is not None:
-                outcomes = await run_guarded(
+            if observed:
+                assert hooks is not None
+                info = BatchInfo(worker=worker, queue=queue, messages=batch)
+                outcomes = await _observed(
+                    hooks, info, batch, handler, fallback, guards
+                )
+            else:
+                outcomes = await _outcomes(
                     batch, handler, fallback, guards, collect_results
                 )
-                await to_acker.send(outcomes)
-                continue
-            results = await collect_results(handler, batch, fallback=fallback)
-            await to_acker.send(list(zip(batch, results, strict=True)))
+            await to_acker.send(outcomes)
+
+
+async def _outcomes(
+    batch: list[Message],
+    handler: BatchHandler,
+    fallback: MessageResult,
+    guards: HandlerGuards | None,
+    collect: Collect,
+) -> list[Outcome]:
+    """One outcome per message: through the guards when there are any."""
+    if guards is not None:
+        return await run_guarded(batch, handler, fallback, guards, collect)
+    results = await collect(handler, batch, fallback=fallback)
+    return list(zip(batch, results, strict=True))
+
+
+async def _observed(
+    hooks: HookDispatcher,
+    info: BatchInfo,
+    batch: list[Message],
+    handler: BatchHandler,
+    fallback: MessageResult,
+    guards: HandlerGuards | None,
+) -> list[Outcome]:
+    """:func:`_outcomes` between ``batch_started`` and ``batch_handled``
+    (which also hears a cancellation, with no results)."""
+    errors: list[BaseException] = []
+
+    async def collect(
+        handler: BatchHandler,
+        messages: Sequence[Message],
+        *,
+        fallback: MessageResult,
+        timeout: float | None = None,
+    ) -> list[MessageResult]:
+        results, error = await handle_batch(
+            handler, messages, fallback=fallback, timeout=timeout
+        )
+        if error is not None:
+            errors.append(error)
+        return results
+
+    started, handled = hooks.batch_started, hooks.batch_handled
+    if started is not None:
+        started(info)
+    begin = time.perf_counter()
+    try:
+        outcomes = await _outcomes(batch, handler, fallback, guards, collect)
+    except BaseException as exc:
+        if handled is not None:
+            handled(info, (), time.perf_counter() - begin, exc)
+        raise
+    if handled is not None:
+        results = [r for _, r in outcomes if isinstance(r, MessageResult)]
+        error = errors[0] if errors else None
+        handled(info, results, time.perf_counter() - begin, error)
+    return outcomes

@@ -38,7 +38,7 @@ from ._common import (
 from ._demo import add_demo_arguments, demo_command
 from ._dlq import add_dlq_arguments, dlq_command
 from ._reload import add_reload_arguments, reload_command
-from ._run import add_run_arguments, run_command
+from ._run import add_run_arguments, configure_run_logging, run_command
 from ._supervisor import add_supervisor_arguments, supervise_command
 
 __all__ = ["main", "parser"]
@@ -59,7 +59,9 @@ the command connects once: if no broker answers or the login is refused, it exit
 with status 2.
 
 Logs go to stderr: one line per worker state change and a summary every
---summary-interval seconds. Passwords in URLs are never logged.
+--summary-interval seconds (--log-format json: one JSON object per line).
+Passwords in URLs are never logged. --http-port serves /metrics, /healthz and
+/readyz.
 """
 
 _RUN_EPILOG = """\
@@ -68,6 +70,7 @@ examples:
   AMQP_BATCH_URL=amqp://app:secret@rabbit/ amqp-batch run myapp:Ingest -q orders
   amqp-batch run ./handlers.py:handle -q orders --dead-letter-exchange orders.dlx
   amqp-batch run myapp:handle -q orders --check      # show settings, connect, exit
+  amqp-batch run myapp:handle -q orders --http-port 9464 --log-format json
 """
 
 _DEMO_DESCRIPTION = """\
@@ -140,6 +143,15 @@ def _check_backend(backend: str) -> None:
         raise CLIError("--backend trio needs trio: pip install 'amqp-batch[trio]'")
 
 
+def _check_monitoring(args: argparse.Namespace) -> None:
+    if args.http_port is not None and args.processes is not None:
+        raise CLIError(
+            "--http-port and --processes: the processes cannot share one port "
+            "(their metrics would be scraped at random); run one process per "
+            "container or pod and scale with replicas"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``amqp-batch`` console script; the exit code."""
     args = parser().parse_args(argv)
@@ -148,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"amqp-batch {args.command}"
     try:
         _check_backend(args.backend)
+        if args.command == "run":
+            _check_monitoring(args)
+            configure_run_logging(args)
         if args.command == "run" and args.reload:
             return reload_command(args)
         if args.command == "run" and args.processes is not None:

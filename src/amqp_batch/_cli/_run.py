@@ -7,21 +7,23 @@ import argparse
 import enum
 import json
 import logging
+import logging.config
 import os
 import ssl
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
 
 from .._consumer import BatchConsumer, _FunctionConsumer
 from .._exceptions import AMQPBatchError, TransportError, first_library_error
-from .._message import Message
+from .._hooks import BatchInfo, ConsumerHooks
+from .._logging import configure_json_logging, log_context
 from .._settings import BatchConsumerSettings, _read_env_file
 from .._transport._native import NativeTransport
 from .._version import __version__
@@ -32,6 +34,9 @@ from ._target import Target, load_target
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
+if TYPE_CHECKING:
+    from ..prometheus import PrometheusHooks
+
 __all__ = ["ENV_PREFIX", "add_run_arguments", "run_command"]
 
 logger = logging.getLogger("amqp_batch.cli")
@@ -41,7 +46,6 @@ ENV_PREFIX = "AMQP_BATCH_"
 #: Result counts the summary shows, in this order (``WorkerHealth.results`` keys).
 RESULT_KEYS = ("ack", "nack", "requeue", "requeue_immediate", "dead_lettered")
 
-_C = TypeVar("_C", bound="BatchConsumer[Any]")
 _FIELDS = {field.name: field for field in attrs.fields(BatchConsumerSettings)}
 
 
@@ -329,11 +333,44 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="log a summary (batches, results per kind, reconnects) this often; "
         "0 only at the end [default 30]",
     )
+    add_monitoring_arguments(parser)
     command.add_argument(
         "--check",
         action="store_true",
         help="load the target, resolve the settings and connect once; print the "
         "settings and exit without consuming",
+    )
+
+
+def add_monitoring_arguments(parser: argparse.ArgumentParser) -> None:
+    """``run``'s monitoring options: the HTTP server and the log format."""
+    observe = parser.add_argument_group("monitoring")
+    observe.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics (Prometheus), /healthz and /readyz on this port "
+        "(needs amqp-batch[prometheus]) [default: no server]",
+    )
+    observe.add_argument(
+        "--http-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the --http-port server binds; 0.0.0.0 for a container "
+        "[default 127.0.0.1]",
+    )
+    observe.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line with the queue, worker and "
+        "other fields [default text]",
+    )
+    observe.add_argument(
+        "--log-config",
+        metavar="FILE",
+        help="a JSON file with a logging.config.dictConfig dictionary; replaces "
+        "--log-level and --log-format",
     )
 
 
@@ -403,8 +440,9 @@ def settings_lines(settings: BatchConsumerSettings) -> list[str]:
 # -- observing the consumer -----------------------------------------------------------
 
 
-class Monitor:
-    """Logs worker state changes, counts batches, and writes summaries."""
+class Monitor(ConsumerHooks):
+    """Logs worker state changes, counts batches, and writes summaries (a
+    consumer hook)."""
 
     def __init__(self, settings: BatchConsumerSettings) -> None:
         self.settings = settings
@@ -412,7 +450,7 @@ class Monitor:
         self.seen_consuming = False
         self._started = time.monotonic()
 
-    def state_changed(self, health: WorkerHealth, previous: WorkerState) -> None:
+    def worker_state_changed(self, health: WorkerHealth, previous: WorkerState) -> None:
         """One log line per worker state change."""
         state = health.state
         detail = ""
@@ -432,18 +470,12 @@ class Monitor:
             previous.value,
             state.value,
             detail,
+            extra={"state": state.value, "previous_state": previous.value},
         )
 
-    def counting(
-        self, handler: Callable[[Sequence[Message]], Any]
-    ) -> Callable[[Sequence[Message]], Any]:
-        """``handler``, counting the batches it is called with."""
-
-        def counted(messages: Sequence[Message]) -> Any:
-            self.batches += 1
-            return handler(messages)
-
-        return counted
+    def batch_started(self, batch: BatchInfo) -> None:
+        """Count the batch."""
+        self.batches += 1
 
     def summary(self, consumer: BatchConsumer[Any]) -> str:
         """``batches=… ack=… … reconnects=… consuming=n/N`` for ``consumer``."""
@@ -470,44 +502,25 @@ class Monitor:
         logger.info("stopped after %.1f s: %s", elapsed, self.summary(consumer))
 
 
-def _observed(base: type[_C], monitor: Monitor) -> type[_C]:
-    """A subclass of ``base`` reporting to ``monitor`` (``base``'s own hooks run)."""
-
-    class Observed(base):  # type: ignore[valid-type,misc]
-        def on_worker_state_change(
-            self, health: WorkerHealth, previous: WorkerState
-        ) -> None:
-            try:
-                super().on_worker_state_change(health, previous)
-            finally:
-                monitor.state_changed(health, previous)
-
-        def _handler(self) -> Callable[[Sequence[Message]], Any]:
-            return monitor.counting(super()._handler())
-
-    Observed.__name__ = base.__name__
-    Observed.__qualname__ = base.__qualname__
-    Observed.__module__ = base.__module__
-    return Observed
-
-
 def make_consumer(
-    target: Target, settings: BatchConsumerSettings, monitor: Monitor
+    target: Target, settings: BatchConsumerSettings, hooks: Sequence[ConsumerHooks]
 ) -> BatchConsumer[Any]:
     """The consumer for ``target``: a handler in a function consumer, or the
-    consumer class instantiated with ``settings``."""
+    consumer class instantiated with ``settings``; ``hooks`` observe it."""
     if target.handler is not None:
-        function_consumer = _observed(_FunctionConsumer, monitor)
-        return function_consumer(settings, target.handler, transport=NativeTransport())
+        return _FunctionConsumer(
+            settings, target.handler, transport=NativeTransport(), hooks=hooks
+        )
     assert target.consumer_class is not None
-    consumer_class = _observed(target.consumer_class, monitor)
     try:
-        return consumer_class(settings)
+        consumer: BatchConsumer[Any] = target.consumer_class(settings)
     except Exception as exc:
         raise CLIError(
             f"target {target.spec!r}: cannot create "
             f"{target.consumer_class.__name__}(settings): {describe(exc)}"
         ) from None
+    consumer.add_hooks(*hooks)
+    return consumer
 
 
 # -- running --------------------------------------------------------------------------
@@ -539,13 +552,29 @@ async def check_broker(settings: BatchConsumerSettings) -> str:
     raise CLIError(f"no broker answered: {'; '.join(failures)}")
 
 
+def metrics_hooks(args: argparse.Namespace) -> PrometheusHooks | None:
+    """``PrometheusHooks`` on prometheus_client's registry with ``--http-port``."""
+    if args.http_port is None:
+        return None
+    try:
+        from ..prometheus import PrometheusHooks
+    except ImportError:
+        raise CLIError(
+            "--http-port needs prometheus-client and h11: "
+            "pip install 'amqp-batch[prometheus]'"
+        ) from None
+    return PrometheusHooks()
+
+
 async def serve(
     target: Target, settings: BatchConsumerSettings, args: argparse.Namespace
 ) -> int:
     """Check the broker, then consume until SIGINT/SIGTERM (or print the settings
     with ``--check``); the exit code."""
     monitor = Monitor(settings)
-    consumer = make_consumer(target, settings, monitor)
+    metrics = metrics_hooks(args)
+    hooks = [monitor] if metrics is None else [monitor, metrics]
+    consumer = make_consumer(target, settings, hooks)
     where = await check_broker(settings)
     if args.check:
         print(f"target: {target.spec} ({target.kind})")
@@ -554,21 +583,44 @@ async def serve(
         for line in settings_lines(settings):
             print(f"  {line}")
         return EXIT_OK
-    logger.info(
-        "amqp-batch %s: starting on queue %r at %s with %s (%s), %d worker(s), "
-        "batch_size %d, batch_timeout %s s, on %s; SIGINT or SIGTERM stops",
-        __version__,
-        settings.queue_name,
-        where,
-        target.spec,
-        target.kind,
-        settings.num_workers,
-        settings.batch_size,
-        settings.batch_timeout,
-        args.backend,
-    )
+    with log_context(queue=settings.queue_name):
+        logger.info(
+            "amqp-batch %s: starting on queue %r at %s with %s (%s), %d worker(s), "
+            "batch_size %d, batch_timeout %s s, on %s; SIGINT or SIGTERM stops",
+            __version__,
+            settings.queue_name,
+            where,
+            target.spec,
+            target.kind,
+            settings.num_workers,
+            settings.batch_size,
+            settings.batch_timeout,
+            args.backend,
+        )
+        return await consume(consumer, monitor, metrics, args)
+
+
+async def consume(
+    consumer: BatchConsumer[Any],
+    monitor: Monitor,
+    metrics: PrometheusHooks | None,
+    args: argparse.Namespace,
+) -> int:
+    """Run ``consumer`` (and the HTTP server and broker sampler with
+    ``metrics``) until it stops; the exit code."""
     try:
         async with anyio.create_task_group() as group:
+            if metrics is not None:
+                from ..prometheus import serve_http
+
+                await group.start(
+                    serve_http,
+                    consumer,
+                    args.http_host,
+                    args.http_port,
+                    metrics.registry,
+                )
+                group.start_soon(metrics.sample_consumer, consumer)
             if args.summary_interval > 0:
                 group.start_soon(monitor.report_every, consumer, args.summary_interval)
             await consumer.run()
@@ -584,6 +636,29 @@ async def serve(
         ) from None
     monitor.final(consumer)
     return EXIT_OK
+
+
+def configure_run_logging(args: argparse.Namespace) -> None:
+    """``--log-config`` or ``--log-format json`` (``--log-format text`` is what
+    the command set up already)."""
+    if args.log_config is not None:
+        where = f"--log-config {args.log_config!r}"
+        try:
+            config = json.loads(Path(args.log_config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"{where}: {describe(exc)}") from None
+        if not isinstance(config, dict):
+            raise CLIError(f"{where}: expected a JSON object (a dictConfig dict)")
+        config.setdefault("version", 1)
+        # The library's loggers exist already (imported): keep them working
+        # unless the file says otherwise.
+        config.setdefault("disable_existing_loggers", False)
+        try:
+            logging.config.dictConfig(config)
+        except (ValueError, TypeError, AttributeError, ImportError) as exc:
+            raise CLIError(f"{where}: {describe(exc)}") from None
+    elif args.log_format == "json":
+        configure_json_logging(args.log_level)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -224,6 +224,14 @@ class PublisherSession(Protocol):
         """
         ...
 
+    async def queue_counts(self, queue: str) -> tuple[int, int]:
+        """A passive ``queue.declare``: (ready messages, consumers) of ``queue``.
+
+        Raises :class:`~amqp_batch.ChannelClosed` (404) when the queue does not
+        exist; the channel is closed then, so open a new publisher session.
+        """
+        ...
+
     async def publish(self, body: bytes, **options: Unpack[PublishOptions]) -> None:
         """Publish and return once the broker confirmed it.
 

@@ -36,6 +36,7 @@ from .._base import (
 )
 from .._url import ConnectionParameters
 from ._core import Settle
+from ._declare import channel_error
 from ._model import Channel, Consumer
 
 if TYPE_CHECKING:
@@ -198,6 +199,20 @@ class MemoryPublisher(PublisherSession):
         # Then route, in order, what was started while publishers were blocked.
         await self._core.gate.wait_unblocked()
         self._route_started()
+
+    async def queue_counts(self, queue: str) -> tuple[int, int]:
+        """A passive ``queue.declare``: (ready messages, consumers). A missing
+        queue closes this publisher's channel (:class:`~amqp_batch.ChannelClosed`,
+        404), as on RabbitMQ."""
+        await anyio.lowlevel.checkpoint()
+        self._core.check_open(self._channel)
+        found = self._core.queues.get(queue)
+        if found is None:
+            error = channel_error(404, f"NOT_FOUND - no queue '{queue}'")
+            self._core.fail(self._channel, error)
+            raise error
+        self._core.expire(found)
+        return len(found.ready), len(found.consumers)
 
     async def publish(self, body: bytes, **options: Unpack[PublishOptions]) -> None:
         """Route the message and return (the confirm is immediate).

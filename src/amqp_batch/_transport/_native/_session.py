@@ -100,6 +100,12 @@ class NativePublisher:
         assert waiter is not None, "a publisher channel is in confirm mode"
         return waiter
 
+    async def queue_counts(self, queue: str) -> tuple[int, int]:
+        """A passive ``queue.declare``: (ready messages, consumers). A missing
+        queue closes this channel (:class:`~amqp_batch.ChannelClosed`, 404)."""
+        info = await self._channel.queue_declare(queue, passive=True)
+        return info.message_count, info.consumer_count
+
     async def publish(self, body: bytes, **options: Unpack[PublishOptions]) -> None:
         """Publish and return after the broker's confirm."""
         await self._channel.publish(body, **options)

@@ -1,0 +1,306 @@
+"""The hook API: what a consumer tells observers (metrics, tracing, your own code).
+
+Subclass :class:`ConsumerHooks`, override the methods you need, and pass instances
+as ``BatchConsumer(settings, hooks=[...])``. Every method is a no-op by default.
+
+Hooks are **synchronous** on purpose: they run on the hot path, inside the handler
+runner, the acker and the worker, between two steps that must not be separated by
+a scheduling point (an ``await`` there would let a settlement overtake another, or
+cancel the acker in the middle of a batch). A hook should update a counter, set a
+span attribute, append to a list: microseconds. Anything slow or async (sending to
+a collector, writing to a database) belongs in your own task, fed for example by a
+memory object stream with ``send_nowait``.
+
+A hook that raises ``Exception`` is logged (logger ``amqp_batch.hooks``), counted
+(:attr:`HookDispatcher.hook_errors`, and ``hook_failed`` on every hook) and
+ignored: observing never changes what is consumed or settled. ``BaseException``
+(cancellation, ``KeyboardInterrupt``) is never caught.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ._message import Message
+from ._results import MessageResult
+
+if TYPE_CHECKING:
+    from ._actors.planner import Applied
+    from ._worker import WorkerHealth, WorkerState
+
+__all__ = [
+    "BatchInfo",
+    "ConsumerHooks",
+    "HookDispatcher",
+    "SettleOutcome",
+    "Settlement",
+    "confirm_reporter",
+    "settlement_reporter",
+]
+
+logger = logging.getLogger("amqp_batch.hooks")
+
+
+@attrs.frozen(slots=True, eq=False)
+class BatchInfo:
+    """One batch on its way through the handler.
+
+    The same object is passed to :meth:`ConsumerHooks.batch_started` and
+    :meth:`ConsumerHooks.batch_handled` of that batch (compare with ``is``, or key
+    a dict with ``id()`` between the two calls).
+    """
+
+    #: The worker's number, from 0.
+    worker: int
+    #: The queue consumed.
+    queue: str
+    #: The messages of the batch, in delivery order.
+    messages: Sequence[Message]
+
+
+class SettleOutcome(enum.Enum):
+    """What happened to a message on the wire once its result was applied."""
+
+    #: ``basic.ack``: done (an ACK, or an original whose copy was confirmed).
+    ACKED = "acked"
+    #: REQUEUE: a copy with ``x-retry-count`` + 1 was confirmed at the back of the
+    #: queue, then the original was acked.
+    REPUBLISHED = "republished"
+    #: The library published it to the dead-letter exchange (confirmed), then
+    #: acked the original.
+    DEAD_LETTERED = "dead_lettered"
+    #: ``basic.reject(requeue=False)``: the broker dead-letters it if the queue
+    #: has a dead-letter exchange, else drops it.
+    REJECTED = "rejected"
+    #: ``basic.nack(requeue=True)`` (REQUEUE_IMMEDIATE): back to the queue's head.
+    REQUEUED = "requeued"
+
+
+@attrs.frozen(slots=True)
+class Settlement:
+    """One message's applied settlement."""
+
+    message: Message
+    #: The handler's result; None when the library decided without asking the
+    #: handler (e.g. an untrusted ``x-retry-count`` header).
+    result: MessageResult | None
+    outcome: SettleOutcome
+    #: Why it was dead-lettered or rejected (``rejected``,
+    #: ``max-requeue-attempts``, ``republish-failed``, a bad-header reason);
+    #: None otherwise.
+    reason: str | None = None
+
+
+class ConsumerHooks:
+    """Base class of consumer hooks: override what you need; all are no-ops.
+
+    Called synchronously on the consumer's hot path (see the module docs): keep
+    them fast, never block, never await. An exception is logged, counted and
+    ignored.
+    """
+
+    def batch_started(self, batch: BatchInfo) -> None:
+        """A batch is handed to the handler (called in the handler's own task,
+        so a context variable set here is seen by the handler)."""
+
+    def batch_handled(
+        self,
+        batch: BatchInfo,
+        results: Sequence[MessageResult],
+        duration: float,
+        error: BaseException | None,
+    ) -> None:
+        """The handler is done with ``batch`` (same task as
+        :meth:`batch_started`). ``results`` has one result per message (the
+        fallback filled in); ``error`` is what the handler raised, if it did
+        (the fallback was applied), or the cancellation that stopped it, in which
+        case ``results`` is empty and nothing of the batch will be settled."""
+
+    def settled(
+        self, worker: int, queue: str, settlements: Sequence[Settlement]
+    ) -> None:
+        """Settlements were sent to the broker (one call per group the acker
+        sent together, in delivery-tag order)."""
+
+    def copy_confirmed(self, worker: int, queue: str, latency: float) -> None:
+        """The broker confirmed a copy (a REQUEUE republish or a library
+        dead-letter) ``latency`` seconds after it was published."""
+
+    def worker_state_changed(self, health: WorkerHealth, previous: WorkerState) -> None:
+        """A worker moved from ``previous`` to ``health.state``."""
+
+    def reconnecting(
+        self, health: WorkerHealth, reason: str, error: BaseException | None
+    ) -> None:
+        """A worker's session ended and it is about to back off and reconnect.
+        ``reason`` is short and fixed (e.g. the error's type name:
+        ``ConnectionLost``, ``ChannelClosed``, ``ConsumerCancelled``), fit for a
+        metric label; ``error`` the error itself (its text never has a
+        password)."""
+
+    def hook_failed(self, hook: str, method: str, error: Exception) -> None:
+        """Another hook's ``method`` raised ``error`` (already logged); ``hook``
+        is its class name. An error raised here is only logged."""
+
+
+#: The event methods a dispatcher fans out (``hook_failed`` is its own path).
+EVENTS = (
+    "batch_started",
+    "batch_handled",
+    "settled",
+    "copy_confirmed",
+    "worker_state_changed",
+    "reconnecting",
+)
+
+
+def overrides(hook: ConsumerHooks, method: str) -> bool:
+    """True when ``hook``'s class overrides ``ConsumerHooks.method``."""
+    return getattr(type(hook), method) is not getattr(ConsumerHooks, method)
+
+
+class HookDispatcher:
+    """Fans events out to hooks; internal to the consumer.
+
+    For each event, the attribute of the same name is None when no hook
+    overrides it, so the hot path costs one ``is None`` check when nobody
+    listens; otherwise it is a callable that calls each listening hook, logging,
+    counting and ignoring what they raise.
+    """
+
+    batch_started: Callable[[BatchInfo], None] | None
+    batch_handled: (
+        Callable[
+            [BatchInfo, Sequence[MessageResult], float, BaseException | None], None
+        ]
+        | None
+    )
+    settled: Callable[[int, str, Sequence[Settlement]], None] | None
+    copy_confirmed: Callable[[int, str, float], None] | None
+    worker_state_changed: Callable[[WorkerHealth, WorkerState], None] | None
+    reconnecting: Callable[[WorkerHealth, str, BaseException | None], None] | None
+
+    def __init__(self, hooks: Sequence[ConsumerHooks] = ()) -> None:
+        for hook in hooks:
+            if not isinstance(hook, ConsumerHooks):
+                raise TypeError(
+                    f"hooks must be ConsumerHooks instances, got {type(hook).__name__}"
+                )
+        self.hooks: tuple[ConsumerHooks, ...] = tuple(hooks)
+        #: How many times a hook raised (read by tests and health reports).
+        self.hook_errors = 0
+        self._failure_listeners = [
+            hook for hook in self.hooks if overrides(hook, "hook_failed")
+        ]
+        for event in EVENTS:
+            listeners = [hook for hook in self.hooks if overrides(hook, event)]
+            setattr(self, event, self._fan_out(event, listeners) if listeners else None)
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(hook).__name__ for hook in self.hooks)
+        return f"<HookDispatcher [{names}] errors={self.hook_errors}>"
+
+    @property
+    def active(self) -> bool:
+        """True when at least one hook listens to some event."""
+        return any(getattr(self, event) is not None for event in EVENTS)
+
+    def _fan_out(
+        self, event: str, listeners: list[ConsumerHooks]
+    ) -> Callable[..., None]:
+        methods = [(hook, getattr(hook, event)) for hook in listeners]
+        failed = self._failed
+
+        def dispatch(*args: Any) -> None:
+            for hook, method in methods:
+                try:
+                    method(*args)
+                except Exception as exc:
+                    failed(hook, event, exc)
+
+        dispatch.__name__ = event
+        return dispatch
+
+    def _failed(self, hook: ConsumerHooks, event: str, error: Exception) -> None:
+        self.hook_errors += 1
+        name = type(hook).__name__
+        logger.error(
+            "hook %s.%s raised %s; ignored",
+            name,
+            event,
+            type(error).__name__,
+            exc_info=error,
+            extra={"hook": name, "hook_method": event},
+        )
+        for listener in self._failure_listeners:
+            try:
+                listener.hook_failed(name, event, error)
+            except Exception:
+                self.hook_errors += 1
+                logger.exception(
+                    "hook %s.hook_failed raised; ignored",
+                    type(listener).__name__,
+                    extra={
+                        "hook": type(listener).__name__,
+                        "hook_method": "hook_failed",
+                    },
+                )
+
+
+#: The planner's fates (by value) as the outcomes hooks see.
+_OUTCOMES = {
+    "acked": SettleOutcome.ACKED,
+    "requeued": SettleOutcome.REQUEUED,
+    "republished": SettleOutcome.REPUBLISHED,
+    "dead-lettered": SettleOutcome.DEAD_LETTERED,
+    "rejected": SettleOutcome.REJECTED,
+}
+
+
+def settlement_reporter(
+    hooks: HookDispatcher, worker: int, queue: str
+) -> Callable[[Sequence[Applied]], None] | None:
+    """The acker's ``on_applied`` for ``hooks`` (None when no hook listens to
+    ``settled``: the acker then keeps its bare-ACK fast path)."""
+    settled = hooks.settled
+    if settled is None:
+        return None
+
+    def report(applied: Sequence[Applied]) -> None:
+        settled(
+            worker,
+            queue,
+            [
+                Settlement(
+                    record.message,
+                    record.disposition
+                    if isinstance(record.disposition, MessageResult)
+                    else None,
+                    _OUTCOMES[record.fate.value],
+                    record.reason,
+                )
+                for record in applied
+            ],
+        )
+
+    return report
+
+
+def confirm_reporter(
+    hooks: HookDispatcher, worker: int, queue: str
+) -> Callable[[float], None] | None:
+    """The acker's ``on_copy_confirmed`` for ``hooks`` (None when no hook
+    listens to ``copy_confirmed``)."""
+    confirmed = hooks.copy_confirmed
+    if confirmed is None:
+        return None
+
+    def report(latency: float) -> None:
+        confirmed(worker, queue, latency)
+
+    return report
