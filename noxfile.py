@@ -223,6 +223,11 @@ def bench(session: nox.Session) -> None:
     ceiling alone: ``nox -s bench -- --only W1`` or ``python bench/transport.py``.
     """
     session.install(
-        "-e", ".", "aiormq>=7,<8", "trio>=0.23", "matplotlib", "pyinstrument"
+        "-e",
+        ".[prometheus,otel]",
+        "aiormq>=7,<8",
+        "trio>=0.23",
+        "matplotlib",
+        "pyinstrument",
     )
     session.run("python", "bench/run.py", *session.posargs)

@@ -193,6 +193,8 @@ CEIL_AIO = "transport ceiling (asyncio)"
 CEIL_TRIO = "transport ceiling (trio)"
 AB_AIO = "amqp-batch (asyncio)"
 AB_TRIO = "amqp-batch (trio)"
+#: W1's amqp-batch with PrometheusHooks and TracingHooks (``--observe``).
+AB_OBSERVED = "amqp-batch + metrics + tracing (asyncio)"
 ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W1P", "W4P", "W1Q", "W2Q", "W7")
 #: Workloads that drain a queue: it must be empty after every measurement (a
 #: consumer that stopped before its last ack leaves messages behind). W2, W2Q
@@ -528,6 +530,8 @@ class Bench:
         self.record("W1", AIORMQ, fill, ours("aiormq", url, n), count=n)
         self.record("W1", CEIL_AIO, fill, ours("ceiling", url, n), count=n)
         self.record("W1", AB_AIO, fill, ours("amqp-batch", url, n), count=n)
+        observed = [*ours("amqp-batch", url, n), "--observe"]
+        self.record("W1", AB_OBSERVED, fill, observed, count=n)
         if self.baseline:
             command = ours("amqp-batch", url, n)
             self.record(
@@ -978,6 +982,13 @@ def goals(bench: Bench) -> list[str]:
             f"W1: {w1 / apb1:.2f}x aio-pika-batch (goal ≥ 4x), {w1 / ceil1:.2f}x "
             "the transport ceiling (goal ≥ 0.85x)",
             w1 >= 4 * apb1 and w1 >= 0.85 * ceil1,
+        )
+    observed = rate("W1", AB_OBSERVED)
+    if w1 and observed:
+        line(
+            f"W1 with metrics and tracing: {observed / w1:.2f}x of W1 without "
+            "(goal ≥ 0.90x)",
+            observed >= 0.90 * w1,
         )
     w2, apb2 = rate("W2", AB_AIO), rate("W2", APB)
     if w2 and apb2:

@@ -420,6 +420,20 @@ def _settings(args: argparse.Namespace) -> BatchConsumerSettings:
     return BatchConsumerSettings(**batch_options(args), **options)
 
 
+def observability_hooks() -> list[Any]:
+    """``--observe``: the library's metrics and tracing hooks, as a user turns
+    them on. ``PrometheusHooks`` on a fresh registry (its broker sampler is not
+    started: it runs on a connection of its own, off the consuming path) and
+    ``TracingHooks`` on the OpenTelemetry API alone: with no SDK installed the
+    global tracer provider is the no-op one, i.e. no exporter."""
+    from prometheus_client import CollectorRegistry
+
+    from amqp_batch.prometheus import PrometheusHooks
+    from amqp_batch.tracing import TracingHooks
+
+    return [PrometheusHooks(CollectorRegistry()), TracingHooks()]
+
+
 async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement of amqp-batch (asyncio or trio, from ``args.backend``)."""
     progress = None
@@ -435,6 +449,7 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
     dlq = TOPOLOGIES[args.queue].dlq
     outage = args.mode == "outage"
     handler = make_outage_handler(state) if outage else make_handler(state)
+    hooks = observability_hooks() if args.observe else []
     baseline = rss_kib()
     meter = Meter()
     chosen = AiormqTransport() if args.transport == "aiormq" else None
@@ -442,7 +457,7 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
         meter.start()
         # The outage is a fixed stretch from the consumer's start.
         state.outage_until = time.monotonic() + args.outage if outage else math.inf
-        async with batch_consumer(settings, handler, transport=chosen):
+        async with batch_consumer(settings, handler, transport=chosen, hooks=hooks):
             if args.mode in ("latency", "soak"):
                 print(json.dumps({"ready": True}), flush=True)
             if progress is None:
@@ -462,6 +477,11 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_rss_kib": baseline,
         **meter.figures(),
     }
+    if hooks:
+        # Proof that the hooks ran: the acks the metrics counted.
+        result["metrics_acks"] = hooks[0].registry.get_sample_value(
+            "amqp_batch_messages_total", {"queue": args.queue, "result": "ack"}
+        )
     if outage:
         result |= {
             "dead_lettered": state.dead,
@@ -580,6 +600,11 @@ def child(argv: list[str] | None = None) -> None:
         "--kill-switch",
         default="",
         help="THRESHOLD,WINDOW,MIN_SAMPLES,COOLDOWN (the kill switch on)",
+    )
+    parser.add_argument(
+        "--observe",
+        action="store_true",
+        help="amqp-batch: with PrometheusHooks and TracingHooks (no exporter)",
     )
     parser.add_argument(
         "--profile", default=None, help="write a pyinstrument/cProfile file"

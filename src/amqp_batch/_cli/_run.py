@@ -103,6 +103,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
             "directory is importable) or path/to/file.py:name"
         ),
     )
+    _broker_arguments(parser)
+    _topology_arguments(parser)
+    _batching_arguments(parser)
+    _result_arguments(parser)
+    _command_arguments(parser)
+
+
+def _broker_arguments(parser: argparse.ArgumentParser) -> None:
     connection = parser.add_argument_group("broker")
     _setting(
         connection,
@@ -142,6 +150,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "system's CAs",
     )
 
+
+def _topology_arguments(parser: argparse.ArgumentParser) -> None:
     topology = parser.add_argument_group("queue and exchanges (declared on start)")
     _setting(
         topology,
@@ -186,6 +196,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="declare the exchanges durable",
     )
+    _queue_type_and_dead_letter_arguments(topology)
+
+
+def _queue_type_and_dead_letter_arguments(topology: argparse._ArgumentGroup) -> None:
     _setting(
         topology,
         "--queue-arguments",
@@ -193,6 +207,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         type=_json_object,
         metavar="JSON",
         help='queue arguments as a JSON object, e.g. \'{"x-queue-type": "quorum"}\'',
+    )
+    _setting(
+        topology,
+        "--queue-type",
+        field="queue_type",
+        choices=["classic", "quorum"],
+        help="declare the queues as classic or quorum queues",
     )
     _setting(
         topology,
@@ -217,6 +238,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="a queue declared and bound to --dead-letter-exchange (all keys)",
     )
 
+
+def _batching_arguments(parser: argparse.ArgumentParser) -> None:
     batching = parser.add_argument_group("batching and workers")
     _setting(
         batching,
@@ -272,6 +295,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="batches of one worker in the handler at once",
     )
 
+
+def _result_arguments(parser: argparse.ArgumentParser) -> None:
     results = parser.add_argument_group("results, retries and shutdown")
     _setting(
         results,
@@ -314,6 +339,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="reconnect backoff: largest ceiling",
     )
 
+
+def _command_arguments(parser: argparse.ArgumentParser) -> None:
     command = parser.add_argument_group("this command")
     env_file = command.add_mutually_exclusive_group()
     env_file.add_argument(
