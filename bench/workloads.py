@@ -5,7 +5,8 @@ child process per measurement so that every consumer starts from a fresh
 interpreter (and its peak RSS is its own):
 
 - ``python bench/workloads.py --consumer amqp-batch|ceiling|aiormq ...`` for our
-  consumers (this file), and
+  consumers (this file; ``--consumer amqp-batch --transport aiormq`` runs the
+  amqp-batch consumer on the aiormq transport, asyncio only), and
 - ``bench/.venvs/aio-pika-batch/bin/python bench/peers/aio_pika_batch_driver.py``
   for aio-pika-batch.
 
@@ -40,6 +41,7 @@ from peers.common import batch_options
 
 import amqp_batch
 from amqp_batch import (
+    AiormqTransport,
     BatchConsumerSettings,
     Message,
     MessageResult,
@@ -450,11 +452,12 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
     hooks = observability_hooks() if args.observe else []
     baseline = rss_kib()
     meter = Meter()
+    chosen = AiormqTransport() if args.transport == "aiormq" else None
     async with connect(parse_url(args.url)) as probe, probe.channel() as channel:
         meter.start()
         # The outage is a fixed stretch from the consumer's start.
         state.outage_until = time.monotonic() + args.outage if outage else math.inf
-        async with batch_consumer(settings, handler, hooks=hooks):
+        async with batch_consumer(settings, handler, transport=chosen, hooks=hooks):
             if args.mode in ("latency", "soak"):
                 print(json.dumps({"ready": True}), flush=True)
             if progress is None:
@@ -566,6 +569,12 @@ def child(argv: list[str] | None = None) -> None:
         "--consumer", choices=["amqp-batch", "ceiling", "aiormq"], required=True
     )
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    parser.add_argument(
+        "--transport",
+        choices=["native", "aiormq"],
+        default="native",
+        help="the amqp-batch consumer's transport (aiormq: asyncio only)",
+    )
     parser.add_argument("--url", required=True)
     parser.add_argument("--queue", default=DRAIN_QUEUE)
     parser.add_argument(
@@ -607,6 +616,10 @@ def child(argv: list[str] | None = None) -> None:
         "for a line on stdin after printing a ready line",
     )
     args = parser.parse_args(argv)
+    if args.transport == "aiormq" and args.backend != "asyncio":
+        parser.error("--transport aiormq runs on asyncio only")
+    if args.transport == "aiormq" and args.consumer != "amqp-batch":
+        parser.error("--transport applies to --consumer amqp-batch")
     if args.progress:
         print(json.dumps({"ready": True}), flush=True)
         sys.stdin.readline()

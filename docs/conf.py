@@ -124,6 +124,21 @@ nitpick_ignore = [
     ("py:class", "MemoryConfirmation"),
     # The phase a transport error happened in (a fact read by the error policy).
     ("py:class", "amqp_batch._exceptions.Phase"),
+    # Typed bodies and the aiormq transport: type variables, and the private homes
+    # of public types in annotations.
+    ("py:class", "T"),
+    ("py:class", "amqp_batch._bodies.T"),
+    ("py:class", "amqp_batch._bodies.T_co"),
+    ("py:class", "amqp_batch._bodies.Decoder"),
+    ("py:class", "amqp_batch._message.BodyT_co"),
+    ("py:class", "amqp_batch._results.BodyT_contra"),
+    ("py:class", "amqp_batch._handler_testing.T"),
+    ("py:class", "amqp_batch._transport._aiormq.AiormqSession"),
+    ("py:class", "amqp_batch._transport._aiormq.AiormqPublisher"),
+    # The publish keywords (a TypedDict of the private transport contract) and
+    # MemoryBroker's confirmation, as they appear unqualified in signatures.
+    ("py:class", "PublishOptions"),
+    ("py:class", "MemoryConfirmation"),
 ]
 
 # -- HTML ---------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Parity: the consumer behaves the same on RabbitMQ and on MemoryBroker.
 
 Every test here runs against both brokers (the ``broker`` fixture) and on asyncio
-and trio, and asserts where each message ends up: acked, dead-lettered (with which
-exchange, routing key and headers) or redelivered. A failure on ``memory`` only is
+and trio, and against RabbitMQ through the aiormq transport on asyncio (the rows
+are ``tests.support.transports.PARITY_ROWS``). It asserts where each message ends
+up: acked, dead-lettered (with which exchange, routing key and headers) or
+redelivered. A failure on ``memory`` only is
 a MemoryBroker bug; the differences that cannot be removed are listed in
 ``docs/memory-broker.md``.
 """
@@ -20,6 +22,7 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+from tests.support.transports import make_transport, over_brokers
 
 from amqp_batch import (
     BatchConsumer,
@@ -52,7 +55,7 @@ from consumer_support import (
     unique_name,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, over_brokers]
 
 Declarable = ExchangeSpec | QueueSpec | BindingSpec
 
@@ -181,8 +184,8 @@ class Broker:
 class RabbitBroker(Broker):
     kind = "rabbitmq"
 
-    def __init__(self, url: str) -> None:
-        super().__init__(NativeTransport())
+    def __init__(self, url: str, transport: Any = None) -> None:
+        super().__init__(transport or NativeTransport())
         self.url = url
 
     async def start(self) -> None:
@@ -302,11 +305,15 @@ class InMemoryBroker(Broker):
         self.memory.delete_queue(queue)
 
 
-@pytest.fixture(params=["rabbitmq", "memory"])
-async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
-    """The same consumer tests against RabbitMQ and against MemoryBroker."""
-    if request.param == "rabbitmq":
-        rabbit = RabbitBroker(request.getfixturevalue("broker_url"))
+@pytest.fixture
+async def broker(
+    request: pytest.FixtureRequest, broker_kind: str
+) -> AsyncIterator[Broker]:
+    """The same consumer tests against RabbitMQ (through the native transport,
+    and through aiormq on asyncio) and against MemoryBroker."""
+    if broker_kind in ("rabbitmq", "aiormq"):
+        transport = make_transport("aiormq" if broker_kind == "aiormq" else "native")
+        rabbit = RabbitBroker(request.getfixturevalue("broker_url"), transport)
         await rabbit.start()
         try:
             yield rabbit

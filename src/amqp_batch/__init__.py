@@ -1,5 +1,10 @@
 """amqp-batch: a RabbitMQ batch consumer for anyio (asyncio and trio)."""
 
+from ._bodies import Decoder as Decoder
+from ._bodies import UnsupportedContentType as UnsupportedContentType
+from ._bodies import json_decoder as json_decoder
+from ._bodies import msgspec_decoder as msgspec_decoder
+from ._bodies import pydantic_decoder as pydantic_decoder
 from ._consumer import BatchConsumer as BatchConsumer
 from ._consumer import Consumer as Consumer
 from ._consumer import batch_consumer as batch_consumer
@@ -29,6 +34,7 @@ from ._results import MessageResult as MessageResult
 from ._retry import RETRY_COUNT_HEADER as RETRY_COUNT_HEADER
 from ._settings import BatchConsumerSettings as BatchConsumerSettings
 from ._settings import ConsumerSettings as ConsumerSettings
+from ._transport._aiormq import AiormqTransport as AiormqTransport
 from ._transport._base import Properties as Properties
 from ._transport._url import ConnectionParameters as ConnectionParameters
 from ._transport._url import parse_url as parse_url
@@ -39,6 +45,7 @@ from ._worker import WorkerState as WorkerState
 __all__ = [
     "RETRY_COUNT_HEADER",
     "AMQPBatchError",
+    "AiormqTransport",
     "AuthenticationError",
     "BatchConsumer",
     "BatchConsumerSettings",
@@ -53,6 +60,7 @@ __all__ = [
     "ConsumerCancelled",
     "ConsumerHooks",
     "ConsumerSettings",
+    "Decoder",
     "JSONFormatter",
     "Message",
     "MessageNacked",
@@ -66,11 +74,15 @@ __all__ = [
     "Settlement",
     "TransportError",
     "UnknownVirtualHost",
+    "UnsupportedContentType",
     "WorkerHealth",
     "WorkerState",
     "__version__",
     "batch_consumer",
+    "json_decoder",
+    "msgspec_decoder",
     "parse_url",
+    "pydantic_decoder",
 ]
 
 set_public_module(__name__, globals(), __all__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import signal
 import sys
@@ -9,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from functools import partial
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 import attrs
@@ -22,6 +23,7 @@ from anyio import (
 )
 from anyio.abc import TaskStatus
 
+from ._bodies import Decoder
 from ._exceptions import AMQPBatchError, unwrap_group
 from ._hooks import ConsumerHooks, HookDispatcher
 from ._message import Message
@@ -74,7 +76,14 @@ class BatchConsumer(Generic[SettingsT]):
     Run it with :meth:`run` (handles SIGINT/SIGTERM), ``await nursery.start(
     consumer.serve)``, or ``async with consumer:``. A consumer runs once.
     ``hooks`` observe it (:class:`~amqp_batch.ConsumerHooks`: metrics, tracing).
+
+    Set :attr:`decoder` (e.g. ``decoder = msgspec_decoder(Order)``) to receive
+    ``Message[Order]`` with ``message.value`` decoded.
     """
+
+    #: Decodes each body before :meth:`process_messages` sees it (``None``: no
+    #: decoding); a body that fails is dead-lettered with a reason header.
+    decoder: Decoder[Any] | None = None
 
     def __init__(
         self,
@@ -163,6 +172,13 @@ class BatchConsumer(Generic[SettingsT]):
     def _handler(self) -> BatchHandler:
         return self.process_messages
 
+    def _decoder(self) -> Decoder[Any] | None:
+        # As stored: a function set as a class attribute is not a method here.
+        decoder = inspect.getattr_static(self, "decoder")
+        if isinstance(decoder, staticmethod):
+            decoder = decoder.__func__
+        return decoder  # type: ignore[no-any-return]
+
     def _batch_settings(self) -> BatchConsumerSettings:
         settings = self.settings
         if isinstance(settings, BatchConsumerSettings):
@@ -244,6 +260,7 @@ class BatchConsumer(Generic[SettingsT]):
                 hooks=self._dispatcher,
                 limiter=limiter,
                 idempotency=self.idempotency,
+                decoder=self._decoder(),
             )
             for index in range(settings.num_workers)
         ]
@@ -406,14 +423,19 @@ class _FunctionConsumer(BatchConsumer[BatchConsumerSettings]):
         return self._function
 
 
+#: The body type a handler and its decoder agree on.
+DecodedT = TypeVar("DecodedT")
+
+
 @asynccontextmanager
 async def batch_consumer(
     settings: BatchConsumerSettings,
-    handler: BatchHandler,
+    handler: BatchHandler[DecodedT],
     *,
     transport: Transport | None = None,
     hooks: Sequence[ConsumerHooks] = (),
     idempotency: IdempotencyStore | None = None,
+    decoder: Decoder[DecodedT] | None = None,
 ) -> AsyncIterator[BatchConsumer[BatchConsumerSettings]]:
     """Consume with ``handler`` while the ``async with`` body runs.
 
@@ -423,10 +445,16 @@ async def batch_consumer(
     ``shutdown_timeout``. With ``idempotency``, messages whose key the store has
     seen are acked without reaching ``handler``. ``hooks`` observe it
     (:class:`~amqp_batch.ConsumerHooks`).
+
+    ``decoder`` decodes each body first (``message.value``); a handler of
+    ``Message[Order]`` takes a ``Decoder[Order]``. A body that does not decode
+    is dead-lettered (``x-dead-letter-reason: decode-error``) without reaching
+    the handler.
     """
     consumer = _FunctionConsumer(
         settings, handler, transport=transport, hooks=hooks, idempotency=idempotency
     )
+    consumer.decoder = decoder
     async with consumer:
         yield consumer
 

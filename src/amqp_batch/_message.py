@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Generic
+
+from typing_extensions import TypeVar
 
 from ._transport._base import Delivery, Properties
 
@@ -13,21 +15,36 @@ __all__ = ["Message"]
 
 _EMPTY_HEADERS: Mapping[str, Any] = MappingProxyType({})
 
+#: The type of a decoded body (:attr:`Message.value`); ``Message`` alone is
+#: ``Message[Any]``.
+BodyT_co = TypeVar("BodyT_co", covariant=True, default=Any)
 
-class Message:
+_NOT_DECODED: Any = object()
+
+
+class Message(Generic[BodyT_co]):
     """One delivered message, read-only.
 
     Settling is not the handler's business: it returns a
     :class:`~amqp_batch.MessageResult` and the library acks, rejects or republishes.
-    ``retry_count`` is ``x-retry-count`` (0 when absent).
+    ``retry_count`` is ``x-retry-count`` (0 when absent). With a decoder
+    (``batch_consumer(..., decoder=...)``), ``value`` is the decoded body: a
+    handler for ``Message[Order]`` gets ``message.value`` typed as ``Order``.
     """
 
-    __slots__ = ("_delivery", "_headers", "_retry_count")
+    __slots__ = ("_delivery", "_headers", "_retry_count", "_value")
 
-    def __init__(self, delivery: Delivery, *, retry_count: int = 0) -> None:
+    def __init__(
+        self,
+        delivery: Delivery,
+        *,
+        retry_count: int = 0,
+        value: BodyT_co = _NOT_DECODED,
+    ) -> None:
         self._delivery = delivery
         self._retry_count = retry_count
         self._headers: Mapping[str, Any] | None = None
+        self._value = value
 
     def __repr__(self) -> str:
         return (
@@ -50,6 +67,21 @@ class Message:
     def body(self) -> bytes:
         """The message body."""
         return self._delivery.body
+
+    @property
+    def value(self) -> BodyT_co:
+        """The body as the consumer's decoder decoded it.
+
+        Raises :class:`LookupError` when the consumer has no decoder (read
+        :attr:`body` then).
+        """
+        value = self._value
+        if value is _NOT_DECODED:
+            raise LookupError(
+                "this message was not decoded: give the consumer a decoder "
+                "(batch_consumer(..., decoder=...)), or read message.body"
+            )
+        return value
 
     @property
     def headers(self) -> Mapping[str, Any]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
+
+from typing_extensions import TypeVar
 
 from ._message import Message
 
@@ -35,17 +37,22 @@ class MessageResult(enum.Enum):
     REQUEUE_IMMEDIATE = "requeue_immediate"
 
 
-class BatchHandler(Protocol):
+#: The decoded body type a handler takes (``BatchHandler`` alone: any).
+BodyT_contra = TypeVar("BodyT_contra", contravariant=True, default=Any)
+
+
+class BatchHandler(Protocol[BodyT_contra]):
     """A batch handler: ``handler(messages)`` gives one :class:`MessageResult`
     per message, in order.
 
     It is an async generator function yielding the results, or an async function
     returning a sequence of them. :func:`~amqp_batch.batch_consumer` takes one;
     :meth:`BatchConsumer.process_messages <amqp_batch.BatchConsumer.process_messages>`
-    is one.
+    is one. ``BatchHandler[Order]`` takes ``Message[Order]`` (bodies decoded by the
+    consumer's decoder).
     """
 
     def __call__(
-        self, messages: Sequence[Message], /
+        self, messages: Sequence[Message[BodyT_contra]], /
     ) -> AsyncIterator[MessageResult] | Awaitable[Sequence[MessageResult]]:
         """Handle one batch."""

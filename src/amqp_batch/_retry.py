@@ -119,11 +119,20 @@ class RetryPolicy:
             delivery, new_retry_count, queue=self.queue, signing_key=self.signing_key
         )
 
-    def dead_letter_properties(self, delivery: Delivery, reason: str) -> Properties:
+    def dead_letter_properties(
+        self,
+        delivery: Delivery,
+        reason: str,
+        headers: Mapping[str, Any] | None = None,
+    ) -> Properties:
         """The properties of a library dead letter (see
         :func:`dead_letter_properties`)."""
         return dead_letter_properties(
-            delivery, reason, queue=self.queue, signing_key=self.signing_key
+            delivery,
+            reason,
+            queue=self.queue,
+            signing_key=self.signing_key,
+            headers=headers,
         )
 
     def dead_letter_destination(self, delivery: Delivery) -> tuple[str, str] | None:
@@ -278,11 +287,13 @@ def dead_letter_properties(
     *,
     queue: str | None = None,
     signing_key: bytes | None = None,
+    headers: Mapping[str, Any] | None = None,
 ) -> Properties:
-    """Properties for a copy the library dead-letters itself, with the reason."""
+    """Properties for a copy the library dead-letters itself, with the reason
+    (and ``headers``, when given)."""
     return _with_headers(
         delivery,
-        {DEAD_LETTER_REASON_HEADER: reason},
+        {**(headers or {}), DEAD_LETTER_REASON_HEADER: reason},
         queue=queue,
         signing_key=signing_key,
     )

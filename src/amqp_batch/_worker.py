@@ -34,6 +34,7 @@ from ._actors.batcher import Intake, run_batcher
 from ._actors.guards import HandlerGuards
 from ._actors.handler import run_handler_runner
 from ._actors.ledger import AckLedger
+from ._bodies import Decoder
 from ._exceptions import (
     ConsumerCancelled,
     Phase,
@@ -87,7 +88,8 @@ class WorkerHealth:
     #: The last transport error, as ``Type: message`` (never contains a password).
     last_error: str | None
     #: Results applied so far, by name (``ack``, ``nack``, ``requeue``,
-    #: ``requeue_immediate``) plus ``dead_lettered``.
+    #: ``requeue_immediate``) plus ``dead_lettered`` and ``decode_error`` (bodies
+    #: the decoder refused, dead-lettered without reaching the handler).
     results: Mapping[str, int]
     #: The broker URL in use, password redacted.
     url: str
@@ -116,8 +118,10 @@ class Worker:
         hooks: HookDispatcher | None = None,
         limiter: RateLimiter | None = None,
         idempotency: IdempotencyStore | None = None,
+        decoder: Decoder[object] | None = None,
     ) -> None:
         self.index = index
+        self._decoder = decoder
         self._settings = settings
         self._handler = handler
         self._transport = transport
@@ -437,6 +441,7 @@ class Worker:
             worker=self.index,
             queue=settings.queue_name,
             guards=self._guards,
+            decoder=self._decoder,
         )
         for _ in range(settings.max_concurrent_batches):
             pipeline.start_soon(

@@ -1,4 +1,6 @@
-"""Test helpers: an in-memory broker to run handlers without RabbitMQ.
+"""Test helpers: an in-memory broker to run handlers without RabbitMQ, and
+:func:`make_message` / :func:`run_handler` to unit-test a handler without any
+broker.
 
 .. code-block:: python
 
@@ -13,6 +15,8 @@ See ``docs/testing.md`` for the fixtures and the differences from RabbitMQ.
 from __future__ import annotations
 
 from ._exports import set_public_module
+from ._handler_testing import make_message as make_message
+from ._handler_testing import run_handler as run_handler
 from ._transport._base import BindingSpec as BindingSpec
 from ._transport._base import Delivery as Delivery
 from ._transport._base import ExchangeSpec as ExchangeSpec
@@ -39,6 +43,8 @@ __all__ = [
     "Published",
     "QueueSpec",
     "SessionSpec",
+    "make_message",
+    "run_handler",
 ]
 
 set_public_module(__name__, globals(), __all__)

@@ -39,6 +39,7 @@ from .._transport._base import Confirmation, PublisherSession, Session
 from .ledger import AckLedger, Action
 from .ledger import Settle as Frame
 from .planner import (
+    DECODE_ERROR,
     MAX_REQUEUE_ATTEMPTS,
     Applied,
     DeadLetter,
@@ -357,6 +358,8 @@ class Acker:
                 # "requeue_immediate"); _value_ is a plain attribute, unlike
                 # .value, and an enum-keyed dict would hash in Python.
                 counts[disposition._value_] += 1
+            elif disposition.reason == DECODE_ERROR:
+                counts["decode_error"] += 1
             if record.fate.dead_letters:
                 counts["dead_lettered"] += 1
         if self._on_applied is not None:

@@ -12,6 +12,7 @@ from contextlib import aclosing
 from anyio import move_on_after
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from .._bodies import Decoder, decode_batch
 from .._hooks import BatchInfo, HookDispatcher
 from .._message import Message
 from .._results import BatchHandler, MessageResult
@@ -211,6 +212,7 @@ async def run_handler_runner(
     hooks: HookDispatcher | None = None,
     worker: int = 0,
     queue: str = "",
+    decoder: Decoder[object] | None = None,
 ) -> None:
     """Take batches, run the handler, send one outcome per message to the acker.
 
@@ -218,13 +220,20 @@ async def run_handler_runner(
     streams; the acker's input ends when the last clone closes. ``guards``
     (idempotency, rate limit, timeout, kill-switch feed) wrap each call.
     ``hooks`` hear ``batch_started``/``batch_handled`` in this task, around
-    the handler; without listeners a batch costs nothing more.
+    the handler; without listeners a batch costs nothing more. With a
+    ``decoder``, bodies are decoded first; those that fail go to the acker to be
+    dead-lettered and never reach the handler.
     """
     observed = hooks is not None and (
         hooks.batch_started is not None or hooks.batch_handled is not None
     )
     async with batches, to_acker:
-        async for batch in batches:
+        async for received in batches:
+            batch, undecodable = decode_batch(received, decoder)
+            if undecodable:
+                await to_acker.send(undecodable)
+            if not batch:
+                continue
             if observed:
                 assert hooks is not None
                 info = BatchInfo(worker=worker, queue=queue, messages=batch)

@@ -19,7 +19,8 @@ with the message's :class:`Fate`.
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -30,6 +31,7 @@ from .._transport._base import Delivery, Properties
 from .ledger import Action
 
 __all__ = [
+    "DECODE_ERROR",
     "MAX_REQUEUE_ATTEMPTS",
     "REJECTED",
     "REPUBLISH_FAILED",
@@ -52,13 +54,17 @@ REJECTED = "rejected"
 MAX_REQUEUE_ATTEMPTS = "max-requeue-attempts"
 #: The dead-letter reason of a REQUEUE whose copy failed.
 REPUBLISH_FAILED = "republish-failed"
+#: The dead-letter reason of a body the consumer's decoder refused.
+DECODE_ERROR = "decode-error"
 
 
 @attrs.frozen
 class DeadLetter:
-    """Dead-letter this message without asking the handler (e.g. a bad header)."""
+    """Dead-letter this message without asking the handler (e.g. a bad header);
+    ``headers`` are added to the dead letter besides the reason."""
 
     reason: str
+    headers: Mapping[str, Any] | None = None
 
 
 Disposition = MessageResult | DeadLetter
@@ -137,14 +143,18 @@ class DeadLetterPublish(NamedTuple):
     fallback: Settle
     #: The queue's policy (trusted ``x-original-*`` headers, signing key).
     policy: RetryPolicy | None = None
+    #: More headers for the dead letter (e.g. the class of a decode error).
+    headers: Mapping[str, Any] | None = None
 
     @property
     def properties(self) -> Properties:
         """The dead letter's properties (built when it is published: most
         dead-letter plans are fallbacks that never run)."""
         if self.policy is not None:
-            return self.policy.dead_letter_properties(self.delivery, self.reason)
-        return dead_letter_properties(self.delivery, self.reason)
+            return self.policy.dead_letter_properties(
+                self.delivery, self.reason, self.headers
+            )
+        return dead_letter_properties(self.delivery, self.reason, headers=self.headers)
 
     def __repr__(self) -> str:
         # Without the delivery: its body and headers are the producer's data.
@@ -240,7 +250,13 @@ def plan(message: Message, disposition: Disposition, policy: RetryPolicy) -> Pla
         return REQUEUE
     delivery = message.delivery
     if isinstance(disposition, DeadLetter):
-        return _dead_letter(delivery, policy, disposition.reason, by_library=True)
+        return _dead_letter(
+            delivery,
+            policy,
+            disposition.reason,
+            by_library=True,
+            headers=disposition.headers,
+        )
     by_library = policy.is_copy(delivery)
     if disposition is _NACK_RESULT:
         return _dead_letter(delivery, policy, REJECTED, by_library=by_library)
@@ -266,7 +282,12 @@ def requeue_target(policy: RetryPolicy, new_retry_count: int = 1) -> tuple[str, 
 
 
 def _dead_letter(
-    delivery: Delivery, policy: RetryPolicy, reason: str, *, by_library: bool
+    delivery: Delivery,
+    policy: RetryPolicy,
+    reason: str,
+    *,
+    by_library: bool,
+    headers: Mapping[str, Any] | None = None,
 ) -> Settle | DeadLetterPublish:
     """Dead-letter with the original routing key.
 
@@ -286,4 +307,6 @@ def _dead_letter(
     ):
         return reject
     exchange, routing_key = destination
-    return DeadLetterPublish(exchange, routing_key, reason, delivery, reject, policy)
+    return DeadLetterPublish(
+        exchange, routing_key, reason, delivery, reject, policy, headers
+    )
