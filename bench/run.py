@@ -195,6 +195,7 @@ AB_AIO = "amqp-batch (asyncio)"
 AB_TRIO = "amqp-batch (trio)"
 #: W1's amqp-batch with PrometheusHooks and TracingHooks (``--observe``).
 AB_OBSERVED = "amqp-batch + metrics + tracing (asyncio)"
+AB_AIORMQ = "amqp-batch on the aiormq transport (asyncio)"
 ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W1P", "W4P", "W1Q", "W2Q", "W7")
 #: Workloads that drain a queue: it must be empty after every measurement (a
 #: consumer that stopped before its last ack leaves messages behind). W2, W2Q
@@ -532,6 +533,8 @@ class Bench:
         self.record("W1", AB_AIO, fill, ours("amqp-batch", url, n), count=n)
         observed = [*ours("amqp-batch", url, n), "--observe"]
         self.record("W1", AB_OBSERVED, fill, observed, count=n)
+        command = ours("amqp-batch", url, n, transport="aiormq")
+        self.record("W1", AB_AIORMQ, fill, command, count=n)
         if self.baseline:
             command = ours("amqp-batch", url, n)
             self.record(
@@ -549,6 +552,8 @@ class Bench:
             command = ENVS[env].command(url, n, **dead, **common)
             self.record("W2", label, fill, command, count=n)
         self.backends("W2", fill, n, **common)
+        command = ours("amqp-batch", url, n, transport="aiormq", **common)
+        self.record("W2", AB_AIORMQ, fill, command, count=n)
         if self.baseline:
             command = ours("amqp-batch", url, n, **common)
             self.record(
