@@ -563,6 +563,28 @@ async def test_publish_waits_while_the_connection_is_blocked() -> None:
     await connected(broker, body)
 
 
+async def test_a_stray_consume_ok_is_ignored_but_other_stray_replies_are_not() -> None:
+    """A consume-ok nothing waits for (RabbitMQ sent one during a rolling
+    restart) is logged and ignored: the channel goes on with the next call. A
+    stray reply of another kind is still a protocol error."""
+
+    async def broker(peer: BrokerPeer) -> None:
+        await peer.handshake()
+        channel = await peer.open_channel()
+        await peer.send(commands.Basic.ConsumeOk("stray"), channel=channel)
+        await peer.answer(commands.Basic.Qos, commands.Basic.QosOk(), channel)
+        await peer.send(commands.Basic.QosOk(), channel=channel)
+        await peer.wait_closed()
+
+    async def body(connection: Connection) -> None:
+        async with connection.channel() as channel:
+            await channel.basic_qos(10)
+            await anyio.sleep_forever()
+
+    with pytest.raises(ProtocolError, match=r"unexpected Basic\.QosOk"):
+        await connected(broker, body)
+
+
 # Sessions through NativeTransport(network=...) --------------------------------------
 
 

@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Channel", "QueueInfo"]
 
+#: Replies that are ignored, with a warning, when no call waits for them.
+_HARMLESS_REPLIES = (commands.Basic.ConsumeOk, commands.Basic.CancelOk)
+
 logger = logging.getLogger("amqp_batch.transport")
 
 
@@ -234,15 +237,28 @@ class Channel:
             self._reply(frame)
 
     def _reply(self, frame: Any) -> None:
-        if not self._calls:
-            raise ProtocolError(f"unexpected {frame.name} on channel {self.channel_id}")
-        call = self._calls.popleft()
-        if not isinstance(frame, call.reply_types):
-            expected = ", ".join(t.name for t in call.reply_types)
+        calls = self._calls
+        if not calls or not isinstance(frame, calls[0].reply_types):
+            if isinstance(frame, _HARMLESS_REPLIES):
+                # Seen from RabbitMQ 3.10 during a rolling restart of a cluster
+                # (a consume-ok nothing waited for): it carries no state we
+                # need (consumers are registered before basic.consume is sent),
+                # so it is not worth the connection.
+                logger.warning(
+                    "ignoring an unexpected %s on channel %d",
+                    frame.name,
+                    self.channel_id,
+                )
+                return
+            if not calls:
+                raise ProtocolError(
+                    f"unexpected {frame.name} on channel {self.channel_id}"
+                )
+            expected = ", ".join(t.name for t in calls[0].reply_types)
             raise ProtocolError(
                 f"expected {expected} on channel {self.channel_id}, got {frame.name}"
             )
-        call.waiter.set_result(frame)
+        calls.popleft().waiter.set_result(frame)
 
     def _start_content(
         self,
