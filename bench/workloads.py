@@ -41,7 +41,6 @@ from peers.common import batch_options
 
 import amqp_batch
 from amqp_batch import (
-    AiormqTransport,
     BatchConsumerSettings,
     Message,
     MessageResult,
@@ -452,12 +451,19 @@ async def consume_amqp_batch(args: argparse.Namespace) -> dict[str, Any]:
     hooks = observability_hooks() if args.observe else []
     baseline = rss_kib()
     meter = Meter()
-    chosen = AiormqTransport() if args.transport == "aiormq" else None
+    chosen = None
+    if args.transport == "aiormq":
+        # Imported here: a --baseline commit may predate the aiormq transport.
+        from amqp_batch import AiormqTransport
+
+        chosen = AiormqTransport()
     async with connect(parse_url(args.url)) as probe, probe.channel() as channel:
         meter.start()
         # The outage is a fixed stretch from the consumer's start.
         state.outage_until = time.monotonic() + args.outage if outage else math.inf
-        async with batch_consumer(settings, handler, transport=chosen, hooks=hooks):
+        # Keywords only when used: a --baseline commit may predate them.
+        extra: dict[str, Any] = {"hooks": hooks} if hooks else {}
+        async with batch_consumer(settings, handler, transport=chosen, **extra):
             if args.mode in ("latency", "soak"):
                 print(json.dumps({"ready": True}), flush=True)
             if progress is None:
