@@ -17,11 +17,18 @@ from amqp_batch import Message, MessageResult
 WORK = float(os.environ.get("AMQP_BATCH_TEST_WORK", "1"))
 
 
+def say(line: str) -> None:
+    """Print ``line`` with one write: the children share the supervisor's stdout,
+    and under ``PYTHONUNBUFFERED`` ``print`` writes the text and its newline
+    separately, so two processes' lines could interleave."""
+    os.write(1, f"{line}\n".encode())
+
+
 async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
     pid = os.getpid()
     ids = [m.body.decode() + (":r" if m.redelivered else "") for m in messages]
-    print(f"start {pid} {' '.join(ids)}", flush=True)
+    say(f"start {pid} {' '.join(ids)}")
     await anyio.sleep(WORK)  # the work
     for _ in messages:
         yield MessageResult.ACK
-    print(f"acked {pid} {' '.join(m.body.decode() for m in messages)}", flush=True)
+    say(f"acked {pid} {' '.join(m.body.decode() for m in messages)}")
