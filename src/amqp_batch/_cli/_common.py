@@ -142,9 +142,8 @@ def option(*flags: str, **options: Any) -> Option:
 
 def add_options(
     parser: argparse.ArgumentParser, title: str, options: Iterable[Option]
-) -> argparse._ArgumentGroup:
+) -> None:
     """Add the argument group ``title`` with ``options`` to ``parser``."""
     group = parser.add_argument_group(title)
     for each in options:
         group.add_argument(*each.flags, **each.options)
-    return group
