@@ -9,7 +9,6 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from functools import partial
-from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -26,6 +25,7 @@ from anyio.abc import TaskStatus
 from ._bodies import Decoder
 from ._exceptions import AMQPBatchError, unwrap_group
 from ._hooks import ConsumerHooks, HookDispatcher
+from ._lifecycle import AsyncContext
 from ._message import Message
 from ._publisher import default_transport
 from ._ratelimit import RateLimiter
@@ -69,7 +69,7 @@ class _Run:
             task_status.started()
 
 
-class BatchConsumer(Generic[SettingsT]):
+class BatchConsumer(AsyncContext, Generic[SettingsT]):
     """Subclass and implement :meth:`process_messages` (an async generator yielding
     one :class:`MessageResult` per message, in order).
 
@@ -366,12 +366,9 @@ class BatchConsumer(Generic[SettingsT]):
         self._started_run().context = stack
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    async def _aexit(self) -> None:
+        """Stop gracefully, wait until every worker stopped; a worker's
+        non-retryable error is raised as itself."""
         run = self._started_run()
         stack, run.context = run.context, None
         if stack is None:

@@ -17,7 +17,6 @@ import logging
 import random
 import uuid
 from collections.abc import Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
 import anyio
@@ -25,6 +24,7 @@ import anyio.abc
 import attrs
 
 from ._exceptions import ChannelClosed, ConnectionLost, MessageNacked, TransportError
+from ._lifecycle import AsyncContext
 from ._settings import ConsumerSettings
 from ._transport._base import Properties, PublisherSession, Transport
 from ._transport._url import ConnectionParameters, parse_url
@@ -85,7 +85,7 @@ def _check_positive(name: str, value: float | None) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
-class Publisher:
+class Publisher(AsyncContext):
     """Publishes with broker confirms on its own connection; survives broker blips.
 
     Use it from handlers to chain consumers (N source consumers -> a staging
@@ -223,12 +223,7 @@ class Publisher:
         self._group = group
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    async def _aexit(self) -> None:
         """Close the connection; publishes still waiting raise ConnectionLost."""
         group, self._group = self._group, None
         if group is None:

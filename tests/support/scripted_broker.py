@@ -266,24 +266,10 @@ class ScriptedNetwork:
         self._task_group = task_group
 
     async def open(
-        self,
-        host: str,
-        port: int,
-        *,
-        ssl_context: ssl.SSLContext | None,
-        server_hostname: str | None,
-        timeout: float | None,
+        self, host: str, port: int, *, ssl_context: ssl.SSLContext | None
     ) -> ByteStream:
         """Hand out the client end; the next script plays the broker."""
-        self.opened.append(
-            {
-                "host": host,
-                "port": port,
-                "ssl_context": ssl_context,
-                "server_hostname": server_hostname,
-                "timeout": timeout,
-            }
-        )
+        self.opened.append({"host": host, "port": port, "ssl_context": ssl_context})
         if not self._scripts:
             raise ConnectionRefusedError(f"nothing scripted for {host}:{port}")
         assert self._task_group is not None, "run the client with converse()"

@@ -6,7 +6,10 @@ import argparse
 import logging
 import re
 import sys
-from typing import NoReturn
+from collections.abc import Iterable, Mapping
+from typing import Any, NoReturn
+
+import attrs
 
 from .._exceptions import AMQPBatchError
 
@@ -17,9 +20,12 @@ __all__ = [
     "EXIT_USAGE",
     "CLIError",
     "OneLineParser",
+    "Option",
+    "add_options",
     "configure_logging",
     "describe",
     "error_line",
+    "option",
     "redact",
     "report",
 ]
@@ -118,3 +124,26 @@ class OneLineParser(argparse.ArgumentParser):
             EXIT_USAGE,
             f"{self.prog}: error: {error_line(message)} (see {self.prog} --help)\n",
         )
+
+
+@attrs.frozen
+class Option:
+    """One command-line option, declared as data: the arguments of
+    ``add_argument``."""
+
+    flags: tuple[str, ...]
+    options: Mapping[str, Any]
+
+
+def option(*flags: str, **options: Any) -> Option:
+    """The option ``add_argument(*flags, **options)`` adds."""
+    return Option(flags, options)
+
+
+def add_options(
+    parser: argparse.ArgumentParser, title: str, options: Iterable[Option]
+) -> None:
+    """Add the argument group ``title`` with ``options`` to ``parser``."""
+    group = parser.add_argument_group(title)
+    for each in options:
+        group.add_argument(*each.flags, **each.options)

@@ -28,7 +28,16 @@ from .._settings import BatchConsumerSettings, _read_env_file
 from .._transport._native import NativeTransport
 from .._version import __version__
 from .._worker import WorkerHealth, WorkerState
-from ._common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CLIError, describe
+from ._common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CLIError,
+    Option,
+    add_options,
+    describe,
+    option,
+)
 from ._target import Target, load_target
 
 if sys.version_info < (3, 11):
@@ -72,23 +81,242 @@ def _default_text(field: str) -> str:
     return f"default {default}"
 
 
-def _setting(
-    group: argparse._ArgumentGroup,
-    *flags: str,
-    field: str,
-    help: str,
-    **options: Any,
-) -> None:
+def _setting(*flags: str, field: str, help: str, **options: Any) -> Option:
     """A flag for settings field ``field``: absent from the namespace unless given,
     so the environment and ``.env`` apply when it is not."""
     env = f"{ENV_PREFIX}{field.upper()}"
-    group.add_argument(
+    return option(
         *flags,
         dest=field,
         default=argparse.SUPPRESS,
         help=f"{help} [env {env}; {_default_text(field)}]",
         **options,
     )
+
+
+#: ``run``'s options, by argument group, in the order ``--help`` lists them.
+_BROKER = (
+    _setting(
+        "--url",
+        field="url",
+        metavar="URL",
+        help="broker URL, amqp:// or amqps:// (the password is never logged)",
+    ),
+    _setting(
+        "--failover-url",
+        field="failover_urls",
+        metavar="URL",
+        action="append",
+        help="another broker URL; reconnects rotate through them (repeatable; the "
+        "environment variable takes a comma-separated list)",
+    ),
+    _setting(
+        "--heartbeat",
+        field="heartbeat",
+        type=int,
+        metavar="SECONDS",
+        help="AMQP heartbeat, 0 disables (none: the URL's, default 60)",
+    ),
+    _setting(
+        "--connection-name",
+        field="connection_name",
+        metavar="NAME",
+        help="prefix of the connection names the broker shows",
+    ),
+    option(
+        "--ca-file",
+        metavar="PATH",
+        help="CA bundle (PEM) to verify an amqps:// broker with, instead of the "
+        "system's CAs",
+    ),
+)
+_TOPOLOGY = (
+    _setting(
+        "-q",
+        "--queue",
+        field="queue_name",
+        metavar="NAME",
+        help="the queue to consume (here, in the environment or in .env)",
+    ),
+    _setting(
+        "--exchange",
+        field="exchange_name",
+        metavar="NAME",
+        help="an exchange to declare and bind the queue to",
+    ),
+    _setting(
+        "--exchange-type",
+        field="exchange_type",
+        metavar="TYPE",
+        help="direct, fanout, topic, headers or a plugin's x-... type",
+    ),
+    _setting(
+        "--routing-key",
+        field="routing_key",
+        metavar="KEY",
+        help="binding key of the queue to --exchange (none: the queue's name)",
+    ),
+    _setting(
+        "--queue-durable",
+        field="queue_durable",
+        action=argparse.BooleanOptionalAction,
+        help="declare the queues durable",
+    ),
+    _setting(
+        "--exchange-durable",
+        field="exchange_durable",
+        action=argparse.BooleanOptionalAction,
+        help="declare the exchanges durable",
+    ),
+    _setting(
+        "--queue-arguments",
+        field="queue_arguments",
+        type=_json_object,
+        metavar="JSON",
+        help='queue arguments as a JSON object, e.g. \'{"x-queue-type": "quorum"}\'',
+    ),
+    _setting(
+        "--queue-type",
+        field="queue_type",
+        choices=["classic", "quorum"],
+        help="declare the queues as classic or quorum queues",
+    ),
+    _setting(
+        "--dead-letter-exchange",
+        field="dead_letter_exchange",
+        metavar="NAME",
+        help="declared and set as the queue's dead-letter exchange; NACKed and "
+        "exhausted messages go there under their original routing key",
+    ),
+    _setting(
+        "--dead-letter-exchange-type",
+        field="dead_letter_exchange_type",
+        metavar="TYPE",
+        help="type of --dead-letter-exchange",
+    ),
+    _setting(
+        "--dead-letter-queue",
+        field="dead_letter_queue",
+        metavar="NAME",
+        help="a queue declared and bound to --dead-letter-exchange (all keys)",
+    ),
+)
+_BATCHING = (
+    _setting(
+        "-b",
+        "--batch-size",
+        field="batch_size",
+        type=int,
+        metavar="N",
+        help="hand a batch to the handler once it holds N messages",
+    ),
+    _setting(
+        "-t",
+        "--batch-timeout",
+        field="batch_timeout",
+        type=float,
+        metavar="SECONDS",
+        help="... or this long after its first message arrived",
+    ),
+    _setting(
+        "--max-batch-bytes",
+        field="max_batch_bytes",
+        type=int,
+        metavar="N",
+        help="... or once its bodies add up to N bytes",
+    ),
+    _setting(
+        "-p",
+        "--prefetch",
+        field="prefetch_count",
+        type=int,
+        metavar="N",
+        help="unacknowledged messages per worker (at least --batch-size)",
+    ),
+    _setting(
+        "-w",
+        "--workers",
+        field="num_workers",
+        type=int,
+        metavar="N",
+        help="connections in this process, each a worker consuming the queue "
+        "(--processes N runs N OS processes, each with this many)",
+    ),
+    _setting(
+        "--max-concurrent-batches",
+        field="max_concurrent_batches",
+        type=int,
+        metavar="N",
+        help="batches of one worker in the handler at once",
+    ),
+)
+_RESULTS = (
+    _setting(
+        "--max-retries",
+        field="max_requeue_attempts",
+        type=int,
+        metavar="N",
+        help="REQUEUEs of a message before it is dead-lettered",
+    ),
+    _setting(
+        "--unhandled-exception-action",
+        field="unhandled_exception_action",
+        choices=("ack", "nack", "requeue", "requeue_immediate"),
+        help="result for the messages of a batch whose handler raised",
+    ),
+    _setting(
+        "--shutdown-timeout",
+        field="shutdown_timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long a graceful stop may take before the handler is cancelled "
+        "(its unsettled messages go back to the queue)",
+    ),
+    _setting(
+        "--backoff-base",
+        field="reconnect_backoff_base",
+        type=float,
+        metavar="SECONDS",
+        help="reconnect backoff: first ceiling, doubled per failure",
+    ),
+    _setting(
+        "--backoff-cap",
+        field="reconnect_backoff_cap",
+        type=float,
+        metavar="SECONDS",
+        help="reconnect backoff: largest ceiling",
+    ),
+)
+#: The HTTP server and the log format.
+_MONITORING = (
+    option(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics (Prometheus), /healthz and /readyz on this port "
+        "(needs amqp-batch[prometheus]) [default: no server]",
+    ),
+    option(
+        "--http-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the --http-port server binds; 0.0.0.0 for a container "
+        "[default 127.0.0.1]",
+    ),
+    option(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line with the queue, worker and "
+        "other fields [default text]",
+    ),
+    option(
+        "--log-config",
+        metavar="FILE",
+        help="a JSON file with a logging.config.dictConfig dictionary; replaces "
+        "--log-level and --log-format",
+    ),
+)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,241 +331,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
             "directory is importable) or path/to/file.py:name"
         ),
     )
-    _broker_arguments(parser)
-    _topology_arguments(parser)
-    _batching_arguments(parser)
-    _result_arguments(parser)
+    add_options(parser, "broker", _BROKER)
+    add_options(parser, "queue and exchanges (declared on start)", _TOPOLOGY)
+    add_options(parser, "batching and workers", _BATCHING)
+    add_options(parser, "results, retries and shutdown", _RESULTS)
     _command_arguments(parser)
-
-
-def _broker_arguments(parser: argparse.ArgumentParser) -> None:
-    connection = parser.add_argument_group("broker")
-    _setting(
-        connection,
-        "--url",
-        field="url",
-        metavar="URL",
-        help="broker URL, amqp:// or amqps:// (the password is never logged)",
-    )
-    _setting(
-        connection,
-        "--failover-url",
-        field="failover_urls",
-        metavar="URL",
-        action="append",
-        help="another broker URL; reconnects rotate through them (repeatable; the "
-        "environment variable takes a comma-separated list)",
-    )
-    _setting(
-        connection,
-        "--heartbeat",
-        field="heartbeat",
-        type=int,
-        metavar="SECONDS",
-        help="AMQP heartbeat, 0 disables (none: the URL's, default 60)",
-    )
-    _setting(
-        connection,
-        "--connection-name",
-        field="connection_name",
-        metavar="NAME",
-        help="prefix of the connection names the broker shows",
-    )
-    connection.add_argument(
-        "--ca-file",
-        metavar="PATH",
-        help="CA bundle (PEM) to verify an amqps:// broker with, instead of the "
-        "system's CAs",
-    )
-
-
-def _topology_arguments(parser: argparse.ArgumentParser) -> None:
-    topology = parser.add_argument_group("queue and exchanges (declared on start)")
-    _setting(
-        topology,
-        "-q",
-        "--queue",
-        field="queue_name",
-        metavar="NAME",
-        help="the queue to consume (here, in the environment or in .env)",
-    )
-    _setting(
-        topology,
-        "--exchange",
-        field="exchange_name",
-        metavar="NAME",
-        help="an exchange to declare and bind the queue to",
-    )
-    _setting(
-        topology,
-        "--exchange-type",
-        field="exchange_type",
-        metavar="TYPE",
-        help="direct, fanout, topic, headers or a plugin's x-... type",
-    )
-    _setting(
-        topology,
-        "--routing-key",
-        field="routing_key",
-        metavar="KEY",
-        help="binding key of the queue to --exchange (none: the queue's name)",
-    )
-    _setting(
-        topology,
-        "--queue-durable",
-        field="queue_durable",
-        action=argparse.BooleanOptionalAction,
-        help="declare the queues durable",
-    )
-    _setting(
-        topology,
-        "--exchange-durable",
-        field="exchange_durable",
-        action=argparse.BooleanOptionalAction,
-        help="declare the exchanges durable",
-    )
-    _queue_type_and_dead_letter_arguments(topology)
-
-
-def _queue_type_and_dead_letter_arguments(topology: argparse._ArgumentGroup) -> None:
-    _setting(
-        topology,
-        "--queue-arguments",
-        field="queue_arguments",
-        type=_json_object,
-        metavar="JSON",
-        help='queue arguments as a JSON object, e.g. \'{"x-queue-type": "quorum"}\'',
-    )
-    _setting(
-        topology,
-        "--queue-type",
-        field="queue_type",
-        choices=["classic", "quorum"],
-        help="declare the queues as classic or quorum queues",
-    )
-    _setting(
-        topology,
-        "--dead-letter-exchange",
-        field="dead_letter_exchange",
-        metavar="NAME",
-        help="declared and set as the queue's dead-letter exchange; NACKed and "
-        "exhausted messages go there under their original routing key",
-    )
-    _setting(
-        topology,
-        "--dead-letter-exchange-type",
-        field="dead_letter_exchange_type",
-        metavar="TYPE",
-        help="type of --dead-letter-exchange",
-    )
-    _setting(
-        topology,
-        "--dead-letter-queue",
-        field="dead_letter_queue",
-        metavar="NAME",
-        help="a queue declared and bound to --dead-letter-exchange (all keys)",
-    )
-
-
-def _batching_arguments(parser: argparse.ArgumentParser) -> None:
-    batching = parser.add_argument_group("batching and workers")
-    _setting(
-        batching,
-        "-b",
-        "--batch-size",
-        field="batch_size",
-        type=int,
-        metavar="N",
-        help="hand a batch to the handler once it holds N messages",
-    )
-    _setting(
-        batching,
-        "-t",
-        "--batch-timeout",
-        field="batch_timeout",
-        type=float,
-        metavar="SECONDS",
-        help="... or this long after its first message arrived",
-    )
-    _setting(
-        batching,
-        "--max-batch-bytes",
-        field="max_batch_bytes",
-        type=int,
-        metavar="N",
-        help="... or once its bodies add up to N bytes",
-    )
-    _setting(
-        batching,
-        "-p",
-        "--prefetch",
-        field="prefetch_count",
-        type=int,
-        metavar="N",
-        help="unacknowledged messages per worker (at least --batch-size)",
-    )
-    _setting(
-        batching,
-        "-w",
-        "--workers",
-        field="num_workers",
-        type=int,
-        metavar="N",
-        help="connections in this process, each a worker consuming the queue "
-        "(--processes N runs N OS processes, each with this many)",
-    )
-    _setting(
-        batching,
-        "--max-concurrent-batches",
-        field="max_concurrent_batches",
-        type=int,
-        metavar="N",
-        help="batches of one worker in the handler at once",
-    )
-
-
-def _result_arguments(parser: argparse.ArgumentParser) -> None:
-    results = parser.add_argument_group("results, retries and shutdown")
-    _setting(
-        results,
-        "--max-retries",
-        field="max_requeue_attempts",
-        type=int,
-        metavar="N",
-        help="REQUEUEs of a message before it is dead-lettered",
-    )
-    _setting(
-        results,
-        "--unhandled-exception-action",
-        field="unhandled_exception_action",
-        choices=("ack", "nack", "requeue", "requeue_immediate"),
-        help="result for the messages of a batch whose handler raised",
-    )
-    _setting(
-        results,
-        "--shutdown-timeout",
-        field="shutdown_timeout",
-        type=float,
-        metavar="SECONDS",
-        help="how long a graceful stop may take before the handler is cancelled "
-        "(its unsettled messages go back to the queue)",
-    )
-    _setting(
-        results,
-        "--backoff-base",
-        field="reconnect_backoff_base",
-        type=float,
-        metavar="SECONDS",
-        help="reconnect backoff: first ceiling, doubled per failure",
-    )
-    _setting(
-        results,
-        "--backoff-cap",
-        field="reconnect_backoff_cap",
-        type=float,
-        metavar="SECONDS",
-        help="reconnect backoff: largest ceiling",
-    )
 
 
 def _command_arguments(parser: argparse.ArgumentParser) -> None:
@@ -360,44 +358,12 @@ def _command_arguments(parser: argparse.ArgumentParser) -> None:
         help="log a summary (batches, results per kind, reconnects) this often; "
         "0 only at the end [default 30]",
     )
-    add_monitoring_arguments(parser)
+    add_options(parser, "monitoring", _MONITORING)
     command.add_argument(
         "--check",
         action="store_true",
         help="load the target, resolve the settings and connect once; print the "
         "settings and exit without consuming",
-    )
-
-
-def add_monitoring_arguments(parser: argparse.ArgumentParser) -> None:
-    """``run``'s monitoring options: the HTTP server and the log format."""
-    observe = parser.add_argument_group("monitoring")
-    observe.add_argument(
-        "--http-port",
-        type=int,
-        metavar="PORT",
-        help="serve /metrics (Prometheus), /healthz and /readyz on this port "
-        "(needs amqp-batch[prometheus]) [default: no server]",
-    )
-    observe.add_argument(
-        "--http-host",
-        default="127.0.0.1",
-        metavar="HOST",
-        help="address the --http-port server binds; 0.0.0.0 for a container "
-        "[default 127.0.0.1]",
-    )
-    observe.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default="text",
-        help="text lines, or one JSON object per line with the queue, worker and "
-        "other fields [default text]",
-    )
-    observe.add_argument(
-        "--log-config",
-        metavar="FILE",
-        help="a JSON file with a logging.config.dictConfig dictionary; replaces "
-        "--log-level and --log-format",
     )
 
 

@@ -475,8 +475,6 @@ async def _open_stream(
             parameters.host,
             parameters.port,
             ssl_context=_tls_context(parameters) if parameters.tls else None,
-            server_hostname=parameters.host if parameters.tls else None,
-            timeout=parameters.connection_timeout or None,
         )
     except TimeoutError:
         raise  # an OSError too, but connect() reports it as a timeout

@@ -28,19 +28,14 @@ class NetworkBackend(Protocol):
     """Opens the byte stream an AMQP connection runs on."""
 
     async def open(
-        self,
-        host: str,
-        port: int,
-        *,
-        ssl_context: ssl.SSLContext | None,
-        server_hostname: str | None,
-        timeout: float | None,
+        self, host: str, port: int, *, ssl_context: ssl.SSLContext | None
     ) -> ByteStream:
-        """Open a stream to ``host:port``; TLS when ``ssl_context`` is given.
+        """Open a stream to ``host:port``; TLS when ``ssl_context`` is given, with
+        the certificate verified against ``host``.
 
         Raise :class:`OSError` (or :class:`ssl.SSLError`) when the peer cannot be
-        reached, :class:`TimeoutError` after ``timeout`` seconds (``None``: no limit
-        of its own; the caller bounds the whole connect anyway).
+        reached. No timeout of its own: ``connect()`` bounds the whole connect
+        with ``connection_timeout``.
         """
         ...
 
@@ -57,22 +52,15 @@ class TCPNetwork:
         return "TCPNetwork()"
 
     async def open(
-        self,
-        host: str,
-        port: int,
-        *,
-        ssl_context: ssl.SSLContext | None,
-        server_hostname: str | None,
-        timeout: float | None,
+        self, host: str, port: int, *, ssl_context: ssl.SSLContext | None
     ) -> ByteStream:
         """See :meth:`NetworkBackend.open`."""
-        with anyio.fail_after(timeout):
-            if ssl_context is not None:
-                return await anyio.connect_tcp(
-                    host,
-                    port,
-                    ssl_context=ssl_context,
-                    tls_hostname=server_hostname or host,
-                    tls_standard_compatible=False,
-                )
-            return await anyio.connect_tcp(host, port)
+        if ssl_context is not None:
+            return await anyio.connect_tcp(
+                host,
+                port,
+                ssl_context=ssl_context,
+                tls_hostname=host,
+                tls_standard_compatible=False,
+            )
+        return await anyio.connect_tcp(host, port)

@@ -289,6 +289,22 @@ _DECIMAL_TAG = ord("D")
 _POWERS_OF_TEN = tuple(Decimal(10) ** -scale for scale in range(256))
 
 
+def _extent(
+    data: bytes, offset: int, end: int, what: str, limit: str
+) -> tuple[int, int]:
+    """Where the contents of the field table or array ``what`` at ``offset``
+    (32-bit length first) start and end; they must end by ``end``, which the
+    error calls ``limit``."""
+    start = offset + 4
+    if start > end:
+        raise ValueError(f"{what} length runs past {limit}")
+    (length,) = _U32.unpack_from(data, offset)
+    stop = start + length
+    if stop > end:
+        raise ValueError(f"{what} of {length} bytes runs past {limit}")
+    return start, stop
+
+
 def decode_table(data: bytes, offset: int, end: int) -> tuple[dict[str, Any], int]:
     """Decode the field table (length prefix included) at ``offset`` in ``data``.
 
@@ -296,13 +312,9 @@ def decode_table(data: bytes, offset: int, end: int) -> tuple[dict[str, Any], in
     when the table, or a value in it, runs past ``end`` (or past its enclosing
     table), or a value has an unknown type tag.
     """
-    table_start = offset + 4
-    if table_start > end:
-        raise ValueError("field table length runs past the end of the data")
-    (length,) = _U32.unpack_from(data, offset)
-    table_end = table_start + length
-    if table_end > end:
-        raise ValueError(f"field table of {length} bytes runs past the end of the data")
+    table_start, table_end = _extent(
+        data, offset, end, "field table", "the end of the data"
+    )
     table: dict[str, Any] = {}
     fixed = _FIXED
     unpack_length = _U32.unpack_from
@@ -397,13 +409,7 @@ def _long_bytes(data: bytes, position: int, end: int) -> tuple[bytes, int]:
 
 def _decode_array(data: bytes, position: int, end: int) -> tuple[list[Any], int]:
     """Decode a field array (length prefix included) at ``position``."""
-    items_start = position + 4
-    if items_start > end:
-        raise ValueError("field array length runs past its table")
-    (length,) = _U32.unpack_from(data, position)
-    array_end = items_start + length
-    if array_end > end:
-        raise ValueError(f"field array of {length} bytes runs past its table")
+    items_start, array_end = _extent(data, position, end, "field array", "its table")
     items: list[Any] = []
     position = items_start
     while position < array_end:
