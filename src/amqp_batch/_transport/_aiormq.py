@@ -74,6 +74,10 @@ Declarable = ExchangeSpec | QueueSpec | BindingSpec
 #: for aiormq's tasks, before it cancels what is left.
 CLOSE_TIMEOUT = 5.0
 
+#: The largest frame the handshake accepts (before ``connection.tune``), as the
+#: native transport's.
+HANDSHAKE_FRAME_MAX = 131072
+
 _consumer_numbers = itertools.count(1)
 
 
@@ -202,7 +206,13 @@ def _connect_error(
         )
     if isinstance(exc, TimeoutError):
         return ConnectionRefused(f"connecting to {where} timed out")
-    if isinstance(cause, asyncio.IncompleteReadError) and cause.partial:
+    if (
+        isinstance(cause, asyncio.IncompleteReadError)
+        and (cause.expected or 0) > HANDSHAKE_FRAME_MAX + 1
+    ):
+        # a "frame" larger than any handshake frame: the peer is not a broker
+        # (the native transport's parser refuses the same); an AMQP frame cut
+        # short is a connection that ended, retried like any other.
         return ProtocolError(f"the peer at {where} does not speak AMQP 0-9-1")
     return ConnectionRefused(f"cannot connect to {where}: {cause}")
 
@@ -241,8 +251,11 @@ def _lost_error(exc: BaseException | None, connection: Any) -> ConnectionLost:
             reply_code=code,
             reply_text=text,
         )
-    if connection.is_connection_was_stuck:
-        return ConnectionLost("no frame from the broker within the heartbeat timeout")
+    heartbeat = connection.heartbeat_timeout
+    if heartbeat > 0 and connection.is_connection_was_stuck:
+        return ConnectionLost(
+            f"no frame from the broker for {2 * heartbeat} s (2 x heartbeat)"
+        )
     if isinstance(exc, errors.ProtocolSyntaxError):
         return ProtocolError(f"the broker sent an invalid frame: {exc!r}")
     return ConnectionLost(f"the connection to the broker was lost: {exc!r}")
@@ -300,15 +313,54 @@ def _ssl_context(parameters: ConnectionParameters) -> ssl.SSLContext | None:
     return _tls_context(parameters) if parameters.tls else None
 
 
-def _connection_class(aiormq: Any, heartbeat: int) -> Any:
-    """aiormq's Connection, declaring the peer dead after 2 x heartbeat of silence
-    (aiormq's own default is 3 x (heartbeat + 1))."""
-    if heartbeat <= 0:
-        return aiormq.Connection
-    multiplier = 2 * heartbeat / (heartbeat + 1)
-    return type(
-        "Connection", (aiormq.Connection,), {"HEARTBEAT_GRACE_MULTIPLIER": multiplier}
-    )
+@functools.cache
+def _connection_class(aiormq: Any) -> Any:
+    """aiormq's Connection, tuned like the native transport's.
+
+    aiormq answers ``connection.tune`` with our heartbeat and the broker's
+    ``channel_max`` and ``frame_max``, and declares the peer dead after
+    3 x (heartbeat + 1) s of silence. This one takes, for each of the three, the
+    smaller non-zero of ours (the URL) and the broker's, as the native transport
+    does, and declares the peer dead after 2 x heartbeat.
+    """
+    from pamqp.commands import Connection as Methods
+
+    from ._native._connection import _negotiate
+
+    class TunedConnection(aiormq.Connection):  # type: ignore[misc]
+        #: What the URL asks for (set before ``connect``).
+        wanted: ConnectionParameters
+
+        async def _rpc(
+            self,
+            request: Any,
+            writer: Any,
+            frame_receiver: Any,
+            wait_response: bool = True,
+        ) -> Any:
+            # the handshake's request/response step; the answer to start-ok is
+            # the broker's tune, which aiormq then echoes in tune-ok
+            frame = await super()._rpc(
+                request,
+                writer=writer,
+                frame_receiver=frame_receiver,
+                wait_response=wait_response,
+            )
+            if isinstance(frame, Methods.Tune):
+                wanted = self.wanted
+                frame.channel_max = (
+                    _negotiate(wanted.channel_max, frame.channel_max) or 65535
+                )
+                frame.frame_max = (
+                    _negotiate(wanted.frame_max, frame.frame_max) or 131072
+                )
+                # aiormq sends tune-ok with ``heartbeat_timeout``, and reads it
+                # again when it starts the heartbeat task after open-ok
+                self.heartbeat_timeout = _negotiate(wanted.heartbeat, frame.heartbeat)
+                self._Connection__heartbeat_grace_timeout = 2 * self.heartbeat_timeout
+            return frame
+
+    return TunedConnection
 
 
 class _Link:
@@ -371,9 +423,10 @@ async def _connect(parameters: ConnectionParameters) -> AsyncIterator[_Link]:
     _require_asyncio("this session")
     aiormq = _import_aiormq()
     tasks = _TaskLoop(asyncio.get_running_loop())
-    connection = _connection_class(aiormq, parameters.heartbeat)(
+    connection = _connection_class(aiormq)(
         _url(parameters), loop=tasks, context=_ssl_context(parameters)
     )
+    connection.wanted = parameters
     link = _Link(connection, tasks)
     try:
         try:
@@ -748,6 +801,15 @@ class AiormqPublisher:
     async def publish(self, body: bytes, **options: Unpack[PublishOptions]) -> None:
         """Publish and return after the broker's confirm."""
         await self.start_publish(body, **options).wait()
+
+    async def queue_counts(self, queue: str) -> tuple[int, int]:
+        """A passive ``queue.declare``: (ready messages, consumers). A missing
+        queue closes this channel (:class:`~amqp_batch.ChannelClosed`, 404)."""
+        try:
+            info = await self._channel.queue_declare(queue, passive=True)
+        except Exception as exc:
+            raise self._link.channel_failure(self._channel, exc) from exc
+        return int(info.message_count), int(info.consumer_count)
 
 
 @asynccontextmanager
