@@ -42,7 +42,6 @@ from .._exceptions import (
     ConnectionLost,
     ConnectionRefused,
     MessageNacked,
-    MessageReturned,
     Phase,
     ProtocolError,
     TransportError,
@@ -50,15 +49,13 @@ from .._exceptions import (
     recording_phase,
 )
 from ._base import (
-    BindingSpec,
     Delivery,
-    ExchangeSpec,
     Properties,
     PublishOptions,
-    QueueSpec,
     SessionSpec,
     publish_arguments,
 )
+from ._common import Declarable, SessionBase, declare_topology, returned_error, topology
 from ._url import ConnectionParameters
 
 if TYPE_CHECKING:
@@ -67,8 +64,6 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 __all__ = ["AiormqPublisher", "AiormqSession", "AiormqTransport"]
-
-Declarable = ExchangeSpec | QueueSpec | BindingSpec
 
 #: How long the exit of a session or publisher waits for the close handshake and
 #: for aiormq's tasks, before it cancels what is left.
@@ -148,6 +143,21 @@ def _reply(exc: BaseException, table: Any) -> tuple[int, str]:
     return 0, str(args[0]) if args else ""
 
 
+def _closed(
+    message: str, reply: tuple[int, str], method: tuple[int, int] = (0, 0)
+) -> ConnectionLost:
+    """The error of a broker ``connection.close`` with ``reply`` (code, text),
+    answering ``method`` (class id, method id) when known."""
+    code, text = reply
+    return connection_close_error(
+        f"{message}: {code} {text}",
+        reply_code=code,
+        reply_text=text,
+        class_id=method[0],
+        method_id=method[1],
+    )
+
+
 def _refusing_close(exc: BaseException) -> Any:
     """The broker's ``connection.close`` behind a handshake failure, if any.
 
@@ -176,24 +186,19 @@ def _connect_error(
     who = f"user {parameters.username!r} on vhost {parameters.virtual_host!r}"
     close = _refusing_close(exc)
     if close is not None:
-        return connection_close_error(
-            f"the broker at {where} closed the connection of {who}:"
-            f" {close.reply_code} {close.reply_text}",
-            reply_code=close.reply_code,
-            reply_text=close.reply_text,
-            class_id=close.class_id,
-            method_id=close.method_id,
+        return _closed(
+            f"the broker at {where} closed the connection of {who}",
+            (close.reply_code, close.reply_text),
+            (close.class_id, close.method_id),
         )
     if isinstance(exc, errors.ProbableAuthenticationError | errors.AuthenticationError):
         return AuthenticationError(
             f"the broker at {where} refused the login of {who}", reply_code=403
         )
     if isinstance(exc, errors.ConnectionClosed) and exc.args:
-        code, text = _reply(exc, _connection_codes())
-        return connection_close_error(
-            f"the broker at {where} closed the connection of {who}: {code} {text}",
-            reply_code=code,
-            reply_text=text,
+        return _closed(
+            f"the broker at {where} closed the connection of {who}",
+            _reply(exc, _connection_codes()),
         )
     if isinstance(exc, errors.IncompatibleProtocolError | errors.ProtocolSyntaxError):
         return ProtocolError(f"the peer at {where} does not speak AMQP 0-9-1")
@@ -245,11 +250,8 @@ def _lost_error(exc: BaseException | None, connection: Any) -> ConnectionLost:
     from aiormq import exceptions as errors
 
     if isinstance(exc, errors.ConnectionClosed) and exc.args:
-        code, text = _reply(exc, _connection_codes())
-        return connection_close_error(
-            f"the broker closed the connection: {code} {text}",
-            reply_code=code,
-            reply_text=text,
+        return _closed(
+            "the broker closed the connection", _reply(exc, _connection_codes())
         )
     heartbeat = connection.heartbeat_timeout
     if heartbeat > 0 and connection.is_connection_was_stuck:
@@ -451,33 +453,7 @@ async def _open_channel(link: _Link, *, confirms: bool) -> Any:
 async def declare(link: _Link, channel: Any, items: Sequence[Declarable]) -> None:
     """Declare exchanges, queues and bindings on an aiormq channel, in order."""
     try:
-        for item in items:
-            if isinstance(item, ExchangeSpec):
-                if not item.name or item.name.startswith("amq."):
-                    continue  # predefined exchanges cannot be declared
-                await channel.exchange_declare(
-                    item.name,
-                    exchange_type=item.type,
-                    durable=item.durable,
-                    auto_delete=item.auto_delete,
-                    internal=item.internal,
-                    arguments=dict(item.arguments or {}),
-                )
-            elif isinstance(item, QueueSpec):
-                await channel.queue_declare(
-                    item.name,
-                    durable=item.durable,
-                    exclusive=item.exclusive,
-                    auto_delete=item.auto_delete,
-                    arguments=dict(item.arguments or {}),
-                )
-            else:
-                await channel.queue_bind(
-                    item.queue,
-                    item.exchange,
-                    routing_key=item.routing_key,
-                    arguments=dict(item.arguments or {}),
-                )
+        await declare_topology(channel, items)
     except Exception as exc:
         raise link.channel_failure(channel, exc) from exc
 
@@ -537,8 +513,17 @@ def _properties_in(p: Basic.Properties) -> Properties:
 
 # -- consuming -------------------------------------------------------------------------
 
+#: The fields of a ``basic.deliver`` a :class:`Delivery` keeps, by the same names.
+_DELIVER_FIELDS = (
+    "delivery_tag",
+    "redelivered",
+    "exchange",
+    "routing_key",
+    "consumer_tag",
+)
 
-class AiormqSession:
+
+class AiormqSession(SessionBase):
     """A consuming session on aiormq: one connection, one channel, one consumer."""
 
     def __init__(
@@ -552,18 +537,10 @@ class AiormqSession:
     ) -> None:
         self._link = link
         self._channel = channel
-        self.consumer_tag = consumer_tag
-        self._send, self._deliveries = streams
+        self._send, deliveries = streams
+        super().__init__(consumer_tag, deliveries)
         self._cancelled_by_broker = False
         self._ended = False
-
-    def __repr__(self) -> str:
-        return f"<AiormqSession consumer={self.consumer_tag}>"
-
-    @property
-    def deliveries(self) -> MemoryObjectReceiveStream[Delivery]:
-        """Deliveries in arrival order; ends after cancel or a broker cancel."""
-        return self._deliveries
 
     @property
     def consumer_cancelled_by_broker(self) -> bool:
@@ -574,13 +551,9 @@ class AiormqSession:
         """aiormq's consumer callback: hand the delivery on without blocking."""
         method: Any = message.delivery  # a Basic.Deliver for a consumer
         delivery = Delivery(
-            delivery_tag=method.delivery_tag,
-            redelivered=method.redelivered,
-            exchange=method.exchange,
-            routing_key=method.routing_key,
-            consumer_tag=method.consumer_tag,
             body=message.body,
             properties=_properties_in(message.header.properties),
+            **{name: getattr(method, name) for name in _DELIVER_FIELDS},
         )
         try:
             self._send.send_nowait(delivery)
@@ -653,9 +626,7 @@ async def open_session(spec: SessionSpec) -> AsyncIterator[AiormqSession]:
     async with _connect(spec.parameters) as link:
         channel = await _open_channel(link, confirms=False)
         with recording_phase(Phase.SETUP):
-            await declare(
-                link, channel, [*spec.exchanges, *spec.queues, *spec.bindings]
-            )
+            await declare(link, channel, topology(spec))
         tag = spec.consumer_tag or _consumer_tag("amqp-batch")
         session = AiormqSession(
             link, channel, tag, anyio.create_memory_object_stream[Delivery](buffer)
@@ -715,18 +686,6 @@ class AiormqConfirmation:
             raise self._error
 
 
-def _returned(exc: Any) -> MessageReturned:
-    method = exc.message.delivery
-    return MessageReturned(
-        f"message returned by the broker: {method.reply_code} {method.reply_text}"
-        f" (exchange={method.exchange!r}, routing_key={method.routing_key!r})",
-        reply_code=method.reply_code,
-        reply_text=method.reply_text,
-        exchange=method.exchange,
-        routing_key=method.routing_key,
-    )
-
-
 class AiormqPublisher:
     """A confirm-mode aiormq channel on a connection of its own.
 
@@ -782,7 +741,8 @@ class AiormqPublisher:
         try:
             await self._channel.basic_publish(body, properties=properties, **where)
         except errors.PublishError as exc:
-            confirmation.settle(_returned(exc))
+            returned: Any = exc.message  # the basic.return and its content
+            confirmation.settle(returned_error(returned.delivery))
         except errors.DeliveryError:
             confirmation.settle(
                 MessageNacked("the broker nacked the published message")
