@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from tests.support.fault_proxy import FaultProxy
 from tests.support.invariant import Recorder, check, publish_numbered
 from tests.support.rabbit_node import PrivateNode
-from tests.support.transports import make_transport, over_transports
+from tests.support.transports import ROWS, make_transport, over_transports
 
 from amqp_batch import (
     AuthenticationError,
@@ -610,8 +610,9 @@ RETRY_HEADERS: dict[str, Any] = {
 }
 
 
+@over_transports
 async def test_b1_untrusted_retry_count_headers(
-    private_node: PrivateNode, figures: Any
+    private_node: PrivateNode, figures: Any, transport: Any
 ) -> None:
     """Through the consumer on the broker: every bad ``x-retry-count`` is
     dead-lettered once (``x-dead-letter-reason: invalid-retry-count: ...``) and
@@ -629,7 +630,9 @@ async def test_b1_untrusted_retry_count_headers(
     settings = _settings(url, queue, dead_letter_exchange=dlx, dead_letter_queue=dlq)
     try:
         with anyio.fail_after(30):
-            async with batch_consumer(settings, recorder.handler) as consumer:
+            async with batch_consumer(
+                settings, recorder.handler, transport=transport
+            ) as consumer:
                 confirmed: list[str] = []
                 async with admin_channel(url) as channel:
                     for message_id, value in RETRY_HEADERS.items():
@@ -695,6 +698,9 @@ async def test_b1_untrusted_retry_count_headers(
 # ----------------------------------------------------------------------- B2
 
 
+# Native only: on aiormq the REQUEUE copy of the message without properties
+# gets a message_id (docs/how-to/transports.md, "Fault rows on the aiormq
+# transport").
 async def test_b2_odd_messages(destructive_node: PrivateNode, figures: Any) -> None:
     """No properties at all, an empty body, invalid UTF-8 (body, a header value
     and a header key's bytes value) and 1 MiB of headers (the broker's frame_max
@@ -776,8 +782,9 @@ def _settled_once(frames: list[tuple[str, int, bool]]) -> set[int]:
     return settled
 
 
+@over_transports
 async def test_b3_misbehaving_handlers_settle_every_delivery_once(
-    private_node: PrivateNode, figures: Any
+    private_node: PrivateNode, figures: Any, transport_kind: str
 ) -> None:
     """Batches of 4 whose handler gives too few results, too many, a
     non-result, raises, or is cancelled (it hangs; the stop's shutdown_timeout
@@ -830,7 +837,8 @@ async def test_b3_misbehaving_handlers_settle_every_delivery_once(
         unhandled_exception_action="NACK",
         shutdown_timeout=0.5,
     )
-    first, second = TracingTransport(), TracingTransport()
+    first = TracingTransport(make_transport(transport_kind))
+    second = TracingTransport(make_transport(transport_kind))
     try:
         await _declare(url, queue, **{"x-dead-letter-exchange": dlx})
         confirmed: list[str] = []
@@ -878,9 +886,13 @@ async def test_b3_misbehaving_handlers_settle_every_delivery_once(
 
 # asyncio only, by parametrizing the backend (not a skip): on trio, user code
 # cannot raise the cancellation exception without being cancelled.
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(
+    ("anyio_backend", "transport_kind"),
+    [row for row in ROWS if row != ("trio", "native")],
+    scope="module",
+)
 async def test_b3_stray_cancelled_error_is_a_handler_error(
-    private_node: PrivateNode, anyio_backend: str, figures: Any
+    private_node: PrivateNode, anyio_backend: str, figures: Any, transport: Any
 ) -> None:
     """asyncio only (trio's Cancelled cannot be raised by user code): a handler
     that raises ``CancelledError`` without being cancelled (it awaited a future
@@ -890,7 +902,7 @@ async def test_b3_stray_cancelled_error_is_a_handler_error(
 
     url, queue = private_node.url, unique_name("b3c")
     recorder = Recorder()
-    tracer = TracingTransport()
+    tracer = TracingTransport(transport)
 
     async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
         if messages[0].retry_count == 0:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import logging
 import os
 import ssl
 import struct
@@ -74,6 +75,8 @@ CLOSE_TIMEOUT = 5.0
 HANDSHAKE_FRAME_MAX = 131072
 
 _consumer_numbers = itertools.count(1)
+
+logger = logging.getLogger("amqp_batch.transport")
 
 
 class AsyncioOnly(RuntimeError):
@@ -436,6 +439,13 @@ async def _connect(parameters: ConnectionParameters) -> AsyncIterator[_Link]:
                 await connection.connect()
         except Exception as exc:
             raise _connect_error(exc, parameters) from exc
+        tune = connection.connection_tune
+        logger.debug(
+            "connected to %s (heartbeat %s s, frame_max %s)",
+            parameters.redacted_url,
+            tune.heartbeat,
+            tune.frame_max,
+        )
         yield link
     finally:
         await link.close(None)
@@ -571,6 +581,7 @@ class AiormqSession(SessionBase):
         """aiormq's consumer-cancel callback."""
         self._cancelled_by_broker = True
         self._send.close()
+        logger.warning("the broker cancelled consumer %s", self.consumer_tag)
 
     def end(self) -> None:
         """The session is over: its tags are never sent again."""
