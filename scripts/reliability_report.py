@@ -56,6 +56,8 @@ AIORMQ_NOT_RUN: dict[str, str] = {
     "C3": "cluster rows (`test_cluster.py`): native only",
     "C4": "cluster rows (`test_cluster.py`): native only",
     "P1": "the library's `Publisher` (`test_publisher.py`): native only",
+    "B2": "aiormq gives the REQUEUE copy of a message without properties a "
+    "`message_id` (docs/how-to/transports.md)",
     "S2": "secrets in logs and reprs (`test_secrets.py`): native only",
 }
 
