@@ -9,8 +9,9 @@
 It runs pytest on the reliability test files with ``AMQP_BATCH_FIGURES`` set, so
 every test appends its measured figures (``figures.record(...)``, one JSON line
 each), then renders ``docs/reliability.md``: the reliability matrix (``MATRIX``)
-with the outcome of each row on asyncio and trio, the headline figures and every row's
-figures, the date and the commit. A row without figures is shown as "not
+with the outcome of each row on asyncio and trio (the native transport) and on
+the aiormq transport (asyncio; test ids with ``aiormq``), the headline figures
+and every row's figures, the date and the commit. A row without figures is shown as "not
 measured in this run", never filled in. Exits non-zero if a test failed (the
 report is written anyway).
 
@@ -46,6 +47,19 @@ TEST_FILES = [
     "tests/test_publisher.py",
 ]
 BACKENDS = ("asyncio", "trio")
+#: Rows that do not run on the aiormq transport, and why (its column says so).
+AIORMQ_NOT_RUN: dict[str, str] = {
+    "L1": "soak row (minutes): native only",
+    "F5": "soak row (minutes): native only",
+    "C1": "cluster rows (`test_cluster.py`): native only",
+    "C2": "cluster rows (`test_cluster.py`): native only",
+    "C3": "cluster rows (`test_cluster.py`): native only",
+    "C4": "cluster rows (`test_cluster.py`): native only",
+    "P1": "the library's `Publisher` (`test_publisher.py`): native only",
+    "B2": "aiormq gives the REQUEUE copy of a message without properties a "
+    "`message_id` (docs/how-to/transports.md)",
+    "S2": "secrets in logs and reprs (`test_secrets.py`): native only",
+}
 
 #: The reliability matrix: row -> (scenario, what must hold).
 MATRIX: dict[str, tuple[str, str]] = {
@@ -243,9 +257,20 @@ def row_of(test_name: str) -> str | None:
 
 
 def backend_of(test_name: str) -> str:
-    """The anyio backend in a test id's parameters, or ``sync``."""
+    """The matrix column of a test id: ``aiormq`` for a row on the aiormq
+    transport, else the anyio backend in its parameters, or ``sync``."""
     params = test_name.partition("[")[2].rstrip("]").split("-")
+    if "aiormq" in params:
+        return "aiormq"
     return next((p for p in params if p in BACKENDS), "sync")
+
+
+def label_of(entry: dict[str, Any]) -> str:
+    """A figures entry's column: its backend, or ``aiormq`` for that transport."""
+    test = str(entry.get("test", "")).rsplit("::", 1)[-1]
+    if backend_of(test) == "aiormq":
+        return "aiormq"
+    return str(entry.get("backend") or "sync")
 
 
 def read_outcomes(junit_files: Iterable[Path]) -> tuple[Outcomes, list[str]]:
@@ -319,7 +344,7 @@ def summary(row: str, entries: list[dict[str, Any]]) -> str:
     for entry in entries:
         shown = keys or [k for k in entry if k not in COMMON][:4]
         values = "; ".join(f"{k} {cell(entry[k])}" for k in shown if k in entry)
-        parts.append(f"{entry.get('backend') or 'sync'}: {values}")
+        parts.append(f"{label_of(entry)}: {values}")
     return cell(" / ".join(parts))
 
 
@@ -327,9 +352,7 @@ def _values(
     figures: dict[str, list[dict[str, Any]]], row: str, key: str
 ) -> list[tuple[str, Any]]:
     return [
-        (entry.get("backend") or "sync", entry[key])
-        for entry in figures.get(row, [])
-        if key in entry
+        (label_of(entry), entry[key]) for entry in figures.get(row, []) if key in entry
     ]
 
 
@@ -373,9 +396,7 @@ def headline(figures: dict[str, list[dict[str, Any]]]) -> list[str]:
                         if f"recovery_s_{kind}" in entry
                     ),
                 )
-                for backend, entry in (
-                    (e.get("backend") or "sync", e) for e in figures.get("F1", [])
-                )
+                for backend, entry in ((label_of(e), e) for e in figures.get("F1", []))
             ]
         text = (
             ", ".join(f"{backend}: {cell(value)}" for backend, value in values)
@@ -415,8 +436,7 @@ def details(figures: dict[str, list[dict[str, Any]]]) -> list[str]:
                 for key, value in entry.items()
                 if key not in COMMON
             )
-            backend = entry.get("backend") or "sync"
-            lines.append(f"| {backend} | `{cell(test)}` | {cell(values)} |")
+            lines.append(f"| {label_of(entry)} | `{cell(test)}` | {cell(values)} |")
     return lines
 
 
@@ -502,7 +522,10 @@ def render(
         "and is counted, never hidden. Faults come from a private node "
         "(`rabbitmqctl close_connection`, `stop_app`, `kill -9`, alarms) and an "
         "in-process TCP proxy (FIN, RST, stall, cut after N bytes). Every async "
-        "test runs on asyncio and on trio.",
+        "test runs on asyncio and on trio; the rows that apply to a transport run "
+        "on the aiormq transport too (asyncio only), with the same assertions "
+        "(the rows that do not, and why: "
+        "[Choosing a transport](how-to/transports.md)).",
         "",
         "## Headline figures",
         "",
@@ -510,8 +533,8 @@ def render(
         "",
         "## The matrix",
         "",
-        "| # | scenario | must hold | asyncio | trio | figures |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| # | scenario | must hold | asyncio | trio | aiormq (asyncio) | figures |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row, (scenario, must_hold) in MATRIX.items():
         by_backend = outcomes.get(row, {})
@@ -519,9 +542,15 @@ def render(
             outcome_cell([*by_backend.get(backend, []), *by_backend.get("sync", [])])
             for backend in BACKENDS
         ]
+        aiormq = by_backend.get("aiormq", [])
+        if aiormq or row not in AIORMQ_NOT_RUN:
+            results.append(outcome_cell([*aiormq, *by_backend.get("sync", [])]))
+        else:
+            results.append(f"not run: {cell(AIORMQ_NOT_RUN[row])}")
         lines.append(
-            f"| {row} | {cell(scenario)} | {cell(must_hold)} | {results[0]} | "
-            f"{results[1]} | {summary(row, figures.get(row, []))} |"
+            f"| {row} | {cell(scenario)} | {cell(must_hold)} | "
+            + " | ".join(results)
+            + f" | {summary(row, figures.get(row, []))} |"
         )
     if failed:
         lines += ["", "## Failed tests", ""]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import anyio
 import attrs
 import pytest
+from tests.support.transports import make_transport, over_transports
 
 from amqp_batch import (
     AuthenticationError,
@@ -21,6 +23,12 @@ from amqp_batch._transport._url import parse_url
 from consumer_support import admin_channel, cleanup, drain, publish_ids, unique_name
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def transport(transport_kind: str) -> Any:
+    """The consumer's transport (rows: ``tests.support.transports.ROWS``)."""
+    return make_transport(transport_kind)
 
 
 async def _ack_all(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
@@ -38,7 +46,8 @@ def _url_with(url: str, **changes: object) -> str:
     )
 
 
-async def test_bad_credentials_fail_fast(broker_url: str) -> None:
+@over_transports
+async def test_bad_credentials_fail_fast(broker_url: str, transport: Any) -> None:
     marker = "MARKER-pw-4711"
     settings = BatchConsumerSettings(
         url=_url_with(broker_url, password=marker),
@@ -46,24 +55,26 @@ async def test_bad_credentials_fail_fast(broker_url: str) -> None:
         reconnect_backoff_base=0.01,
     )
     with anyio.fail_after(15), pytest.raises(AuthenticationError) as caught:
-        async with batch_consumer(settings, _ack_all):
+        async with batch_consumer(settings, _ack_all, transport=transport):
             pytest.fail("consumer must not start")
     assert marker not in str(caught.value)
     assert marker not in repr(settings)
 
 
-async def test_unknown_vhost_fails_fast(broker_url: str) -> None:
+@over_transports
+async def test_unknown_vhost_fails_fast(broker_url: str, transport: Any) -> None:
     settings = BatchConsumerSettings(
         url=_url_with(broker_url, virtual_host="amqp-batch-no-such-vhost"),
         queue_name=unique_name(),
     )
     with anyio.fail_after(15), pytest.raises(UnknownVirtualHost):
-        async with batch_consumer(settings, _ack_all):
+        async with batch_consumer(settings, _ack_all, transport=transport):
             pytest.fail("consumer must not start")
 
 
+@over_transports
 async def test_queue_redeclared_with_other_arguments_fails_fast(
-    broker_url: str,
+    broker_url: str, transport: Any
 ) -> None:
     queue = unique_name()
     async with admin_channel(broker_url) as channel:
@@ -76,7 +87,7 @@ async def test_queue_redeclared_with_other_arguments_fails_fast(
     )
     try:
         with anyio.fail_after(15), pytest.raises(ChannelClosed) as caught:
-            async with batch_consumer(settings, _ack_all):
+            async with batch_consumer(settings, _ack_all, transport=transport):
                 pytest.fail("consumer must not start")
         assert caught.value.reply_code == 406
     finally:
@@ -84,7 +95,10 @@ async def test_queue_redeclared_with_other_arguments_fails_fast(
 
 
 @pytest.mark.private_node
-async def test_cut_connection_only_that_worker_reconnects(private_node: object) -> None:
+@over_transports
+async def test_cut_connection_only_that_worker_reconnects(
+    private_node: object, transport: Any
+) -> None:
     """Closing one worker's connection on the broker makes that worker back off
     and resume; the other keeps consuming; nothing is lost; results of the dead
     session are never sent on the new channel (the broker would close it)."""
@@ -118,7 +132,7 @@ async def test_cut_connection_only_that_worker_reconnects(private_node: object) 
         reconnect_backoff_cap=0.2,
     )
     try:
-        async with batch_consumer(settings, handle) as consumer:
+        async with batch_consumer(settings, handle, transport=transport) as consumer:
             async with admin_channel(url) as channel:
                 ids = await publish_ids(channel, range(40), routing_key=queue)
             with anyio.fail_after(20):

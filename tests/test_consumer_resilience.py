@@ -6,11 +6,13 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import anyio
 import pytest
 from tests.support.fault_proxy import FaultProxy
 from tests.support.rabbit_node import PrivateNode
+from tests.support.transports import make_transport, over_transports
 
 from amqp_batch import (
     BatchConsumer,
@@ -27,6 +29,12 @@ from consumer_support import admin_channel, cleanup, drain, publish_ids, unique_
 pytestmark = [pytest.mark.anyio, pytest.mark.private_node]
 
 SECRET = "s3cret-MARKER-pw"
+
+
+@pytest.fixture
+def transport(transport_kind: str) -> Any:
+    """The consumer's transport (rows: ``tests.support.transports.ROWS``)."""
+    return make_transport(transport_kind)
 
 
 def _dead_port() -> int:
@@ -96,8 +104,9 @@ def _no_secret(health: WorkerHealth) -> None:
 
 
 @pytest.mark.parametrize("url_order", ["primary", "spread"])
+@over_transports
 async def test_failover_url_used_when_the_first_url_is_dead(
-    private_node: PrivateNode, queue: str, url_order: str
+    private_node: PrivateNode, queue: str, url_order: str, transport: Any
 ) -> None:
     """``url`` points at a dead port. ``primary``: both workers start there,
     back off once and consume on the failover URL (the node); ``spread``:
@@ -118,7 +127,9 @@ async def test_failover_url_used_when_the_first_url_is_dead(
         await channel.queue_declare(queue, durable=True)
         ids = await publish_ids(channel, range(50), routing_key=queue)
     with anyio.fail_after(30):
-        async with batch_consumer(settings, _ack_recording(handled, 50, done)) as c:
+        async with batch_consumer(
+            settings, _ack_recording(handled, 50, done), transport=transport
+        ) as c:
             health = c.health()
             assert [h.state for h in health] == [WorkerState.CONSUMING] * 2
             assert c.is_healthy
@@ -139,8 +150,9 @@ async def test_failover_url_used_when_the_first_url_is_dead(
     await _assert_queue_empty(private_node.url, queue)
 
 
+@over_transports
 async def test_a_url_that_just_failed_is_skipped(
-    private_node: PrivateNode, queue: str
+    private_node: PrivateNode, queue: str, transport: Any
 ) -> None:
     """The primary URL is dead; the worker consumes on the failover URL. When
     that connection is then closed by the broker, the worker reconnects to the
@@ -157,7 +169,7 @@ async def test_a_url_that_just_failed_is_skipped(
         await channel.queue_declare(queue, durable=True)
     with anyio.fail_after(60):
         async with batch_consumer(
-            settings, _ack_recording(handled, 20, done)
+            settings, _ack_recording(handled, 20, done), transport=transport
         ) as consumer:
             assert consumer.health()[0].reconnect_count == 1
             private_node.close_connection(f"{queue}-w0")
@@ -179,8 +191,9 @@ async def test_a_url_that_just_failed_is_skipped(
     await _assert_queue_empty(private_node.url, queue)
 
 
+@over_transports
 async def test_failover_when_the_proxied_broker_is_cut(
-    private_node: PrivateNode, queue: str
+    private_node: PrivateNode, queue: str, transport: Any
 ) -> None:
     """The worker consumes through a proxy; the proxy is cut and then refuses
     every new connection: the worker rotates to the failover URL (the node
@@ -191,7 +204,7 @@ async def test_failover_when_the_proxied_broker_is_cut(
         settings = _settings(proxy.url_for(), queue, failover_urls=(private_node.url,))
         with anyio.fail_after(30):
             async with batch_consumer(
-                settings, _ack_recording(handled, 30, done)
+                settings, _ack_recording(handled, 30, done), transport=transport
             ) as consumer:
                 assert f":{proxy.port}/" in consumer.health()[0].url
                 proxy.cut_after(0)  # every later connection through it dies
@@ -214,8 +227,9 @@ async def test_failover_when_the_proxied_broker_is_cut(
     await _assert_queue_empty(private_node.url, queue)
 
 
+@over_transports
 async def test_health_shows_backing_off_then_consuming(
-    private_node: PrivateNode, queue: str
+    private_node: PrivateNode, queue: str, transport: Any
 ) -> None:
     """With its only URL unreachable, the worker is backing_off (not healthy),
     counts reconnects and shows the error without the password; once the broker
@@ -233,7 +247,7 @@ async def test_health_shows_backing_off_then_consuming(
         )
         with anyio.fail_after(30):
             async with batch_consumer(
-                settings, _ack_recording(handled, 20, done)
+                settings, _ack_recording(handled, 20, done), transport=transport
             ) as consumer:
                 proxy.cut_after(0)
                 proxy.cut()
@@ -276,8 +290,9 @@ def _tls_connections(node: PrivateNode) -> dict[str, bool]:
     return found
 
 
+@over_transports
 async def test_tls_consumer_and_its_republish_connection(
-    private_node: PrivateNode, queue: str
+    private_node: PrivateNode, queue: str, transport: Any
 ) -> None:
     """Over ``amqps://`` with the node's CA: every id is REQUEUEd once (the copy is
     republished on the worker's TLS publisher connection) and then acked."""
@@ -297,7 +312,7 @@ async def test_tls_consumer_and_its_republish_connection(
         ssl_context=private_node.client_ssl_context(),
     )
     with anyio.fail_after(30):
-        async with batch_consumer(settings, handle) as consumer:
+        async with batch_consumer(settings, handle, transport=transport) as consumer:
             async with admin_channel(private_node.url) as channel:
                 ids = await publish_ids(channel, range(20), routing_key=queue)
             await done.wait()
@@ -315,8 +330,9 @@ async def test_tls_consumer_and_its_republish_connection(
 # --------------------------------------------------------------------- dead session
 
 
+@over_transports
 async def test_results_of_a_dead_session_are_dropped(
-    private_node: PrivateNode, queue: str
+    private_node: PrivateNode, queue: str, transport: Any
 ) -> None:
     """The worker's connection is closed while a batch is in the handler; the
     handler finishes and yields ACKs *after* the cut. Those results are never
@@ -347,7 +363,7 @@ async def test_results_of_a_dead_session_are_dropped(
         ids = await publish_ids(channel, range(20), routing_key=queue)
     settings = _settings(private_node.url, queue)
     with anyio.fail_after(30):
-        async with batch_consumer(settings, handle) as consumer:
+        async with batch_consumer(settings, handle, transport=transport) as consumer:
             await in_handler.wait()
             closed = await anyio.to_thread.run_sync(
                 private_node.close_connection, f"{queue}-w0"
@@ -372,8 +388,9 @@ async def test_results_of_a_dead_session_are_dropped(
 # --------------------------------------------------------------------- hooks
 
 
+@over_transports
 async def test_hooks_run_once_with_three_workers_across_a_reconnect(
-    private_node: PrivateNode, queue: str
+    private_node: PrivateNode, queue: str, transport: Any
 ) -> None:
     events: list[str] = []
     handled: list[str] = []
@@ -395,7 +412,9 @@ async def test_hooks_run_once_with_three_workers_across_a_reconnect(
             if len(set(handled)) == 60:
                 done.set()
 
-    consumer = Ingest(_settings(private_node.url, queue, num_workers=3))
+    consumer = Ingest(
+        _settings(private_node.url, queue, num_workers=3), transport=transport
+    )
     with anyio.fail_after(30):
         async with consumer:
             assert events == ["start"]

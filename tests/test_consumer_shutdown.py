@@ -9,10 +9,12 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
 import pytest
+from tests.support.transports import make_transport, over_transports
 
 from amqp_batch import BatchConsumerSettings, Message, MessageResult, batch_consumer
 from consumer_support import (
@@ -25,6 +27,12 @@ from consumer_support import (
 )
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def transport(transport_kind: str) -> Any:
+    """The consumer's transport (rows: ``tests.support.transports.ROWS``)."""
+    return make_transport(transport_kind)
 
 
 @pytest.fixture
@@ -49,8 +57,9 @@ def _settings(url: str, queue: str, **overrides: object) -> BatchConsumerSetting
     return BatchConsumerSettings(**values)  # type: ignore[arg-type]
 
 
+@over_transports
 async def test_graceful_stop_finishes_batches_and_requeues_prefetched(
-    broker_url: str, queue: str
+    broker_url: str, queue: str, transport: Any
 ) -> None:
     handled: list[str] = []
     entered = anyio.Event()
@@ -67,7 +76,9 @@ async def test_graceful_stop_finishes_batches_and_requeues_prefetched(
         ids = await publish_ids(channel, range(50), routing_key=queue)
     async with (
         anyio.create_task_group() as group,
-        batch_consumer(_settings(broker_url, queue), handle) as consumer,
+        batch_consumer(
+            _settings(broker_url, queue), handle, transport=transport
+        ) as consumer,
     ):
         with anyio.fail_after(10):
             await entered.wait()
@@ -91,8 +102,9 @@ async def test_graceful_stop_finishes_batches_and_requeues_prefetched(
     assert all(d.redelivered for d in remaining[:5])
 
 
+@over_transports
 async def test_shutdown_timeout_cancels_handler_and_requeues_never_acks(
-    broker_url: str, queue: str
+    broker_url: str, queue: str, transport: Any
 ) -> None:
     entered = anyio.Event()
     cancelled = False
@@ -112,7 +124,7 @@ async def test_shutdown_timeout_cancels_handler_and_requeues_never_acks(
     settings = _settings(broker_url, queue, shutdown_timeout=0.5)
     started = anyio.current_time()
     with anyio.fail_after(15):
-        async with batch_consumer(settings, handle) as consumer:
+        async with batch_consumer(settings, handle, transport=transport) as consumer:
             await entered.wait()
             started = anyio.current_time()
     elapsed = anyio.current_time() - started
@@ -124,7 +136,10 @@ async def test_shutdown_timeout_cancels_handler_and_requeues_never_acks(
     assert sorted(ids_of(remaining), key=int) == ids
 
 
-async def test_exception_in_body_still_drains(broker_url: str, queue: str) -> None:
+@over_transports
+async def test_exception_in_body_still_drains(
+    broker_url: str, queue: str, transport: Any
+) -> None:
     handled: list[str] = []
     seen = anyio.Event()
 
@@ -137,7 +152,9 @@ async def test_exception_in_body_still_drains(broker_url: str, queue: str) -> No
         await publish_ids(channel, range(5), routing_key=queue)
 
     async def body() -> None:
-        async with batch_consumer(_settings(broker_url, queue), handle):
+        async with batch_consumer(
+            _settings(broker_url, queue), handle, transport=transport
+        ):
             with anyio.fail_after(10):
                 await seen.wait()
             raise KeyError("body failed")
@@ -181,8 +198,9 @@ SCRIPT = textwrap.dedent(
     """
     import sys, anyio
     from amqp_batch import BatchConsumer, BatchConsumerSettings, MessageResult
+    from tests.support.transports import make_transport as make
 
-    url, queue, backend = sys.argv[1:4]
+    url, queue, backend, transport = sys.argv[1:5]
 
     class Slow(BatchConsumer):
         async def on_stop(self):
@@ -199,14 +217,19 @@ SCRIPT = textwrap.dedent(
         url=url, queue_name=queue, prefetch_count=40, batch_size=5,
         batch_timeout=60, shutdown_timeout=5, max_concurrent_batches=2,
     )
-    anyio.run(Slow(settings).run, backend=backend)
+    anyio.run(Slow(settings, transport=make(transport)).run, backend=backend)
     print("exited", flush=True)
     """
 )
 
 
+@over_transports
 async def test_sigterm_with_batches_in_flight(
-    broker_url: str, queue: str, anyio_backend: str, tmp_path: Path
+    broker_url: str,
+    queue: str,
+    anyio_backend: str,
+    transport_kind: str,
+    tmp_path: Path,
 ) -> None:
     script = tmp_path / "consumer.py"
     script.write_text(SCRIPT)
@@ -221,7 +244,7 @@ async def test_sigterm_with_batches_in_flight(
             stopped_at = anyio.current_time()
 
     code, lines = await run_consumer_process(
-        script, [broker_url, queue, anyio_backend], on_line, timeout=20
+        script, [broker_url, queue, anyio_backend, transport_kind], on_line, timeout=20
     )
     assert code == 0, lines
     assert anyio.current_time() - stopped_at < 5 + 1
@@ -240,8 +263,9 @@ STUCK_SCRIPT = textwrap.dedent(
     """
     import logging, sys, anyio
     from amqp_batch import BatchConsumer, BatchConsumerSettings, MessageResult
+    from tests.support.transports import make_transport as make
 
-    url, queue, backend = sys.argv[1:4]
+    url, queue, backend, transport = sys.argv[1:5]
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 
     class Stuck(BatchConsumer):
@@ -255,15 +279,20 @@ STUCK_SCRIPT = textwrap.dedent(
         batch_timeout=60, shutdown_timeout=120,
     )
     try:
-        anyio.run(Stuck(settings).run, backend=backend)
+        anyio.run(Stuck(settings, transport=make(transport)).run, backend=backend)
     finally:
         print("exited", flush=True)
     """
 )
 
 
+@over_transports
 async def test_second_signal_stops_at_once(
-    broker_url: str, queue: str, anyio_backend: str, tmp_path: Path
+    broker_url: str,
+    queue: str,
+    anyio_backend: str,
+    transport_kind: str,
+    tmp_path: Path,
 ) -> None:
     """The first SIGINT starts a graceful drain bounded by shutdown_timeout (120 s
     here); a second one stops at once, and nothing unfinished is acked."""
@@ -279,7 +308,7 @@ async def test_second_signal_stops_at_once(
 
     # far below the 120 s shutdown_timeout
     _, lines = await run_consumer_process(
-        script, [broker_url, queue, anyio_backend], on_line, timeout=30
+        script, [broker_url, queue, anyio_backend, transport_kind], on_line, timeout=30
     )
     assert "exited" in lines, lines
     assert any(line.startswith("batch") for line in lines)

@@ -11,6 +11,7 @@ import anyio
 import pytest
 from tests.support.invariant import Recorder, Report, check, publish_numbered
 from tests.support.rabbit_node import PrivateNode
+from tests.support.transports import make_transport, over_transports
 
 from amqp_batch import (
     BatchConsumer,
@@ -32,6 +33,12 @@ from consumer_support import (
     take,
     unique_name,
 )
+
+
+@pytest.fixture
+def transport(transport_kind: str) -> Any:
+    """The consumer's transport (rows: ``tests.support.transports.ROWS``)."""
+    return make_transport(transport_kind)
 
 
 @pytest.mark.parametrize("queue_type", ["quorum", "classic"])
@@ -124,12 +131,12 @@ def _outage_settings(url: str, queue: str, dlx: str, dlq: str, **overrides: obje
 
 
 async def _ride(
-    url: str, settings: BatchConsumerSettings, dependency: Dependency
+    url: str, settings: BatchConsumerSettings, dependency: Dependency, transport: Any
 ) -> tuple[Report, BatchConsumer[BatchConsumerSettings]]:
     """Publish MESSAGES ids, run the consumer through the outage until every id
     has its final decision, then check the invariant."""
     recorder = Recorder(dependency.decide, max_requeue=settings.max_requeue_attempts)
-    consumer = _Consumer(settings, recorder.handler)
+    consumer = _Consumer(settings, recorder.handler, transport=transport)
     delay_names = [spec.name for spec in delay_queues(settings.queue_name, DELAYS)]
     try:
         with anyio.fail_after(90):
@@ -175,8 +182,10 @@ def _record_outage(
 
 
 class _Consumer(BatchConsumer[BatchConsumerSettings]):
-    def __init__(self, settings: BatchConsumerSettings, handler: Any) -> None:
-        super().__init__(settings)
+    def __init__(
+        self, settings: BatchConsumerSettings, handler: Any, *, transport: Any = None
+    ) -> None:
+        super().__init__(settings, transport=transport)
         self._handle = handler
 
     def process_messages(
@@ -186,8 +195,9 @@ class _Consumer(BatchConsumer[BatchConsumerSettings]):
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+@over_transports
 async def test_r1_outage_delayed_retries_and_kill_switch_lose_nothing(
-    broker_url: str, queue_type: str, figures: Any
+    broker_url: str, queue_type: str, figures: Any, transport: Any
 ) -> None:
     """Delayed retries + kill switch: the dependency is down for OUTAGE_S; no
     message is dead-lettered, every message is acked exactly once after the
@@ -209,7 +219,7 @@ async def test_r1_outage_delayed_retries_and_kill_switch_lose_nothing(
         kill_switch_cooldown=1.0,
     )
     dependency = Dependency()
-    report, consumer = await _ride(broker_url, settings, dependency)
+    report, consumer = await _ride(broker_url, settings, dependency, transport)
     _record_outage(figures, "R1", dependency, report, queue_type=queue_type)
     report.assert_holds(max_duplicates=0)
     assert report.lost == frozenset()
@@ -273,8 +283,9 @@ async def test_queue_type_quorum_declares_every_queue_quorum(broker_url: str) ->
     assert seen == [0, 1]
 
 
+@over_transports
 async def test_r2_outage_without_them_dead_letters_like_today(
-    broker_url: str, figures: Any
+    broker_url: str, figures: Any, transport: Any
 ) -> None:
     """The same outage with immediate retries and no kill switch: copies go
     round the queue in milliseconds, run out of attempts and are dead-lettered
@@ -283,7 +294,7 @@ async def test_r2_outage_without_them_dead_letters_like_today(
     queue, dlx, dlq = unique_name("outage"), unique_name("dlx"), unique_name("dlq")
     settings = _outage_settings(broker_url, queue, dlx, dlq, max_requeue_attempts=3)
     dependency = Dependency()
-    report, consumer = await _ride(broker_url, settings, dependency)
+    report, consumer = await _ride(broker_url, settings, dependency, transport)
     _record_outage(figures, "R2", dependency, report)
     report.assert_holds(max_duplicates=0)
     assert report.lost == frozenset()
@@ -376,8 +387,9 @@ def test_with_a_signing_key_only_signed_copies_are_trusted() -> None:
 
 
 @pytest.mark.parametrize("signed", [False, True])
+@over_transports
 async def test_r7_forged_headers_never_choose_the_dead_letter_key(
-    broker_url: str, signed: bool
+    broker_url: str, signed: bool, transport: Any
 ) -> None:
     """On the broker: a producer message with forged x-original-* headers, and
     (with a signing key) a forged copy published straight to the work queue,
@@ -409,7 +421,7 @@ async def test_r7_forged_headers_never_choose_the_dead_letter_key(
         header_signing_key=KEY if signed else None,
     )
     try:
-        async with batch_consumer(settings, handle):
+        async with batch_consumer(settings, handle, transport=transport):
             async with admin_channel(broker_url) as channel:
                 await publish_ids(
                     channel,
@@ -445,8 +457,9 @@ async def test_r7_forged_headers_never_choose_the_dead_letter_key(
 # ------------------------------------------- a broker crash with work in flight
 
 
+@over_transports
 async def test_r3_broker_kill9_with_nacks_and_requeues_in_flight_loses_nothing(
-    destructive_node: PrivateNode, figures: Any
+    destructive_node: PrivateNode, figures: Any, transport: Any
 ) -> None:
     """The private node is SIGKILLed while NACK dead letters and REQUEUE copies
     (delayed) are in flight, then booted again on its data. With
@@ -487,7 +500,7 @@ async def test_r3_broker_kill9_with_nacks_and_requeues_in_flight_loses_nothing(
     delay_names = [spec.name for spec in delay_queues(queue, (0.2,))]
     try:
         with anyio.fail_after(150):
-            async with _Consumer(settings, recorder.handler):
+            async with _Consumer(settings, recorder.handler, transport=transport):
                 confirmed = await publish_numbered(url, queue, 300)
                 await decided.wait()
                 await anyio.to_thread.run_sync(node.kill9)
@@ -514,7 +527,10 @@ async def test_r3_broker_kill9_with_nacks_and_requeues_in_flight_loses_nothing(
 # ------------------------------------ handler_timeout, rate limit, idempotency
 
 
-async def test_r4_handler_timeout_cancels_a_hung_handler(broker_url: str) -> None:
+@over_transports
+async def test_r4_handler_timeout_cancels_a_hung_handler(
+    broker_url: str, transport: Any
+) -> None:
     """A handler that hangs on its dependency is cancelled after
     handler_timeout: the result it gave still applies, the rest get
     unhandled_exception_action (NACK here, so they are in the DLQ), and the
@@ -549,7 +565,7 @@ async def test_r4_handler_timeout_cancels_a_hung_handler(broker_url: str) -> Non
         unhandled_exception_action="NACK",
     )
     try:
-        async with batch_consumer(settings, handle) as consumer:
+        async with batch_consumer(settings, handle, transport=transport) as consumer:
             async with admin_channel(broker_url) as channel:
                 await publish_ids(channel, ["h0", "h1", "h2"], routing_key=queue)
                 await publish_ids(channel, ["n0"], routing_key=queue)
@@ -564,7 +580,10 @@ async def test_r4_handler_timeout_cancels_a_hung_handler(broker_url: str) -> Non
     assert consumer.health()[0].results["ack"] == 2  # h0 and n0
 
 
-async def test_r5_rate_limit_is_shared_by_all_workers(broker_url: str) -> None:
+@over_transports
+async def test_r5_rate_limit_is_shared_by_all_workers(
+    broker_url: str, transport: Any
+) -> None:
     """Two workers, max_messages_per_second=20: however the 60 messages are
     split, by any moment t at most 20 + 20 t of them reached a handler."""
     queue = unique_name()
@@ -590,7 +609,7 @@ async def test_r5_rate_limit_is_shared_by_all_workers(broker_url: str) -> None:
         connection_name=queue,
     )
     try:
-        async with batch_consumer(settings, handle) as consumer:
+        async with batch_consumer(settings, handle, transport=transport) as consumer:
             async with admin_channel(broker_url) as channel:
                 start = anyio.current_time()
                 await publish_ids(channel, range(60), routing_key=queue)
@@ -606,7 +625,10 @@ async def test_r5_rate_limit_is_shared_by_all_workers(broker_url: str) -> None:
     assert all(w.results.get("ack", 0) for w in consumer.health())  # both worked
 
 
-async def test_r6_idempotency_store_skips_what_was_handled(broker_url: str) -> None:
+@over_transports
+async def test_r6_idempotency_store_skips_what_was_handled(
+    broker_url: str, transport: Any
+) -> None:
     """With an idempotency store, a message id that was handled (and ACKed)
     before is acked without reaching the handler, and counted as a duplicate."""
     queue = unique_name()
@@ -629,7 +651,9 @@ async def test_r6_idempotency_store_skips_what_was_handled(broker_url: str) -> N
         connection_name=queue,
     )
     try:
-        async with batch_consumer(settings, handle, idempotency=store) as consumer:
+        async with batch_consumer(
+            settings, handle, idempotency=store, transport=transport
+        ) as consumer:
             async with admin_channel(broker_url) as channel:
                 await publish_ids(channel, ["a", "a", "a", "b"], routing_key=queue)
             with anyio.fail_after(20):

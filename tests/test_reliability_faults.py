@@ -23,6 +23,7 @@ from tests.support.consumer_process import ConsumerProcess
 from tests.support.fault_proxy import FaultProxy
 from tests.support.invariant import Recorder, check
 from tests.support.rabbit_node import PrivateNode
+from tests.support.transports import make_transport, over_transports
 
 from amqp_batch import (
     BatchConsumer,
@@ -32,7 +33,6 @@ from amqp_batch import (
     WorkerHealth,
     WorkerState,
 )
-from amqp_batch._publisher import default_transport
 from amqp_batch._transport._base import Properties
 from amqp_batch._transport._native import connect
 from amqp_batch._transport._url import parse_url
@@ -207,6 +207,12 @@ def _assert_no_unknown_tag(
 
 
 @pytest.fixture
+def transport(transport_kind: str) -> Any:
+    """The consumer's transport (rows: ``tests.support.transports.ROWS``)."""
+    return make_transport(transport_kind)
+
+
+@pytest.fixture
 async def queue(private_node: PrivateNode, unique_name: str) -> AsyncIterator[str]:
     async with admin_channel(private_node.url) as channel:
         await channel.queue_declare(unique_name, durable=True)
@@ -217,15 +223,18 @@ async def queue(private_node: PrivateNode, unique_name: str) -> AsyncIterator[st
 # --------------------------------------------------------------------- L2
 
 
+@over_transports
 async def test_l2_backlog_unacked_bounded(
-    private_node: PrivateNode, queue: str, figures: Any
+    private_node: PrivateNode, queue: str, figures: Any, transport: Any
 ) -> None:
     """A backlog of ``L2_BACKLOG`` messages (20k by default, 100k in the soak run):
     the broker never holds more than workers x prefetch unacked; invariant."""
-    await run_l2(private_node, queue, figures, L2_BACKLOG)
+    await run_l2(private_node, queue, figures, L2_BACKLOG, transport)
 
 
-async def run_l2(node: PrivateNode, queue: str, figures: Any, backlog: int) -> None:
+async def run_l2(
+    node: PrivateNode, queue: str, figures: Any, backlog: int, transport: Any = None
+) -> None:
     """Consume ``backlog`` messages with 4 workers (prefetch 50) while sampling the
     queue's unacked count; halfway, the handlers pause until two samples were
     taken, so the broker is sampled with every worker's prefetch full."""
@@ -261,7 +270,7 @@ async def run_l2(node: PrivateNode, queue: str, figures: Any, backlog: int) -> N
         group.start_soon(lambda: anyio.to_thread.run_sync(sample))
         try:
             started = anyio.current_time()
-            async with Tracked(settings, handler):
+            async with Tracked(settings, handler, transport=transport):
                 await paused.wait()
                 paused_at, taken = anyio.current_time(), len(samples)
                 with anyio.fail_after(30):
@@ -296,8 +305,9 @@ async def run_l2(node: PrivateNode, queue: str, figures: Any, backlog: int) -> N
 # --------------------------------------------------------------------- F1
 
 
+@over_transports
 async def test_f1_connection_cut_mid_batch_repeatedly(
-    private_node: PrivateNode, queue: str, figures: Any, caplog: Any
+    private_node: PrivateNode, queue: str, figures: Any, caplog: Any, transport: Any
 ) -> None:
     """Six cuts with a batch in the handler: FIN and RST through a proxy and the
     broker's own ``close_connection``. Every cut hits both workers; each recovers;
@@ -316,7 +326,7 @@ async def test_f1_connection_cut_mid_batch_repeatedly(
         settings = _settings(
             proxy.url_for(), queue, num_workers=workers, prefetch_count=prefetch
         )
-        consumer = Tracked(settings, gate.handler)
+        consumer = Tracked(settings, gate.handler, transport=transport)
         with anyio.fail_after(90):
             async with consumer:
                 for number, how in enumerate(cuts):
@@ -378,8 +388,9 @@ async def test_f1_connection_cut_mid_batch_repeatedly(
 # --------------------------------------------------------------------- F2
 
 
+@over_transports
 async def test_f2_cut_after_n_bytes(
-    private_node: PrivateNode, queue: str, figures: Any
+    private_node: PrivateNode, queue: str, figures: Any, transport: Any
 ) -> None:
     """For N = 64 * 2**k, k = 0..10 (64 B to 64 KiB: the handshake, the channel
     setup and then consuming) and at each step of the handshake, a connection is
@@ -393,7 +404,7 @@ async def test_f2_cut_after_n_bytes(
     stages: dict[int, str] = {}
     async with FaultProxy("127.0.0.1", node.amqp_port) as proxy:
         settings = _settings(proxy.url_for(), queue, prefetch_count=prefetch)
-        consumer = Tracked(settings, recorder.handler)
+        consumer = Tracked(settings, recorder.handler, transport=transport)
         handshake = await _handshake_bytes(proxy)
         # connection.start ends 33 bytes before open-ok's end (tune: 20, open-ok:
         # 13): cut right after start (while authenticating), inside tune, after
@@ -470,8 +481,9 @@ async def _wait_second_recovery(consumer: Tracked, since: float) -> str:
 # --------------------------------------------------------------------- F3
 
 
+@over_transports
 async def test_f3_stalled_connection_detected(
-    private_node: PrivateNode, queue: str, figures: Any
+    private_node: PrivateNode, queue: str, figures: Any, transport: Any
 ) -> None:
     """The proxy stops forwarding (sockets stay open) while a batch is in the
     handler. Heartbeat 1 s: the worker gives the connection up within 2 x heartbeat
@@ -488,7 +500,7 @@ async def test_f3_stalled_connection_detected(
             heartbeat=heartbeat,
             prefetch_count=prefetch,
         )
-        consumer = Tracked(settings, gate.handler)
+        consumer = Tracked(settings, gate.handler, transport=transport)
         with anyio.fail_after(60):
             async with consumer:
                 confirmed = await publish_many(node.url, queue, 50)
@@ -534,8 +546,9 @@ async def test_f3_stalled_connection_detected(
 # --------------------------------------------------------------------- F4
 
 
+@over_transports
 async def test_f4_broker_stop_app_start_app(
-    destructive_node: PrivateNode, queue: str, figures: Any
+    destructive_node: PrivateNode, queue: str, figures: Any, transport: Any
 ) -> None:
     """``rabbitmqctl stop_app`` with a batch in the handler, then ``start_app``:
     both workers consume again within ~2 s of the broker being back; every
@@ -552,7 +565,7 @@ async def test_f4_broker_stop_app_start_app(
         prefetch_count=prefetch,
         reconnect_backoff_cap=0.5,
     )
-    consumer = Tracked(settings, gate.handler)
+    consumer = Tracked(settings, gate.handler, transport=transport)
     with anyio.fail_after(90):
         async with consumer:
             gate.arm()
@@ -604,13 +617,13 @@ async def _port_opens(port: int, timeout: float) -> float:
 
 
 class _CutBeforeAck:
-    """The native transport, with one fault: at the first ``ack`` after a
+    """A transport (``inner``), with one fault: at the first ``ack`` after a
     republished copy was confirmed, the proxy cuts every connection and the ack
     is never sent. That is the window between a copy's confirm and its
     original's ack, hit exactly."""
 
-    def __init__(self, proxy: FaultProxy) -> None:
-        self._inner = default_transport()
+    def __init__(self, inner: Any, proxy: FaultProxy) -> None:
+        self._inner = inner
         self._proxy = proxy
         self.confirmed_copies: list[str] = []
         #: Copies confirmed when the cut came (their originals were not acked).
@@ -699,8 +712,9 @@ class _TrackingConfirmation:
             self._transport.confirmed_copies.append(self._message_id)
 
 
+@over_transports
 async def test_f10_cut_between_republish_confirm_and_ack(
-    private_node: PrivateNode, queue: str, figures: Any
+    private_node: PrivateNode, queue: str, figures: Any, transport: Any
 ) -> None:
     """REQUEUE traffic (retry 0 -> REQUEUE, retry 1 -> ACK). The connections are
     cut after the first batch's copies are confirmed and before their originals'
@@ -713,18 +727,18 @@ async def test_f10_cut_between_republish_confirm_and_ack(
         lambda m: MessageResult.REQUEUE if m.retry_count == 0 else MessageResult.ACK
     )
     async with FaultProxy("127.0.0.1", node.amqp_port) as proxy:
-        transport = _CutBeforeAck(proxy)
+        cutting = _CutBeforeAck(transport, proxy)
         settings = _settings(
             proxy.url_for(), queue, prefetch_count=prefetch, batch_size=prefetch
         )
-        consumer = Tracked(settings, recorder.handler, transport=transport)
+        consumer = Tracked(settings, recorder.handler, transport=cutting)
         with anyio.fail_after(60):
             async with consumer:
                 confirmed = await publish_many(node.url, queue, 30)
                 await recorder.wait_decided(confirmed, timeout=30)
     report = await check(node.url, queue, None, recorder, confirmed)
-    assert transport.cut_with, "the cut never happened"
-    cut_with = set(transport.cut_with)
+    assert cutting.cut_with, "the cut never happened"
+    cut_with = set(cutting.cut_with)
     assert not report.lost and not report.unexpected and not report.twice_settled
     assert not report.still_queued and report.acked == set(confirmed)
     # Per message and retry count: seen at most twice (one duplicate copy).
@@ -769,8 +783,13 @@ def _open_batches(process: ConsumerProcess) -> list[list[str]]:
     ]
 
 
+@over_transports
 async def test_f6_worker_process_sigkill(
-    private_node: PrivateNode, queue: str, anyio_backend: str, figures: Any
+    private_node: PrivateNode,
+    queue: str,
+    anyio_backend: str,
+    transport_kind: str,
+    figures: Any,
 ) -> None:
     """A consumer process (2 workers) acks 30 messages, then holds one batch in
     each worker's handler; it is SIGKILLed once its acks reached the broker. Only
@@ -784,6 +803,7 @@ async def test_f6_worker_process_sigkill(
         node.url,
         queue,
         backend=anyio_backend,
+        transport=transport_kind,
         workers=2,
         prefetch=10,
         batch_size=5,
@@ -812,7 +832,11 @@ async def test_f6_worker_process_sigkill(
     process.replay(recorder)
     assert recorder.acked == decided
     before = dict(recorder.redelivered)
-    async with Tracked(_settings(node.url, queue), recorder.handler):
+    async with Tracked(
+        _settings(node.url, queue),
+        recorder.handler,
+        transport=make_transport(transport_kind),
+    ):
         await recorder.wait_decided(confirmed, timeout=30)
     came_back = {
         i for (i, _), n in recorder.redelivered.items() if n > before.get(i, 0)
@@ -839,8 +863,13 @@ def _after(lines: list[str], marker: str) -> list[str]:
     return lines[index + 1 :]
 
 
+@over_transports
 async def test_f7_sigterm_batches_in_flight_finish(
-    private_node: PrivateNode, queue: str, anyio_backend: str, figures: Any
+    private_node: PrivateNode,
+    queue: str,
+    anyio_backend: str,
+    transport_kind: str,
+    figures: Any,
 ) -> None:
     """SIGTERM while four batches are in the handler (2 workers x 2 concurrent):
     the receiver takes no delivery after the signal, the four batches (and the
@@ -853,6 +882,7 @@ async def test_f7_sigterm_batches_in_flight_finish(
         node.url,
         queue,
         backend=anyio_backend,
+        transport=transport_kind,
         workers=2,
         prefetch=20,
         batch_size=5,
@@ -893,8 +923,13 @@ async def test_f7_sigterm_batches_in_flight_finish(
     )
 
 
+@over_transports
 async def test_f7_sigterm_handler_past_shutdown_timeout(
-    private_node: PrivateNode, queue: str, anyio_backend: str, figures: Any
+    private_node: PrivateNode,
+    queue: str,
+    anyio_backend: str,
+    transport_kind: str,
+    figures: Any,
 ) -> None:
     """SIGTERM while batches are in the handler, one of which never finishes: the
     process exits within shutdown_timeout + 1 s, the unfinished batch is never
@@ -907,6 +942,7 @@ async def test_f7_sigterm_handler_past_shutdown_timeout(
         node.url,
         queue,
         backend=anyio_backend,
+        transport=transport_kind,
         workers=2,
         prefetch=10,
         batch_size=5,

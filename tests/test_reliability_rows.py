@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from tests.support.fault_proxy import FaultProxy
 from tests.support.invariant import Recorder, check, publish_numbered
 from tests.support.rabbit_node import PrivateNode
+from tests.support.transports import ROWS, make_transport, over_transports
 
 from amqp_batch import (
     AuthenticationError,
@@ -46,6 +47,13 @@ from amqp_batch.testing import MemoryBroker
 from consumer_support import RecordingSession, admin_channel, cleanup, unique_name
 
 pytestmark = [pytest.mark.anyio]
+
+
+@pytest.fixture
+def transport(transport_kind: str) -> Any:
+    """The consumer's transport (rows: ``tests.support.transports.ROWS``)."""
+    return make_transport(transport_kind)
+
 
 ACK = MessageResult.ACK
 REQUEUE = MessageResult.REQUEUE
@@ -117,8 +125,9 @@ _TracedSession = RecordingSession
 # ----------------------------------------------------------------------- F9
 
 
+@over_transports
 async def test_f9_memory_alarm_during_requeue_traffic(
-    destructive_node: PrivateNode, figures: Any
+    destructive_node: PrivateNode, figures: Any, transport: Any
 ) -> None:
     """Every 4th message is REQUEUEd once. Under a memory alarm the republish
     connection is blocked, yet the acks of every other message reach the broker
@@ -141,7 +150,9 @@ async def test_f9_memory_alarm_during_requeue_traffic(
     await anyio.to_thread.run_sync(node.set_memory_alarm)  # reset() clears it
     if True:
         with anyio.fail_after(60):
-            async with batch_consumer(settings, recorder.handler) as consumer:
+            async with batch_consumer(
+                settings, recorder.handler, transport=transport
+            ) as consumer:
                 started = time.monotonic()
                 await recorder.wait_seen(total, timeout=20)
                 # Every ACKed original is acked at the broker while the copies
@@ -274,8 +285,9 @@ def test_f9_ledger_past_undecided_never_covers_an_undecided_tag(
 # ----------------------------------------------------------------------- F8
 
 
+@over_transports
 async def test_f8_handler_slower_than_consumer_timeout(
-    destructive_node: PrivateNode, figures: Any
+    destructive_node: PrivateNode, figures: Any, transport: Any
 ) -> None:
     """The first batch's handler never finishes; the broker's consumer_timeout
     (1 s) closes the channel with 406. The batch is cancelled, the worker opens a
@@ -286,7 +298,7 @@ async def test_f8_handler_slower_than_consumer_timeout(
     url, queue = node.url, unique_name("f8")
     await anyio.to_thread.run_sync(node.set_consumer_timeout, 1000, 200)
     recorder = Recorder()
-    tracer = TracingTransport()
+    tracer = TracingTransport(transport)
     slow: dict[str, float] = {}
 
     async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
@@ -348,8 +360,9 @@ async def _wait_ready(url: str, queue: str, count: int, *, timeout: float) -> No
 
 
 @pytest.mark.parametrize("poison_does", ["requeue_immediate", "raise"])
+@over_transports
 async def test_f11_quorum_delivery_limit_dead_letters_a_poison_message(
-    private_node: PrivateNode, figures: Any, poison_does: str
+    private_node: PrivateNode, figures: Any, poison_does: str, transport: Any
 ) -> None:
     """A quorum queue with ``x-delivery-limit: 2``: a message whose handler
     always requeues it at once (REQUEUE_IMMEDIATE, or raising with that as
@@ -382,7 +395,9 @@ async def test_f11_quorum_delivery_limit_dead_letters_a_poison_message(
     )
     try:
         with anyio.fail_after(30):
-            async with batch_consumer(settings, handle) as consumer:
+            async with batch_consumer(
+                settings, handle, transport=transport
+            ) as consumer:
                 confirmed = await publish_numbered(url, queue, 10)
                 started = time.monotonic()
                 await recorder.wait_decided(set(confirmed) - {poison}, timeout=20)
@@ -448,8 +463,12 @@ class _Watched(BatchConsumer[BatchConsumerSettings]):
             await self.changed.wait()
 
 
+@over_transports
 async def test_f12_queue_deleted_under_the_consumer(
-    private_node: PrivateNode, figures: Any, caplog: pytest.LogCaptureFixture
+    private_node: PrivateNode,
+    figures: Any,
+    caplog: pytest.LogCaptureFixture,
+    transport: Any,
 ) -> None:
     """The queue is deleted while consumed: the broker's ``basic.cancel`` shows
     in health (``last_error``) and the log, the worker backs off once, redeclares
@@ -457,7 +476,7 @@ async def test_f12_queue_deleted_under_the_consumer(
     new queue are all acked."""
     url, queue = private_node.url, unique_name("f12")
     recorder = Recorder()
-    tracer = TracingTransport()
+    tracer = TracingTransport(transport)
     consumer = _Watched(_settings(url, queue), recorder, transport=tracer)
     try:
         with anyio.fail_after(30), caplog.at_level(logging.WARNING, "amqp_batch"):
@@ -504,8 +523,9 @@ async def test_f12_queue_deleted_under_the_consumer(
 # ----------------------------------------------------------------------- F13
 
 
+@over_transports
 async def test_f13_redeclare_with_other_arguments_fails_fast_without_a_storm(
-    private_node: PrivateNode, figures: Any
+    private_node: PrivateNode, figures: Any, transport_kind: str
 ) -> None:
     """At start: the queue exists with other arguments; both workers fail on
     their first declare and the consumer raises a 406 naming the argument, with
@@ -513,7 +533,7 @@ async def test_f13_redeclare_with_other_arguments_fails_fast_without_a_storm(
     other arguments; the worker's redeclare gets the same 406 and the consumer
     stops with it (once), instead of reconnecting in a loop."""
     url, queue = private_node.url, unique_name("f13")
-    tracer = TracingTransport()
+    tracer = TracingTransport(make_transport(transport_kind))
     await _declare(url, queue, **{"x-max-length": 10})
     settings = _settings(
         url,
@@ -536,7 +556,7 @@ async def test_f13_redeclare_with_other_arguments_fails_fast_without_a_storm(
         assert start_attempts <= 2  # one per worker, never a retry
 
         await cleanup(url, queues=[queue])
-        tracer = TracingTransport()
+        tracer = TracingTransport(make_transport(transport_kind))
         recorder = Recorder()
         consumer = _Watched(
             attrs.evolve(settings, num_workers=1), recorder, transport=tracer
@@ -590,8 +610,9 @@ RETRY_HEADERS: dict[str, Any] = {
 }
 
 
+@over_transports
 async def test_b1_untrusted_retry_count_headers(
-    private_node: PrivateNode, figures: Any
+    private_node: PrivateNode, figures: Any, transport: Any
 ) -> None:
     """Through the consumer on the broker: every bad ``x-retry-count`` is
     dead-lettered once (``x-dead-letter-reason: invalid-retry-count: ...``) and
@@ -609,7 +630,9 @@ async def test_b1_untrusted_retry_count_headers(
     settings = _settings(url, queue, dead_letter_exchange=dlx, dead_letter_queue=dlq)
     try:
         with anyio.fail_after(30):
-            async with batch_consumer(settings, recorder.handler) as consumer:
+            async with batch_consumer(
+                settings, recorder.handler, transport=transport
+            ) as consumer:
                 confirmed: list[str] = []
                 async with admin_channel(url) as channel:
                     for message_id, value in RETRY_HEADERS.items():
@@ -675,6 +698,9 @@ async def test_b1_untrusted_retry_count_headers(
 # ----------------------------------------------------------------------- B2
 
 
+# Native only: on aiormq the REQUEUE copy of the message without properties
+# gets a message_id (docs/how-to/transports.md, "Fault rows on the aiormq
+# transport").
 async def test_b2_odd_messages(destructive_node: PrivateNode, figures: Any) -> None:
     """No properties at all, an empty body, invalid UTF-8 (body, a header value
     and a header key's bytes value) and 1 MiB of headers (the broker's frame_max
@@ -756,8 +782,9 @@ def _settled_once(frames: list[tuple[str, int, bool]]) -> set[int]:
     return settled
 
 
+@over_transports
 async def test_b3_misbehaving_handlers_settle_every_delivery_once(
-    private_node: PrivateNode, figures: Any
+    private_node: PrivateNode, figures: Any, transport_kind: str
 ) -> None:
     """Batches of 4 whose handler gives too few results, too many, a
     non-result, raises, or is cancelled (it hangs; the stop's shutdown_timeout
@@ -810,7 +837,8 @@ async def test_b3_misbehaving_handlers_settle_every_delivery_once(
         unhandled_exception_action="NACK",
         shutdown_timeout=0.5,
     )
-    first, second = TracingTransport(), TracingTransport()
+    first = TracingTransport(make_transport(transport_kind))
+    second = TracingTransport(make_transport(transport_kind))
     try:
         await _declare(url, queue, **{"x-dead-letter-exchange": dlx})
         confirmed: list[str] = []
@@ -858,9 +886,13 @@ async def test_b3_misbehaving_handlers_settle_every_delivery_once(
 
 # asyncio only, by parametrizing the backend (not a skip): on trio, user code
 # cannot raise the cancellation exception without being cancelled.
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(
+    ("anyio_backend", "transport_kind"),
+    [row for row in ROWS if row != ("trio", "native")],
+    scope="module",
+)
 async def test_b3_stray_cancelled_error_is_a_handler_error(
-    private_node: PrivateNode, anyio_backend: str, figures: Any
+    private_node: PrivateNode, anyio_backend: str, figures: Any, transport: Any
 ) -> None:
     """asyncio only (trio's Cancelled cannot be raised by user code): a handler
     that raises ``CancelledError`` without being cancelled (it awaited a future
@@ -870,7 +902,7 @@ async def test_b3_stray_cancelled_error_is_a_handler_error(
 
     url, queue = private_node.url, unique_name("b3c")
     recorder = Recorder()
-    tracer = TracingTransport()
+    tracer = TracingTransport(transport)
 
     async def handle(messages: Sequence[Message]) -> AsyncIterator[MessageResult]:
         if messages[0].retry_count == 0:
@@ -922,11 +954,13 @@ def _unverified_context() -> ssl.SSLContext:
 @pytest.mark.parametrize(
     "case", ["right-ca", "wrong-ca", "system-cas", "hostname-mismatch", "verify-off"]
 )
+@over_transports
 async def test_s1_tls_through_the_consumer(
     private_node: PrivateNode,
     figures: Any,
     caplog: pytest.LogCaptureFixture,
     case: str,
+    transport: Any,
 ) -> None:
     """Through ``BatchConsumerSettings(url="amqps://...", ssl_context=...)``: the
     node's CA connects and consumes; another CA, the system CAs, or the right CA
@@ -944,7 +978,7 @@ async def test_s1_tls_through_the_consumer(
         "verify-off": _unverified_context(),
     }
     recorder = Recorder()
-    tracer = TracingTransport()
+    tracer = TracingTransport(transport)
     async with FaultProxy(
         "127.0.0.1", node.amqps_port, listen_host="127.0.0.2"
     ) as proxy:
@@ -1036,8 +1070,9 @@ def test_s3_malformed_urls_are_refused_before_a_socket_opens(figures: Any) -> No
 
 
 @pytest.mark.parametrize("case", ["bad-credentials", "unknown-vhost"])
+@over_transports
 async def test_s3_bad_credentials_and_vhost_fail_fast_without_retrying(
-    private_node: PrivateNode, figures: Any, case: str
+    private_node: PrivateNode, figures: Any, case: str, transport: Any
 ) -> None:
     """Through a counting proxy: with bad credentials or an unknown vhost on
     every URL (two URLs, two workers) the consumer fails with
@@ -1060,7 +1095,7 @@ async def test_s3_bad_credentials_and_vhost_fail_fast_without_retrying(
         )
         started = time.monotonic()
         with anyio.fail_after(10), pytest.raises(expected) as caught:
-            async with batch_consumer(settings, _ack_all):
+            async with batch_consumer(settings, _ack_all, transport=transport):
                 pytest.fail("must not start")
         elapsed = time.monotonic() - started
         connections = proxy.connections_accepted

@@ -780,3 +780,62 @@ async def test_channel_numbers_are_not_reused_at_once(broker_url) -> None:
                 numbers.append(channel.channel_id)
         assert numbers == [1, 2, 3]
         assert connection.is_open
+
+
+def _tuned_connections(node) -> dict[str, tuple[int, int, int]]:
+    """Client connection name -> (heartbeat, frame_max, channel_max), as the
+    broker has them for the connection (what both sides agreed in tune-ok)."""
+    import re
+
+    output = node.ctl(
+        "list_connections",
+        "timeout",
+        "frame_max",
+        "channel_max",
+        "client_properties",
+        "-q",
+        "-s",
+    )
+    tuned: dict[str, tuple[int, int, int]] = {}
+    for line in output.splitlines():
+        parts = line.split("\t", 3)
+        match = re.search(r'\{"connection_name",(?:longstr,)?"([^"]*)"\}', line)
+        if len(parts) == 4 and match is not None:
+            heartbeat, frame_max, channel_max = (int(p) for p in parts[:3])
+            tuned[match.group(1)] = (heartbeat, frame_max, channel_max)
+    return tuned
+
+
+@over_transports
+@pytest.mark.parametrize(
+    ("query", "agreed"),
+    [
+        # ours smaller than the broker's (60 s, 131072, 2047): ours
+        ("heartbeat=7&frame_max=8192&channel_max=9", (7, 8192, 9)),
+        # ours larger, or 0 (no preference): the broker's
+        ("heartbeat=600&frame_max=1048576&channel_max=4000", (60, 131072, 2047)),
+        ("heartbeat=0&frame_max=0&channel_max=0", (60, 131072, 2047)),
+    ],
+    ids=["ours-smaller", "ours-larger", "ours-zero"],
+)
+async def test_url_heartbeat_frame_max_channel_max_are_negotiated(
+    transport, private_node, unique_name, query, agreed
+) -> None:
+    """Each of heartbeat, frame_max and channel_max is the smaller non-zero of the
+    URL's and the broker's, on every transport; the broker reports the agreed
+    values for the connection, and a body larger than frame_max crosses it in
+    frames of the agreed size (a larger frame would make the broker close the
+    connection with 501)."""
+    url = f"{private_node.url}?name={unique_name}&{query}"
+    body = bytes(range(256)) * 100  # 25,600 bytes: several 8 KiB frames
+    async with transport.open_publisher(
+        parse_url(url), declare=[QueueSpec(name=unique_name, durable=False)]
+    ) as publisher:
+        tuned = await anyio.to_thread.run_sync(_tuned_connections, private_node)
+        await publisher.publish(body, routing_key=unique_name)
+        assert await publisher.queue_counts(unique_name) == (1, 0)
+    assert tuned[unique_name] == agreed
+    async with channel_on(private_node.url) as channel:
+        delivery = await channel.basic_get(unique_name, no_ack=True)
+        assert delivery is not None and delivery.body == body
+        await channel.queue_delete(unique_name)

@@ -16,6 +16,9 @@ once, so whatever it printed is there even after a SIGKILL::
     log <LEVEL> <logger> <message>          a library log record (INFO and up)
     exited                                  anyio.run returned
 
+``--transport aiormq`` consumes through :class:`~amqp_batch.AiormqTransport`
+(asyncio only); the default is the native transport.
+
 Handler modes (``--mode``):
 
 - ``ack``: ACK every message;
@@ -46,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+from tests.support.transports import make_transport
 
 from amqp_batch import (
     BatchConsumer,
@@ -55,7 +59,6 @@ from amqp_batch import (
     WorkerHealth,
     WorkerState,
 )
-from amqp_batch._publisher import default_transport
 from amqp_batch._transport._base import Delivery, Properties
 
 if TYPE_CHECKING:
@@ -126,10 +129,10 @@ class _TracedSession:
 
 
 class _TracingTransport:
-    """The native transport, with every session's deliveries traced."""
+    """A transport (``inner``), with every session's deliveries traced."""
 
-    def __init__(self) -> None:
-        self._inner = default_transport()
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
 
     def open_session(self, spec: Any) -> AbstractAsyncContextManager[Any]:
         inner = self._inner
@@ -156,8 +159,10 @@ class HarnessConsumer(BatchConsumer[BatchConsumerSettings]):
     def __init__(
         self, settings: BatchConsumerSettings, options: argparse.Namespace
     ) -> None:
-        transport = _TracingTransport() if options.trace_took else None
-        super().__init__(settings, transport=transport)  # type: ignore[arg-type]
+        transport = make_transport(options.transport)
+        if options.trace_took:
+            transport = _TracingTransport(transport)
+        super().__init__(settings, transport=transport)
         self.options = options
         self.batches = 0
         self.decided = 0
@@ -216,6 +221,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("url")
     parser.add_argument("queue")
     parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
+    parser.add_argument("--transport", default="native", choices=["native", "aiormq"])
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--prefetch", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=5)

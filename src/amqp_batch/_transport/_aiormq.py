@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import logging
 import os
 import ssl
 import struct
@@ -42,7 +43,6 @@ from .._exceptions import (
     ConnectionLost,
     ConnectionRefused,
     MessageNacked,
-    MessageReturned,
     Phase,
     ProtocolError,
     TransportError,
@@ -50,15 +50,13 @@ from .._exceptions import (
     recording_phase,
 )
 from ._base import (
-    BindingSpec,
     Delivery,
-    ExchangeSpec,
     Properties,
     PublishOptions,
-    QueueSpec,
     SessionSpec,
     publish_arguments,
 )
+from ._common import Declarable, SessionBase, declare_topology, returned_error, topology
 from ._url import ConnectionParameters
 
 if TYPE_CHECKING:
@@ -68,13 +66,17 @@ if TYPE_CHECKING:
 
 __all__ = ["AiormqPublisher", "AiormqSession", "AiormqTransport"]
 
-Declarable = ExchangeSpec | QueueSpec | BindingSpec
-
 #: How long the exit of a session or publisher waits for the close handshake and
 #: for aiormq's tasks, before it cancels what is left.
 CLOSE_TIMEOUT = 5.0
 
+#: The largest frame the handshake accepts (before ``connection.tune``), as the
+#: native transport's.
+HANDSHAKE_FRAME_MAX = 131072
+
 _consumer_numbers = itertools.count(1)
+
+logger = logging.getLogger("amqp_batch.transport")
 
 
 class AsyncioOnly(RuntimeError):
@@ -144,6 +146,21 @@ def _reply(exc: BaseException, table: Any) -> tuple[int, str]:
     return 0, str(args[0]) if args else ""
 
 
+def _closed(
+    message: str, reply: tuple[int, str], method: tuple[int, int] = (0, 0)
+) -> ConnectionLost:
+    """The error of a broker ``connection.close`` with ``reply`` (code, text),
+    answering ``method`` (class id, method id) when known."""
+    code, text = reply
+    return connection_close_error(
+        f"{message}: {code} {text}",
+        reply_code=code,
+        reply_text=text,
+        class_id=method[0],
+        method_id=method[1],
+    )
+
+
 def _refusing_close(exc: BaseException) -> Any:
     """The broker's ``connection.close`` behind a handshake failure, if any.
 
@@ -172,24 +189,19 @@ def _connect_error(
     who = f"user {parameters.username!r} on vhost {parameters.virtual_host!r}"
     close = _refusing_close(exc)
     if close is not None:
-        return connection_close_error(
-            f"the broker at {where} closed the connection of {who}:"
-            f" {close.reply_code} {close.reply_text}",
-            reply_code=close.reply_code,
-            reply_text=close.reply_text,
-            class_id=close.class_id,
-            method_id=close.method_id,
+        return _closed(
+            f"the broker at {where} closed the connection of {who}",
+            (close.reply_code, close.reply_text),
+            (close.class_id, close.method_id),
         )
     if isinstance(exc, errors.ProbableAuthenticationError | errors.AuthenticationError):
         return AuthenticationError(
             f"the broker at {where} refused the login of {who}", reply_code=403
         )
     if isinstance(exc, errors.ConnectionClosed) and exc.args:
-        code, text = _reply(exc, _connection_codes())
-        return connection_close_error(
-            f"the broker at {where} closed the connection of {who}: {code} {text}",
-            reply_code=code,
-            reply_text=text,
+        return _closed(
+            f"the broker at {where} closed the connection of {who}",
+            _reply(exc, _connection_codes()),
         )
     if isinstance(exc, errors.IncompatibleProtocolError | errors.ProtocolSyntaxError):
         return ProtocolError(f"the peer at {where} does not speak AMQP 0-9-1")
@@ -202,7 +214,13 @@ def _connect_error(
         )
     if isinstance(exc, TimeoutError):
         return ConnectionRefused(f"connecting to {where} timed out")
-    if isinstance(cause, asyncio.IncompleteReadError) and cause.partial:
+    if (
+        isinstance(cause, asyncio.IncompleteReadError)
+        and (cause.expected or 0) > HANDSHAKE_FRAME_MAX + 1
+    ):
+        # a "frame" larger than any handshake frame: the peer is not a broker
+        # (the native transport's parser refuses the same); an AMQP frame cut
+        # short is a connection that ended, retried like any other.
         return ProtocolError(f"the peer at {where} does not speak AMQP 0-9-1")
     return ConnectionRefused(f"cannot connect to {where}: {cause}")
 
@@ -235,14 +253,14 @@ def _lost_error(exc: BaseException | None, connection: Any) -> ConnectionLost:
     from aiormq import exceptions as errors
 
     if isinstance(exc, errors.ConnectionClosed) and exc.args:
-        code, text = _reply(exc, _connection_codes())
-        return connection_close_error(
-            f"the broker closed the connection: {code} {text}",
-            reply_code=code,
-            reply_text=text,
+        return _closed(
+            "the broker closed the connection", _reply(exc, _connection_codes())
         )
-    if connection.is_connection_was_stuck:
-        return ConnectionLost("no frame from the broker within the heartbeat timeout")
+    heartbeat = connection.heartbeat_timeout
+    if heartbeat > 0 and connection.is_connection_was_stuck:
+        return ConnectionLost(
+            f"no frame from the broker for {2 * heartbeat} s (2 x heartbeat)"
+        )
     if isinstance(exc, errors.ProtocolSyntaxError):
         return ProtocolError(f"the broker sent an invalid frame: {exc!r}")
     return ConnectionLost(f"the connection to the broker was lost: {exc!r}")
@@ -300,15 +318,54 @@ def _ssl_context(parameters: ConnectionParameters) -> ssl.SSLContext | None:
     return _tls_context(parameters) if parameters.tls else None
 
 
-def _connection_class(aiormq: Any, heartbeat: int) -> Any:
-    """aiormq's Connection, declaring the peer dead after 2 x heartbeat of silence
-    (aiormq's own default is 3 x (heartbeat + 1))."""
-    if heartbeat <= 0:
-        return aiormq.Connection
-    multiplier = 2 * heartbeat / (heartbeat + 1)
-    return type(
-        "Connection", (aiormq.Connection,), {"HEARTBEAT_GRACE_MULTIPLIER": multiplier}
-    )
+@functools.cache
+def _connection_class(aiormq: Any) -> Any:
+    """aiormq's Connection, tuned like the native transport's.
+
+    aiormq answers ``connection.tune`` with our heartbeat and the broker's
+    ``channel_max`` and ``frame_max``, and declares the peer dead after
+    3 x (heartbeat + 1) s of silence. This one takes, for each of the three, the
+    smaller non-zero of ours (the URL) and the broker's, as the native transport
+    does, and declares the peer dead after 2 x heartbeat.
+    """
+    from pamqp.commands import Connection as Methods
+
+    from ._native._connection import _negotiate
+
+    class TunedConnection(aiormq.Connection):  # type: ignore[misc]
+        #: What the URL asks for (set before ``connect``).
+        wanted: ConnectionParameters
+
+        async def _rpc(
+            self,
+            request: Any,
+            writer: Any,
+            frame_receiver: Any,
+            wait_response: bool = True,
+        ) -> Any:
+            # the handshake's request/response step; the answer to start-ok is
+            # the broker's tune, which aiormq then echoes in tune-ok
+            frame = await super()._rpc(
+                request,
+                writer=writer,
+                frame_receiver=frame_receiver,
+                wait_response=wait_response,
+            )
+            if isinstance(frame, Methods.Tune):
+                wanted = self.wanted
+                frame.channel_max = (
+                    _negotiate(wanted.channel_max, frame.channel_max) or 65535
+                )
+                frame.frame_max = (
+                    _negotiate(wanted.frame_max, frame.frame_max) or 131072
+                )
+                # aiormq sends tune-ok with ``heartbeat_timeout``, and reads it
+                # again when it starts the heartbeat task after open-ok
+                self.heartbeat_timeout = _negotiate(wanted.heartbeat, frame.heartbeat)
+                self._Connection__heartbeat_grace_timeout = 2 * self.heartbeat_timeout
+            return frame
+
+    return TunedConnection
 
 
 class _Link:
@@ -371,9 +428,10 @@ async def _connect(parameters: ConnectionParameters) -> AsyncIterator[_Link]:
     _require_asyncio("this session")
     aiormq = _import_aiormq()
     tasks = _TaskLoop(asyncio.get_running_loop())
-    connection = _connection_class(aiormq, parameters.heartbeat)(
+    connection = _connection_class(aiormq)(
         _url(parameters), loop=tasks, context=_ssl_context(parameters)
     )
+    connection.wanted = parameters
     link = _Link(connection, tasks)
     try:
         try:
@@ -381,6 +439,13 @@ async def _connect(parameters: ConnectionParameters) -> AsyncIterator[_Link]:
                 await connection.connect()
         except Exception as exc:
             raise _connect_error(exc, parameters) from exc
+        tune = connection.connection_tune
+        logger.debug(
+            "connected to %s (heartbeat %s s, frame_max %s)",
+            parameters.redacted_url,
+            tune.heartbeat,
+            tune.frame_max,
+        )
         yield link
     finally:
         await link.close(None)
@@ -398,33 +463,7 @@ async def _open_channel(link: _Link, *, confirms: bool) -> Any:
 async def declare(link: _Link, channel: Any, items: Sequence[Declarable]) -> None:
     """Declare exchanges, queues and bindings on an aiormq channel, in order."""
     try:
-        for item in items:
-            if isinstance(item, ExchangeSpec):
-                if not item.name or item.name.startswith("amq."):
-                    continue  # predefined exchanges cannot be declared
-                await channel.exchange_declare(
-                    item.name,
-                    exchange_type=item.type,
-                    durable=item.durable,
-                    auto_delete=item.auto_delete,
-                    internal=item.internal,
-                    arguments=dict(item.arguments or {}),
-                )
-            elif isinstance(item, QueueSpec):
-                await channel.queue_declare(
-                    item.name,
-                    durable=item.durable,
-                    exclusive=item.exclusive,
-                    auto_delete=item.auto_delete,
-                    arguments=dict(item.arguments or {}),
-                )
-            else:
-                await channel.queue_bind(
-                    item.queue,
-                    item.exchange,
-                    routing_key=item.routing_key,
-                    arguments=dict(item.arguments or {}),
-                )
+        await declare_topology(channel, items)
     except Exception as exc:
         raise link.channel_failure(channel, exc) from exc
 
@@ -484,8 +523,17 @@ def _properties_in(p: Basic.Properties) -> Properties:
 
 # -- consuming -------------------------------------------------------------------------
 
+#: The fields of a ``basic.deliver`` a :class:`Delivery` keeps, by the same names.
+_DELIVER_FIELDS = (
+    "delivery_tag",
+    "redelivered",
+    "exchange",
+    "routing_key",
+    "consumer_tag",
+)
 
-class AiormqSession:
+
+class AiormqSession(SessionBase):
     """A consuming session on aiormq: one connection, one channel, one consumer."""
 
     def __init__(
@@ -499,18 +547,10 @@ class AiormqSession:
     ) -> None:
         self._link = link
         self._channel = channel
-        self.consumer_tag = consumer_tag
-        self._send, self._deliveries = streams
+        self._send, deliveries = streams
+        super().__init__(consumer_tag, deliveries)
         self._cancelled_by_broker = False
         self._ended = False
-
-    def __repr__(self) -> str:
-        return f"<AiormqSession consumer={self.consumer_tag}>"
-
-    @property
-    def deliveries(self) -> MemoryObjectReceiveStream[Delivery]:
-        """Deliveries in arrival order; ends after cancel or a broker cancel."""
-        return self._deliveries
 
     @property
     def consumer_cancelled_by_broker(self) -> bool:
@@ -521,13 +561,9 @@ class AiormqSession:
         """aiormq's consumer callback: hand the delivery on without blocking."""
         method: Any = message.delivery  # a Basic.Deliver for a consumer
         delivery = Delivery(
-            delivery_tag=method.delivery_tag,
-            redelivered=method.redelivered,
-            exchange=method.exchange,
-            routing_key=method.routing_key,
-            consumer_tag=method.consumer_tag,
             body=message.body,
             properties=_properties_in(message.header.properties),
+            **{name: getattr(method, name) for name in _DELIVER_FIELDS},
         )
         try:
             self._send.send_nowait(delivery)
@@ -545,6 +581,7 @@ class AiormqSession:
         """aiormq's consumer-cancel callback."""
         self._cancelled_by_broker = True
         self._send.close()
+        logger.warning("the broker cancelled consumer %s", self.consumer_tag)
 
     def end(self) -> None:
         """The session is over: its tags are never sent again."""
@@ -600,9 +637,7 @@ async def open_session(spec: SessionSpec) -> AsyncIterator[AiormqSession]:
     async with _connect(spec.parameters) as link:
         channel = await _open_channel(link, confirms=False)
         with recording_phase(Phase.SETUP):
-            await declare(
-                link, channel, [*spec.exchanges, *spec.queues, *spec.bindings]
-            )
+            await declare(link, channel, topology(spec))
         tag = spec.consumer_tag or _consumer_tag("amqp-batch")
         session = AiormqSession(
             link, channel, tag, anyio.create_memory_object_stream[Delivery](buffer)
@@ -662,18 +697,6 @@ class AiormqConfirmation:
             raise self._error
 
 
-def _returned(exc: Any) -> MessageReturned:
-    method = exc.message.delivery
-    return MessageReturned(
-        f"message returned by the broker: {method.reply_code} {method.reply_text}"
-        f" (exchange={method.exchange!r}, routing_key={method.routing_key!r})",
-        reply_code=method.reply_code,
-        reply_text=method.reply_text,
-        exchange=method.exchange,
-        routing_key=method.routing_key,
-    )
-
-
 class AiormqPublisher:
     """A confirm-mode aiormq channel on a connection of its own.
 
@@ -729,7 +752,8 @@ class AiormqPublisher:
         try:
             await self._channel.basic_publish(body, properties=properties, **where)
         except errors.PublishError as exc:
-            confirmation.settle(_returned(exc))
+            returned: Any = exc.message  # the basic.return and its content
+            confirmation.settle(returned_error(returned.delivery))
         except errors.DeliveryError:
             confirmation.settle(
                 MessageNacked("the broker nacked the published message")
@@ -748,6 +772,15 @@ class AiormqPublisher:
     async def publish(self, body: bytes, **options: Unpack[PublishOptions]) -> None:
         """Publish and return after the broker's confirm."""
         await self.start_publish(body, **options).wait()
+
+    async def queue_counts(self, queue: str) -> tuple[int, int]:
+        """A passive ``queue.declare``: (ready messages, consumers). A missing
+        queue closes this channel (:class:`~amqp_batch.ChannelClosed`, 404)."""
+        try:
+            info = await self._channel.queue_declare(queue, passive=True)
+        except Exception as exc:
+            raise self._link.channel_failure(self._channel, exc) from exc
+        return int(info.message_count), int(info.consumer_count)
 
 
 @asynccontextmanager

@@ -34,6 +34,7 @@ from .._base import (
     SessionSpec,
     publish_arguments,
 )
+from .._common import SessionBase, topology
 from .._url import ConnectionParameters
 from ._core import Settle
 from ._declare import channel_error
@@ -58,7 +59,7 @@ _consumer_numbers = itertools.count(1)
 _Publish = tuple[bytes, str, str, Properties | None, bool]
 
 
-class MemorySession(Session):
+class MemorySession(SessionBase, Session):
     """A consuming session on a :class:`~amqp_batch.testing.MemoryBroker`."""
 
     def __init__(
@@ -68,25 +69,16 @@ class MemorySession(Session):
         consumer: Consumer,
         deliveries: MemoryObjectReceiveStream[Delivery],
     ) -> None:
+        super().__init__(consumer.tag, deliveries)
         self._core = core
         self._channel = channel
         self._consumer = consumer
-        self._deliveries = deliveries
 
     def __repr__(self) -> str:
         return (
             f"<MemorySession consumer={self._consumer.tag} "
             f"connection={self._channel.connection_name!r}>"
         )
-
-    @property
-    def consumer_tag(self) -> str:
-        """This session's consumer tag."""
-        return self._consumer.tag
-
-    @property
-    def deliveries(self) -> MemoryObjectReceiveStream[Delivery]:
-        return self._deliveries
 
     @property
     def consumer_cancelled_by_broker(self) -> bool:
@@ -253,9 +245,7 @@ async def open_session(
     channel = await core.connect(spec.parameters)
     try:
         with recording_phase(Phase.SETUP):
-            core.declare(
-                [*spec.exchanges, *spec.queues, *spec.bindings], channel.connection_id
-            )
+            core.declare(topology(spec), channel.connection_id)
         send, receive = anyio.create_memory_object_stream[Delivery](_buffer(spec))
         with send, receive:
             tag = spec.consumer_tag or f"amq.ctag-memory-{next(_consumer_numbers)}"

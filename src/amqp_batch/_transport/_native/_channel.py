@@ -35,6 +35,7 @@ from .._base import (
     PublishOptions,
     publish_arguments,
 )
+from .._common import returned_error
 from ._framing import (
     ContentHeaderFrame,
     IncomingContent,
@@ -345,15 +346,7 @@ class Channel:
                 and pending.routing_key == method.routing_key
                 and pending.body == message.body
             ):
-                pending.returned = MessageReturned(
-                    f"message returned by the broker: {method.reply_code} "
-                    f"{method.reply_text} (exchange={method.exchange!r}, "
-                    f"routing_key={method.routing_key!r})",
-                    reply_code=method.reply_code,
-                    reply_text=method.reply_text,
-                    exchange=method.exchange,
-                    routing_key=method.routing_key,
-                )
+                pending.returned = returned_error(method)
                 return
         logger.debug("basic.return for a message we no longer track")
 

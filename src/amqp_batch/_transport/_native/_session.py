@@ -21,6 +21,7 @@ from .._base import (
     QueueSpec,
     SessionSpec,
 )
+from .._common import SessionBase, declare_topology, topology
 from .._url import ConnectionParameters
 from ._channel import Channel, Waiter
 from ._connection import connect
@@ -38,7 +39,7 @@ def _consumer_tag(prefix: str) -> str:
     return f"{prefix or 'amqp-batch'}.{os.getpid()}.{next(_consumer_numbers)}"
 
 
-class NativeSession:
+class NativeSession(SessionBase):
     """A consuming session: one connection, one channel, one consumer."""
 
     def __init__(
@@ -47,17 +48,11 @@ class NativeSession:
         consumer_tag: str,
         deliveries: MemoryObjectReceiveStream[Delivery],
     ) -> None:
+        super().__init__(consumer_tag, deliveries)
         self._channel = channel
-        self.consumer_tag = consumer_tag
-        self._deliveries = deliveries
 
     def __repr__(self) -> str:
         return f"<NativeSession consumer={self.consumer_tag} {self._channel!r}>"
-
-    @property
-    def deliveries(self) -> MemoryObjectReceiveStream[Delivery]:
-        """Deliveries in arrival order; ends after cancel or a broker cancel."""
-        return self._deliveries
 
     @property
     def consumer_cancelled_by_broker(self) -> bool:
@@ -111,38 +106,8 @@ class NativePublisher:
         await self._channel.publish(body, **options)
 
 
-async def declare(
-    channel: Channel, items: Sequence[ExchangeSpec | QueueSpec | BindingSpec]
-) -> None:
-    """Declare exchanges, queues and bindings, in the order given."""
-    for item in items:
-        if isinstance(item, ExchangeSpec):
-            if not item.name or item.name.startswith("amq."):
-                continue  # predefined exchanges cannot be declared
-            await channel.exchange_declare(
-                item.name,
-                item.type,
-                durable=item.durable,
-                auto_delete=item.auto_delete,
-                internal=item.internal,
-                arguments=item.arguments,
-            )
-        elif isinstance(item, QueueSpec):
-            await channel.queue_declare(
-                item.name,
-                durable=item.durable,
-                exclusive=item.exclusive,
-                auto_delete=item.auto_delete,
-                arguments=item.arguments,
-            )
-        else:
-            await channel.queue_bind(
-                item.queue, item.exchange, item.routing_key, item.arguments
-            )
-
-
-def _topology(spec: SessionSpec) -> list[ExchangeSpec | QueueSpec | BindingSpec]:
-    return [*spec.exchanges, *spec.queues, *spec.bindings]
+#: Declare exchanges, queues and bindings on a native channel, in the order given.
+declare = declare_topology
 
 
 class _SessionWatch:
@@ -176,7 +141,7 @@ async def open_session(
         connection.channel() as channel,
     ):
         with recording_phase(Phase.SETUP):
-            await declare(channel, _topology(spec))
+            await declare(channel, topology(spec))
         await channel.basic_qos(spec.prefetch_count)
         send, receive = anyio.create_memory_object_stream[Delivery](buffer)
         tag = spec.consumer_tag or _consumer_tag("amqp-batch")
