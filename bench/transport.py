@@ -212,9 +212,22 @@ async def consume_native_mixed(
 
 
 async def _confirm_in_order(confirms: Any, ledger: _MixedLedger) -> None:
-    """Await each publish confirm; one that unblocks the lowest tag flushes."""
+    """Await each publish confirm; one that unblocks the lowest tag flushes.
+
+    Takes the confirms queued without a task switch each (``receive`` would
+    checkpoint once per publish), as the deliveries are taken.
+    """
     async with confirms:
-        async for waiter in confirms:
+        while True:
+            try:
+                waiter = confirms.receive_nowait()
+            except anyio.WouldBlock:
+                try:
+                    waiter = await confirms.receive()
+                except anyio.EndOfStream:
+                    break
+            except anyio.EndOfStream:
+                break
             await waiter.wait()  # raises if the broker nacked or returned it
             if ledger.pending and ledger.pending[0][1] is waiter:
                 ledger.flush()
