@@ -123,6 +123,8 @@ class Acker:
         #: Set when a confirm released frames: the sender task sends them
         #: (made in ``run``, in the event loop).
         self._wake: Event | None = None
+        #: Whether ``_wake`` is set (read without a call into anyio).
+        self._woken = False
         #: Set once ``run`` sent the last frames: the sender task ends.
         self._done = False
 
@@ -293,12 +295,15 @@ class Acker:
         while not self._done:
             assert self._wake is not None
             await self._wake.wait()
-            self._wake = Event()
+            self._wake, self._woken = Event(), False
             await self._send_ready()
 
     def _wake_sender(self) -> None:
-        assert self._wake is not None
-        self._wake.set()
+        # Once per wake-up, not once per confirm (an anyio set costs two calls).
+        if not self._woken:
+            self._woken = True
+            assert self._wake is not None
+            self._wake.set()
 
     async def _watch(self, idle: Event) -> None:
         """Declare publishing stalled if no confirm arrives for PUBLISH_GRACE
