@@ -100,18 +100,19 @@ async def consume_native(
         return clock.stop()
 
 
-#: W2's settlement actions in the ceiling's ledger (besides a copy's confirm).
-_ACK, _REJECT = "ack", "reject"
+#: A plain ACK in the ceiling's ledger (the other entries are publish confirms).
+_ACK = "ack"
 RETRY_HEADER = "x-retry-count"
+REASON_HEADER = "x-dead-letter-reason"
 
 
 class _MixedLedger:
     """Unsettled tags in tag order; settles from the lowest, as DESIGN.md says.
 
-    An entry is ``_ACK``, ``_REJECT`` or the confirm of a publish (a copy or a
-    dead-letter) after which the original is acked. :meth:`flush` sends a run of
-    ACKs and confirmed publishes as one ``ack(multiple=True)`` at the run's last
-    tag and a reject at its place, and stops at the first unconfirmed publish.
+    An entry is ``_ACK`` or the confirm of a publish (a copy or a dead letter)
+    after which the original is acked. :meth:`flush` sends the run of ACKs and
+    confirmed publishes from the lowest tag as one ``ack(multiple=True)`` at the
+    run's last tag, and stops at the first unconfirmed publish.
     """
 
     def __init__(self, channel: Any) -> None:
@@ -119,21 +120,15 @@ class _MixedLedger:
         self.pending: deque[tuple[int, Any]] = deque()
 
     def flush(self) -> None:
-        pending, channel, last_ack = self.pending, self.channel, 0
+        pending, last_ack = self.pending, 0
         while pending:
             tag, entry = pending[0]
-            if entry is _REJECT:
-                if last_ack:
-                    channel.ack(last_ack, multiple=True)
-                    last_ack = 0
-                channel.reject(tag, requeue=False)
-            elif entry is _ACK or entry.done:
-                last_ack = tag
-            else:
+            if entry is not _ACK and not entry.done:
                 break
+            last_ack = tag
             pending.popleft()
         if last_ack:
-            channel.ack(last_ack, multiple=True)
+            self.channel.ack(last_ack, multiple=True)
 
 
 def _copy_properties(delivery: Delivery, extra: dict[str, Any]) -> Properties:
@@ -159,18 +154,22 @@ async def consume_native_mixed(
     """W2's broker work on the bare transport: its ceiling; returns seconds and
     the number of deliveries.
 
-    Message ``i`` (the body starts with it) is rejected (the broker dead-letters
-    it) if ``i % 10 == 0``, always requeued if ``i % 10 == 1``, else acked. A
-    requeue publishes a copy to the back of the queue with ``x-retry-count`` + 1
-    (persistent, mandatory, confirmed, on a publisher connection of its own as
-    the library's) and acks the original once the copy is confirmed; a copy at
+    Message ``i`` (the body starts with it) is NACKed if ``i % 10 == 0``,
+    always requeued if ``i % 10 == 1``, else acked, and the broker is given the
+    work the library gives it with its default ``dead_letter_strategy=
+    "publish"``: a NACK is published to the dead-letter exchange with
+    ``x-dead-letter-reason`` and acked once that is confirmed; a requeue
+    publishes a copy to the back of the queue with ``x-retry-count`` + 1
+    (mandatory) and acks the original once the copy is confirmed; a copy at
     ``max_requeue`` is published to the dead-letter exchange under its original
-    routing key and acked after that confirm. What the library adds is gone:
-    no batches, no handler, no actors and streams between them. Publishes are
-    pipelined, confirms awaited in order by one task, settlement in tag order with
-    one ``ack(multiple=True)`` per run, every 100 deliveries, whenever the delivery
-    buffer runs dry and whenever a confirm unblocks the lowest tag. Timed like the
-    library's W2: until the queue is empty and the dead-letter queue holds
+    routing key and acked after that confirm. Every publish is persistent,
+    confirmed, on a publisher connection of its own (as the library's). What the
+    library adds is gone: no batches, no handler, no actors and streams between
+    them. Publishes are pipelined, confirms awaited in order by one task,
+    settlement in tag order with one ``ack(multiple=True)`` per run, every 100
+    deliveries, whenever the delivery buffer runs dry and whenever a confirm
+    unblocks the lowest tag. Timed like the library's W2: until the queue is
+    empty and the dead-letter queue holds
     ``expect_dead``.
     """
     clock = clock or Meter()
@@ -213,9 +212,22 @@ async def consume_native_mixed(
 
 
 async def _confirm_in_order(confirms: Any, ledger: _MixedLedger) -> None:
-    """Await each publish confirm; one that unblocks the lowest tag flushes."""
+    """Await each publish confirm; one that unblocks the lowest tag flushes.
+
+    Takes the confirms queued without a task switch each (``receive`` would
+    checkpoint once per publish), as the deliveries are taken.
+    """
     async with confirms:
-        async for waiter in confirms:
+        while True:
+            try:
+                waiter = confirms.receive_nowait()
+            except anyio.WouldBlock:
+                try:
+                    waiter = await confirms.receive()
+                except anyio.EndOfStream:
+                    break
+            except anyio.EndOfStream:
+                break
             await waiter.wait()  # raises if the broker nacked or returned it
             if ledger.pending and ledger.pending[0][1] is waiter:
                 ledger.flush()
@@ -244,38 +256,62 @@ async def _mixed_deliveries(
             delivery = await deliveries.receive()
         received += 1
         tag, kind = delivery.delivery_tag, int(delivery.body[:10]) % 10
-        if kind == 0:
-            pending.append((tag, _REJECT))
-            final += 1
-        elif kind == 1:
-            headers = delivery.properties.headers
-            retries = headers.get(RETRY_HEADER, 0) if headers else 0
-            if retries >= max_requeue:
-                final += 1
-                waiter = publisher.start_publish(
-                    delivery.body,
-                    exchange=dead_letter_exchange,
-                    routing_key=headers["x-original-routing-key"],
-                    properties=_copy_properties(
-                        delivery, {"x-dead-letter-reason": "max-requeue-attempts"}
-                    ),
-                )
-            else:
-                waiter = publisher.start_publish(
-                    delivery.body,
-                    routing_key=queue,
-                    properties=_copy_properties(delivery, {RETRY_HEADER: retries + 1}),
-                    mandatory=True,
-                )
-            pending.append((tag, waiter))
-            confirms.send_nowait(waiter)
-        else:
+        if kind > 1:
             pending.append((tag, _ACK))
             final += 1
+        else:
+            waiter, done = _publish_for(
+                delivery, kind, publisher, queue, dead_letter_exchange, max_requeue
+            )
+            final += done
+            pending.append((tag, waiter))
+            confirms.send_nowait(waiter)
         if received % ACK_EVERY == 0:
             ledger.flush()
     ledger.flush()
     return received
+
+
+def _publish_for(
+    delivery: Delivery,
+    kind: int,
+    publisher: Any,
+    queue: str,
+    dead_letter_exchange: str,
+    max_requeue: int,
+) -> tuple[Any, bool]:
+    """Start the publish W2's library does for a NACK (``kind`` 0) or a REQUEUE
+    (1); returns its confirm and whether the message is final with it.
+
+    A NACK is dead-lettered as with ``dead_letter_strategy="publish"`` (the
+    library's default): published to the dead-letter exchange, confirmed, then
+    the original acked. A REQUEUE is a copy to the back of the queue, or past
+    ``max_requeue`` a dead letter under its original routing key.
+    """
+    if kind == 0:
+        properties = _copy_properties(delivery, {REASON_HEADER: "rejected"})
+        return publisher.start_publish(
+            delivery.body,
+            exchange=dead_letter_exchange,
+            routing_key=delivery.routing_key,
+            properties=properties,
+        ), True
+    headers = delivery.properties.headers
+    retries = headers.get(RETRY_HEADER, 0) if headers else 0
+    if retries >= max_requeue:
+        properties = _copy_properties(delivery, {REASON_HEADER: "max-requeue-attempts"})
+        return publisher.start_publish(
+            delivery.body,
+            exchange=dead_letter_exchange,
+            routing_key=headers["x-original-routing-key"],
+            properties=properties,
+        ), True
+    return publisher.start_publish(
+        delivery.body,
+        routing_key=queue,
+        properties=_copy_properties(delivery, {RETRY_HEADER: retries + 1}),
+        mandatory=True,
+    ), False
 
 
 async def consume_aiormq(url: str, count: int, clock: Meter | None = None) -> float:

@@ -98,9 +98,13 @@ class RetryPolicy:
     def is_copy(self, delivery: Delivery) -> bool:
         """True for a copy this library republished: default exchange, our
         queue, and trusted ``x-original-*`` headers (signed, with a key)."""
-        return (
-            trusted_original(delivery, queue=self.queue, signing_key=self.signing_key)
-            is not None
+        return self.trusted_original(delivery) is not None
+
+    def trusted_original(self, delivery: Delivery) -> tuple[str, str] | None:
+        """The ``x-original-*`` destination of a copy this library republished
+        to this queue (see :func:`trusted_original`); ``None`` otherwise."""
+        return trusted_original(
+            delivery, queue=self.queue, signing_key=self.signing_key
         )
 
     def original_destination(self, delivery: Delivery) -> tuple[str, str]:
@@ -111,12 +115,21 @@ class RetryPolicy:
         )
 
     def requeue_properties(
-        self, delivery: Delivery, new_retry_count: int
+        self,
+        delivery: Delivery,
+        new_retry_count: int,
+        *,
+        original: tuple[str, str] | None = None,
     ) -> Properties:
         """The properties of the copy with ``new_retry_count`` (see
-        :func:`requeue_properties`)."""
+        :func:`requeue_properties`; ``original``: its
+        :meth:`original_destination`, when the caller has it)."""
         return requeue_properties(
-            delivery, new_retry_count, queue=self.queue, signing_key=self.signing_key
+            delivery,
+            new_retry_count,
+            queue=self.queue,
+            signing_key=self.signing_key,
+            original=original,
         )
 
     def dead_letter_properties(
@@ -124,24 +137,31 @@ class RetryPolicy:
         delivery: Delivery,
         reason: str,
         headers: Mapping[str, Any] | None = None,
+        *,
+        original: tuple[str, str] | None = None,
     ) -> Properties:
         """The properties of a library dead letter (see
-        :func:`dead_letter_properties`)."""
+        :func:`dead_letter_properties`; ``original`` as for
+        :meth:`requeue_properties`)."""
         return dead_letter_properties(
             delivery,
             reason,
             queue=self.queue,
             signing_key=self.signing_key,
             headers=headers,
+            original=original,
         )
 
-    def dead_letter_destination(self, delivery: Delivery) -> tuple[str, str] | None:
+    def dead_letter_destination(
+        self, delivery: Delivery, original: tuple[str, str] | None = None
+    ) -> tuple[str, str] | None:
         """Where the library publishes ``delivery``'s dead letter: the DLX
         and the original routing key (or the queue's fixed dead-letter key);
-        ``None`` when the DLX is unknown."""
+        ``None`` when the DLX is unknown. ``original``: the delivery's
+        :meth:`original_destination`, when the caller has it."""
         if self.dead_letter_exchange is None:
             return None
-        _, routing_key = self.original_destination(delivery)
+        _, routing_key = original or self.original_destination(delivery)
         if self.dead_letter_routing_key is not None:
             routing_key = self.dead_letter_routing_key
         return self.dead_letter_exchange, routing_key
@@ -228,9 +248,10 @@ def _with_headers(
     *,
     queue: str | None = None,
     signing_key: bytes | None = None,
+    original: tuple[str, str] | None = None,
 ) -> Properties:
     headers = dict(delivery.properties.headers or {})
-    exchange, routing_key = original_destination(
+    exchange, routing_key = original or original_destination(
         delivery, queue=queue, signing_key=signing_key
     )
     # Set, not kept: untrusted x-original-* headers are replaced by the truth.
@@ -270,14 +291,18 @@ def requeue_properties(
     *,
     queue: str | None = None,
     signing_key: bytes | None = None,
+    original: tuple[str, str] | None = None,
 ) -> Properties:
     """Every property and header kept, the count set, the first destination noted
-    (and signed when ``signing_key`` is set)."""
+    (and signed when ``signing_key`` is set). ``original``: that destination
+    (:func:`original_destination` with ``queue`` and ``signing_key``), when the
+    caller has worked it out already."""
     return _with_headers(
         delivery,
         {RETRY_COUNT_HEADER: new_retry_count},
         queue=queue,
         signing_key=signing_key,
+        original=original,
     )
 
 
@@ -288,12 +313,14 @@ def dead_letter_properties(
     queue: str | None = None,
     signing_key: bytes | None = None,
     headers: Mapping[str, Any] | None = None,
+    original: tuple[str, str] | None = None,
 ) -> Properties:
     """Properties for a copy the library dead-letters itself, with the reason
-    (and ``headers``, when given)."""
+    (and ``headers``, when given; ``original`` as for :func:`requeue_properties`)."""
     return _with_headers(
         delivery,
         {**(headers or {}), DEAD_LETTER_REASON_HEADER: reason},
         queue=queue,
         signing_key=signing_key,
+        original=original,
     )

@@ -120,6 +120,13 @@ class Acker:
         self._idle: Event | None = None
         #: True while a task is in _send_ready's loop.
         self._sending = False
+        #: Set when a confirm released frames: the sender task sends them
+        #: (made in ``run``, in the event loop).
+        self._wake: Event | None = None
+        #: Whether ``_wake`` is set (read without a call into anyio).
+        self._woken = False
+        #: Set once ``run`` sent the last frames: the sender task ends.
+        self._done = False
 
     async def run(self, outcomes: ObjectReceiveStream[list[Outcome]]) -> None:
         """Settle outcomes until every sender closed its end of ``outcomes``.
@@ -130,6 +137,8 @@ class Acker:
         """
         async with outcomes, create_task_group() as group:
             self._group = group
+            self._wake = Event()
+            group.start_soon(self._sender)
             # The publisher is entered inside the pool's task group (by this
             # task), so it is closed before the group: the pool must be idle then.
             async with AsyncExitStack() as stack:
@@ -140,6 +149,8 @@ class Acker:
                     assert self._idle is not None
                     await self._idle.wait()
                 await self._send_ready()
+            self._done = True
+            self._wake.set()
 
     async def _settle(self, batch: list[Outcome]) -> None:
         """Plan every outcome; record the settlements; start the publishes;
@@ -266,11 +277,33 @@ class Acker:
                 if not self._pending:
                     self._stalled = False
                     logger.info("republishes confirmed again")
-                await self._send_ready()
+                self._wake_sender()
             elif self._ledger.head_decided():
-                # This confirm released the oldest unsettled tag: send the run
-                # behind it now (the broker's prefetch window waits on it).
-                await self._send_ready()
+                # This confirm released the oldest unsettled tag: the run
+                # behind it goes out as soon as this task waits (the broker's
+                # prefetch window waits on it).
+                self._wake_sender()
+
+    async def _sender(self) -> None:
+        """Send what confirms released, once they have all been resolved.
+
+        One frame from the broker often confirms many publishes (and one read
+        holds several such frames): their waits return without a task switch,
+        so the confirming tasks resolve them all before this task runs and the
+        whole run goes out as one ``ack(multiple=True)``, not one ack per copy.
+        """
+        while not self._done:
+            assert self._wake is not None
+            await self._wake.wait()
+            self._wake, self._woken = Event(), False
+            await self._send_ready()
+
+    def _wake_sender(self) -> None:
+        # Once per wake-up, not once per confirm (an anyio set costs two calls).
+        if not self._woken:
+            self._woken = True
+            assert self._wake is not None
+            self._wake.set()
 
     async def _watch(self, idle: Event) -> None:
         """Declare publishing stalled if no confirm arrives for PUBLISH_GRACE

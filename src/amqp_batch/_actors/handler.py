@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterable, Iterable, Sequence
 from contextlib import aclosing
+from typing import Any
 
 from anyio import move_on_after
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -273,16 +274,9 @@ async def _observed(
     (which also hears a cancellation, with no results)."""
     errors: list[BaseException] = []
 
-    async def collect(
-        handler: BatchHandler,
-        messages: Sequence[Message],
-        *,
-        fallback: MessageResult,
-        timeout: float | None = None,
-    ) -> list[MessageResult]:
-        results, error = await handle_batch(
-            handler, messages, fallback=fallback, timeout=timeout
-        )
+    async def collect(*arguments: Any, **options: Any) -> list[MessageResult]:
+        # collect_results, keeping the handler's error for batch_handled
+        results, error = await handle_batch(*arguments, **options)
         if error is not None:
             errors.append(error)
         return results

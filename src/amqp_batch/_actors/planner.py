@@ -105,7 +105,6 @@ class Fate(enum.Enum):
 # ``Enum.MEMBER`` costs about ten times as much as reading a global.
 _ACK_ACTION, _REJECT_ACTION = Action.ACK, Action.REJECT
 _ACKED, _REQUEUED, _REJECTED = Fate.ACKED, Fate.REQUEUED, Fate.REJECTED
-_REPUBLISHED, _DEAD_LETTERED = Fate.REPUBLISHED, Fate.DEAD_LETTERED
 _ACK_RESULT, _NACK_RESULT = MessageResult.ACK, MessageResult.NACK
 _REQUEUE_IMMEDIATE_RESULT = MessageResult.REQUEUE_IMMEDIATE
 
@@ -145,6 +144,14 @@ class DeadLetterPublish(NamedTuple):
     policy: RetryPolicy | None = None
     #: More headers for the dead letter (e.g. the class of a decode error).
     headers: Mapping[str, Any] | None = None
+    #: Where the message was first published, when the planner knows it already
+    #: (else the policy works it out from ``delivery``).
+    original: tuple[str, str] | None = None
+    #: Never: an unroutable dead letter is dropped. (Fields, not properties,
+    #: like ``fate``: read once per publish.)
+    mandatory: bool = False
+    #: What this plan does to the message once its publish is confirmed.
+    fate: Fate = Fate.DEAD_LETTERED
 
     @property
     def properties(self) -> Properties:
@@ -152,26 +159,13 @@ class DeadLetterPublish(NamedTuple):
         dead-letter plans are fallbacks that never run)."""
         if self.policy is not None:
             return self.policy.dead_letter_properties(
-                self.delivery, self.reason, self.headers
+                self.delivery, self.reason, self.headers, original=self.original
             )
         return dead_letter_properties(self.delivery, self.reason, headers=self.headers)
 
     def __repr__(self) -> str:
         # Without the delivery: its body and headers are the producer's data.
-        return (
-            f"DeadLetterPublish(exchange={self.exchange!r}, routing_key="
-            f"{self.routing_key!r}, reason={self.reason!r}, fallback={self.fallback!r})"
-        )
-
-    @property
-    def mandatory(self) -> bool:
-        """Never: an unroutable dead letter is dropped."""
-        return False
-
-    @property
-    def fate(self) -> Fate:
-        """What this plan does to the message once its publish is confirmed."""
-        return _DEAD_LETTERED
+        return _describe(self, f"reason={self.reason!r}, ")
 
 
 class Republish(NamedTuple):
@@ -183,28 +177,24 @@ class Republish(NamedTuple):
     routing_key: str
     properties: Properties
     fallback: Settle | DeadLetterPublish
+    #: Always: an unroutable copy must not count as requeued.
+    mandatory: bool = True
+    #: What this plan does to the message once its copy is confirmed.
+    fate: Fate = Fate.REPUBLISHED
+    #: A republished message is not dead-lettered.
+    reason: None = None
 
     def __repr__(self) -> str:
         # Without the properties: their headers are the producer's data.
-        return (
-            f"Republish(exchange={self.exchange!r}, routing_key="
-            f"{self.routing_key!r}, fallback={self.fallback!r})"
-        )
+        return _describe(self)
 
-    @property
-    def mandatory(self) -> bool:
-        """Always: an unroutable copy must not count as requeued."""
-        return True
 
-    @property
-    def fate(self) -> Fate:
-        """What this plan does to the message once its copy is confirmed."""
-        return _REPUBLISHED
-
-    @property
-    def reason(self) -> None:
-        """A republished message is not dead-lettered."""
-        return None
+def _describe(planned: Republish | DeadLetterPublish, reason: str = "") -> str:
+    """A publish plan's repr: where it goes and its fallback, no message data."""
+    return (
+        f"{type(planned).__name__}(exchange={planned.exchange!r}, routing_key="
+        f"{planned.routing_key!r}, {reason}fallback={planned.fallback!r})"
+    )
 
 
 Publish = Republish | DeadLetterPublish
@@ -257,20 +247,36 @@ def plan(message: Message, disposition: Disposition, policy: RetryPolicy) -> Pla
             by_library=True,
             headers=disposition.headers,
         )
-    by_library = policy.is_copy(delivery)
+    trusted = policy.trusted_original(delivery)
+    # Worked out once per plan (it checks the x-original-* headers): the dead
+    # letter and the copy below are both addressed from it.
+    original = trusted or (delivery.exchange, delivery.routing_key)
+    by_library = trusted is not None
     if disposition is _NACK_RESULT:
-        return _dead_letter(delivery, policy, REJECTED, by_library=by_library)
+        return _dead_letter(
+            delivery, policy, REJECTED, by_library=by_library, original=original
+        )
     if policy.is_exhausted(message.retry_count):
         return _dead_letter(
-            delivery, policy, MAX_REQUEUE_ATTEMPTS, by_library=by_library
+            delivery,
+            policy,
+            MAX_REQUEUE_ATTEMPTS,
+            by_library=by_library,
+            original=original,
         )
     new_count = message.retry_count + 1
     exchange, routing_key = requeue_target(policy, new_count)
     return Republish(
         exchange,
         routing_key,
-        policy.requeue_properties(delivery, new_count),
-        _dead_letter(delivery, policy, REPUBLISH_FAILED, by_library=by_library),
+        policy.requeue_properties(delivery, new_count, original=original),
+        _dead_letter(
+            delivery,
+            policy,
+            REPUBLISH_FAILED,
+            by_library=by_library,
+            original=original,
+        ),
     )
 
 
@@ -288,6 +294,7 @@ def _dead_letter(
     *,
     by_library: bool,
     headers: Mapping[str, Any] | None = None,
+    original: tuple[str, str] | None = None,
 ) -> Settle | DeadLetterPublish:
     """Dead-letter with the original routing key.
 
@@ -301,12 +308,12 @@ def _dead_letter(
     ``x-dead-letter-routing-key`` when set, as the broker would use it.
     """
     reject = _REJECTS.get(reason) or Settle(_REJECT_ACTION, reason)
-    destination = policy.dead_letter_destination(delivery)
+    destination = policy.dead_letter_destination(delivery, original)
     if destination is None or not (
         by_library or policy.dead_letter_strategy == "publish"
     ):
         return reject
     exchange, routing_key = destination
     return DeadLetterPublish(
-        exchange, routing_key, reason, delivery, reject, policy, headers
+        exchange, routing_key, reason, delivery, reject, policy, headers, original
     )

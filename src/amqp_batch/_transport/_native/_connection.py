@@ -120,11 +120,15 @@ class Connection:
         """Queue whole frames for writing. Synchronous: never half-written."""
         if self._error is not None:
             raise self._error
-        self._outgoing.append(data)
+        outgoing = self._outgoing
+        outgoing.append(data)
         self._outgoing_size += len(data)
         if self._outgoing_size > _WRITE_HIGH_WATER and self._drained.is_set():
             self._drained = anyio.Event()
-        self._has_outgoing.set()
+        if len(outgoing) == 1:
+            # The first frame since the writer took the queue wakes it; behind
+            # it the event is set already (one set per write, not per frame).
+            self._has_outgoing.set()
 
     async def wait_writable(self) -> None:
         """Wait while more than the high-water mark of bytes waits to be written."""

@@ -11,6 +11,7 @@ socket, against pamqp as the reference.
 
 from __future__ import annotations
 
+import operator
 import struct
 from typing import Any, ClassVar, NoReturn
 
@@ -501,19 +502,65 @@ def _encode_short_str(text: str) -> bytes:
     return bytes((len(data),)) + data
 
 
+#: Every property but the deprecated cluster-id, in the AMQP order, in one call.
+_ENCODE_LAYOUT = _PROPERTY_LAYOUT[:-1]
+_PROPERTY_VALUES = operator.attrgetter(*(name for name, _, _ in _ENCODE_LAYOUT))
+_HEADERS_BIT = 0x2000
+#: The properties besides the headers, when none is per message (see
+#: _PER_MESSAGE_FLAGS): a copy keeps its original's, so they repeat from publish
+#: to publish. Their flags and encoding before and after the headers, by value.
+_encoded_shared: dict[tuple[Any, ...], tuple[int, bytes, bytes]] = {}
+_ENCODED_SHARED_MAX = 256
+_OCTET_TYPES = (type(None), int)
+
+
 def _encode_properties(properties: Properties | None) -> tuple[int, bytes]:
     """The property flags and the encoded properties, in the AMQP order."""
     if properties is None:
         return 0, b""
-    delivery_mode = properties.delivery_mode
+    values = _PROPERTY_VALUES(properties)
+    delivery_mode = values[3]
     if delivery_mode is not None and delivery_mode not in (1, 2):
         raise ValueError(
             f"invalid message properties: Invalid delivery_mode value: {delivery_mode}"
         )
+    if not (
+        values[5] is None  # correlation-id
+        and values[8] is None  # message-id
+        and values[9] is None  # timestamp
+        # exact types only: 2.0 and True equal 2 and 1 but are refused
+        and type(delivery_mode) in _OCTET_TYPES
+        and type(values[4]) in _OCTET_TYPES
+    ):
+        return _encode_values(values, _ENCODE_LAYOUT)
+    key = values[:2] + values[3:]
+    try:
+        cached = _encoded_shared.get(key)
+    except TypeError:  # an unhashable value: refused where it is encoded
+        return _encode_values(values, _ENCODE_LAYOUT)
+    if cached is None:
+        # Once in order, as below, so that a bad value raises as it would there.
+        encoded = _encode_values(values, _ENCODE_LAYOUT)
+        flags, before = _encode_values(values[:2], _ENCODE_LAYOUT[:2])
+        more, after = _encode_values(values[3:], _ENCODE_LAYOUT[3:])
+        if len(_encoded_shared) >= _ENCODED_SHARED_MAX:
+            _encoded_shared.clear()
+        _encoded_shared[key] = flags | more, before, after
+        return encoded
+    flags, before, after = cached
+    headers = values[2]
+    if headers is None or headers == "":
+        return flags, before + after
+    return flags | _HEADERS_BIT, b"".join((before, encode_table(headers), after))
+
+
+def _encode_values(
+    values: tuple[Any, ...], layout: tuple[tuple[str, int, str], ...]
+) -> tuple[int, bytes]:
+    """The flags and encoding of property ``values`` laid out as ``layout``."""
     flags = 0
     parts: list[bytes] = []
-    for name, bit, kind in _PROPERTY_LAYOUT[:-1]:  # not the deprecated cluster-id
-        value = getattr(properties, name)
+    for value, (name, bit, kind) in zip(values, layout, strict=True):
         if value is None or value == "":  # pamqp sends an empty string as unset
             continue
         flags |= bit
