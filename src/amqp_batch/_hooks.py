@@ -82,7 +82,7 @@ class HandledBatch:
     #: nothing of the batch will be settled.
     results: Sequence[MessageResult]
     #: Seconds the handler took, its guards (rate limit, timeout...) included,
-    #: measured with :func:`time.perf_counter`.
+    #: measured with ``time.perf_counter()``.
     duration: float
     #: What the handler raised (the fallback was applied), or the cancellation
     #: that stopped it; None when it returned.
