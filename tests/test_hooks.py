@@ -17,6 +17,7 @@ from amqp_batch._hooks import (
     EVENTS,
     BatchInfo,
     ConsumerHooks,
+    HandledBatch,
     HookDispatcher,
     Settlement,
     SettleOutcome,
@@ -181,21 +182,14 @@ def test_batch_info_is_compared_by_identity() -> None:
 class BatchRecorder(ConsumerHooks):
     def __init__(self) -> None:
         self.started: list[BatchInfo] = []
-        self.handled: list[tuple[BatchInfo, list[MessageResult], BaseException | None]]
-        self.handled = []
+        self.handled: list[HandledBatch] = []
 
     def batch_started(self, batch: BatchInfo) -> None:
         self.started.append(batch)
 
-    def batch_handled(
-        self,
-        batch: BatchInfo,
-        results: Sequence[MessageResult],
-        duration: float,
-        error: BaseException | None,
-    ) -> None:
-        assert duration >= 0
-        self.handled.append((batch, list(results), error))
+    def batch_handled(self, handled: HandledBatch) -> None:
+        assert handled.duration >= 0
+        self.handled.append(handled)
 
 
 async def run_one_batch(
@@ -236,7 +230,10 @@ async def test_the_runner_reports_each_batch_around_the_handler() -> None:
     assert len(sent) == 1
     (batch,) = recorder.started
     assert (batch.worker, batch.queue, len(batch.messages)) == (3, "orders", 2)
-    assert recorder.handled == [(batch, [MessageResult.ACK] * 2, None)]
+    (handled,) = recorder.handled
+    assert handled.batch is batch
+    assert list(handled.results) == [MessageResult.ACK] * 2
+    assert handled.error is None
 
 
 async def test_the_runner_reports_what_the_handler_raised() -> None:
@@ -248,7 +245,10 @@ async def test_the_runner_reports_what_the_handler_raised() -> None:
 
     sent = await run_one_batch(handler, HookDispatcher([recorder]))
     assert [result for _, result in sent[0]] == [MessageResult.NACK] * 2
-    assert recorder.handled == [(recorder.started[0], [MessageResult.NACK] * 2, boom)]
+    (handled,) = recorder.handled
+    assert handled.batch is recorder.started[0]
+    assert list(handled.results) == [MessageResult.NACK] * 2
+    assert handled.error is boom
 
 
 async def test_a_cancelled_handler_is_reported_and_stays_cancelled() -> None:
@@ -263,9 +263,10 @@ async def test_a_cancelled_handler_is_reported_and_stays_cancelled() -> None:
     with scope:
         await run_one_batch(handler, HookDispatcher([recorder]))
     assert scope.cancelled_caught
-    ((_, results, error),) = recorder.handled
-    assert results == []
-    assert isinstance(error, anyio.get_cancelled_exc_class())
+    (handled,) = recorder.handled
+    assert handled.batch is recorder.started[0]
+    assert list(handled.results) == []
+    assert isinstance(handled.error, anyio.get_cancelled_exc_class())
 
 
 async def test_a_failing_hook_does_not_change_the_results() -> None:

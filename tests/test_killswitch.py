@@ -10,11 +10,9 @@ from hypothesis import strategies as st
 
 from amqp_batch._killswitch import KillSwitch, KillSwitchState
 
-CLOSED, OPEN, HALF = (
-    KillSwitchState.CLOSED,
-    KillSwitchState.OPEN,
-    KillSwitchState.HALF_OPEN,
-)
+CLOSED: KillSwitchState = "closed"
+OPEN: KillSwitchState = "open"
+HALF: KillSwitchState = "half_open"
 
 
 def _switch(**overrides: float) -> KillSwitch:
@@ -43,7 +41,7 @@ def test_below_threshold_stays_closed() -> None:
     switch = _switch()
     for second in range(100):
         assert switch.record(float(second), ok=6, failed=4) is None
-    assert switch.state is CLOSED
+    assert switch.state == CLOSED
 
 
 def test_old_results_leave_the_window() -> None:
@@ -51,7 +49,7 @@ def test_old_results_leave_the_window() -> None:
     switch.record(0.0, ok=0, failed=9)
     # 11 s later the nine failures are out of the 10 s window.
     assert switch.record(11.0, ok=0, failed=5) is None
-    assert switch.state is CLOSED
+    assert switch.state == CLOSED
     assert switch.record(12.0, ok=0, failed=5) is not None
 
 
@@ -63,7 +61,7 @@ def test_cooldown_then_one_probe_then_closed() -> None:
     # Results of batches that were already running while open are ignored.
     assert switch.record(10.0, ok=0, failed=100) is None
     assert switch.allows(30.0)
-    assert switch.state is HALF
+    assert switch.state == HALF
     switch.begin_batch(30.0)
     assert not switch.allows(30.1)  # only one probe batch
     assert math.isinf(switch.wait_time(30.1))
@@ -94,7 +92,7 @@ def test_a_batch_started_before_half_open_is_not_the_probe() -> None:
     switch.record(0.0, ok=0, failed=10)
     assert switch.allows(30.0)
     assert switch.record(30.1, ok=5, failed=0) is None  # no probe began
-    assert switch.state is HALF
+    assert switch.state == HALF
 
 
 def test_threshold_is_validated() -> None:
@@ -125,12 +123,12 @@ def test_never_allows_while_open_before_cooldown(
         if switch.allows(now):
             if opened_at is not None:
                 assert now >= opened_at + 7.0
-            probe = switch.state is HALF
+            probe = switch.state == HALF
             switch.begin_batch(now)
             if probe:
                 assert not switch.allows(now)
         transition = switch.record(now, ok, failed)
-        if transition is not None and transition.new is OPEN:
+        if transition is not None and transition.new == OPEN:
             opened_at = now
-        elif transition is not None and transition.new is CLOSED:
+        elif transition is not None and transition.new == CLOSED:
             opened_at = None

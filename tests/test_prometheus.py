@@ -16,7 +16,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from amqp_batch import MessageResult, WorkerHealth, WorkerState
-from amqp_batch._hooks import BatchInfo, HookDispatcher, Settlement, SettleOutcome
+from amqp_batch._hooks import (
+    BatchInfo,
+    HandledBatch,
+    HookDispatcher,
+    Settlement,
+    SettleOutcome,
+)
 from amqp_batch._message import Message
 from amqp_batch._transport._base import Delivery, Properties, QueueSpec
 from amqp_batch._transport._url import parse_url
@@ -96,7 +102,7 @@ def test_a_batch_through_the_handler(
     dispatcher.batch_started(batch)
     assert value(registry, "amqp_batch_batches_in_handler", queue="orders") == 1
     assert value(registry, "amqp_batch_unsettled_deliveries", queue="orders") == 2
-    dispatcher.batch_handled(batch, [MessageResult.ACK] * 2, 0.3, None)
+    dispatcher.batch_handled(HandledBatch(batch, [MessageResult.ACK] * 2, 0.3, None))
     assert value(registry, "amqp_batch_batches_in_handler", queue="orders") == 0
     assert value(registry, "amqp_batch_batch_size_sum", queue="orders") == 2
     assert value(registry, "amqp_batch_batch_size_count", queue="orders") == 1

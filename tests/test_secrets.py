@@ -321,6 +321,7 @@ async def test_s2_never_in_repr_or_str_of_public_objects(figures: Any) -> None:
         "BatchHandler",
         "ConsumerHooks",
         "BatchInfo",
+        "HandledBatch",
         "Settlement",
         "SettleOutcome",
         "JSONFormatter",

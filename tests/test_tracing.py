@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from amqp_batch import MessageResult
-from amqp_batch._hooks import BatchInfo, HookDispatcher
+from amqp_batch._hooks import BatchInfo, HandledBatch, HookDispatcher
 from amqp_batch._message import Message
 from amqp_batch._transport._base import Delivery, Properties
 from amqp_batch.tracing import TracingHooks, extract_link, inject_trace_headers
@@ -75,7 +75,7 @@ def test_one_consumer_span_per_batch_with_a_link_per_message(
     ]
     batch = BatchInfo(worker=1, queue="orders", messages=messages)
     hooks.batch_started(batch)
-    hooks.batch_handled(batch, [MessageResult.ACK] * 3, 0.01, None)
+    hooks.batch_handled(HandledBatch(batch, [MessageResult.ACK] * 3, 0.01, None))
     span = only_span(exporter)
     assert span.name == "orders process"
     assert span.kind is SpanKind.CONSUMER
@@ -103,7 +103,7 @@ def test_single_message_attributes(
     hooks = TracingHooks(provider)
     batch = BatchInfo(worker=0, queue="orders", messages=[message(7)])
     hooks.batch_started(batch)
-    hooks.batch_handled(batch, [MessageResult.ACK], 0.01, None)
+    hooks.batch_handled(HandledBatch(batch, [MessageResult.ACK], 0.01, None))
     attributes = only_span(exporter).attributes or {}
     assert attributes["messaging.message.id"] == "7"
     assert only_span(exporter).links == ()
@@ -116,7 +116,7 @@ def test_mixed_routing_keys_have_no_routing_key_attribute(
     messages = [message(1, routing_key="a"), message(2, routing_key="b")]
     batch = BatchInfo(worker=0, queue="orders", messages=messages)
     hooks.batch_started(batch)
-    hooks.batch_handled(batch, [MessageResult.ACK] * 2, 0.01, None)
+    hooks.batch_handled(HandledBatch(batch, [MessageResult.ACK] * 2, 0.01, None))
     attributes = only_span(exporter).attributes or {}
     assert "messaging.rabbitmq.destination.routing_key" not in attributes
 
@@ -157,7 +157,9 @@ def test_handler_errors_set_the_error_status(
     hooks = TracingHooks(provider)
     batch = BatchInfo(worker=0, queue="orders", messages=[message(1)])
     hooks.batch_started(batch)
-    hooks.batch_handled(batch, [MessageResult.NACK], 0.01, ValueError("bad"))
+    hooks.batch_handled(
+        HandledBatch(batch, [MessageResult.NACK], 0.01, ValueError("bad"))
+    )
     span = only_span(exporter)
     assert span.status.status_code is StatusCode.ERROR
     assert span.status.description == "ValueError"
@@ -190,7 +192,7 @@ async def test_the_span_is_current_while_the_handler_runs(
     await step("in-handler")
     async with anyio.create_task_group() as group:
         group.start_soon(step, "in-child-task")
-    dispatcher.batch_handled(batch, [MessageResult.ACK], 0.01, None)
+    dispatcher.batch_handled(HandledBatch(batch, [MessageResult.ACK], 0.01, None))
     assert trace.get_current_span() is before
     spans = {span.name: span for span in exporter.get_finished_spans()}
     batch_span = spans["orders process"]

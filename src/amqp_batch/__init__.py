@@ -23,6 +23,7 @@ from ._exceptions import UnknownVirtualHost as UnknownVirtualHost
 from ._exports import set_public_module
 from ._hooks import BatchInfo as BatchInfo
 from ._hooks import ConsumerHooks as ConsumerHooks
+from ._hooks import HandledBatch as HandledBatch
 from ._hooks import Settlement as Settlement
 from ._hooks import SettleOutcome as SettleOutcome
 from ._logging import JSONFormatter as JSONFormatter
@@ -61,6 +62,7 @@ __all__ = [
     "ConsumerHooks",
     "ConsumerSettings",
     "Decoder",
+    "HandledBatch",
     "JSONFormatter",
     "Message",
     "MessageNacked",

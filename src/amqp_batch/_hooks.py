@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BatchInfo",
     "ConsumerHooks",
+    "HandledBatch",
     "HookDispatcher",
     "SettleOutcome",
     "Settlement",
@@ -50,9 +51,10 @@ logger = logging.getLogger("amqp_batch.hooks")
 class BatchInfo:
     """One batch on its way through the handler.
 
-    The same object is passed to :meth:`ConsumerHooks.batch_started` and
-    :meth:`ConsumerHooks.batch_handled` of that batch (compare with ``is``, or key
-    a dict with ``id()`` between the two calls).
+    The same object is passed to :meth:`ConsumerHooks.batch_started` and, as
+    :attr:`HandledBatch.batch`, to :meth:`ConsumerHooks.batch_handled` of that
+    batch (compare with ``is``, or key a dict with ``id()`` between the two
+    calls).
     """
 
     #: The worker's number, from 0.
@@ -61,6 +63,30 @@ class BatchInfo:
     queue: str
     #: The messages of the batch, in delivery order.
     messages: Sequence[Message]
+
+
+@attrs.frozen(slots=True)
+class HandledBatch:
+    """What the handler made of one batch, for :meth:`ConsumerHooks.batch_handled`.
+
+    One record rather than four arguments, for the reason
+    :meth:`~ConsumerHooks.settled` gets :class:`Settlement` records: a field can
+    be added in a later release without breaking your overrides.
+    """
+
+    #: The batch, the very object :meth:`ConsumerHooks.batch_started` received
+    #: (``handled.batch is batch``).
+    batch: BatchInfo
+    #: One result per message, in delivery order (the fallback filled in where
+    #: the handler raised); empty when the handler was cancelled, and then
+    #: nothing of the batch will be settled.
+    results: Sequence[MessageResult]
+    #: Seconds the handler took, its guards (rate limit, timeout...) included,
+    #: measured with ``time.perf_counter()``.
+    duration: float
+    #: What the handler raised (the fallback was applied), or the cancellation
+    #: that stopped it; None when it returned.
+    error: BaseException | None
 
 
 class SettleOutcome(enum.Enum):
@@ -108,18 +134,10 @@ class ConsumerHooks:
         """A batch is handed to the handler (called in the handler's own task,
         so a context variable set here is seen by the handler)."""
 
-    def batch_handled(
-        self,
-        batch: BatchInfo,
-        results: Sequence[MessageResult],
-        duration: float,
-        error: BaseException | None,
-    ) -> None:
-        """The handler is done with ``batch`` (same task as
-        :meth:`batch_started`). ``results`` has one result per message (the
-        fallback filled in); ``error`` is what the handler raised, if it did
-        (the fallback was applied), or the cancellation that stopped it, in which
-        case ``results`` is empty and nothing of the batch will be settled."""
+    def batch_handled(self, handled: HandledBatch) -> None:
+        """The handler is done with ``handled.batch`` (same task as
+        :meth:`batch_started`): its results, duration and error, if any (see
+        :class:`HandledBatch`)."""
 
     def settled(
         self, worker: int, queue: str, settlements: Sequence[Settlement]
@@ -174,12 +192,7 @@ class HookDispatcher:
     """
 
     batch_started: Callable[[BatchInfo], None] | None
-    batch_handled: (
-        Callable[
-            [BatchInfo, Sequence[MessageResult], float, BaseException | None], None
-        ]
-        | None
-    )
+    batch_handled: Callable[[HandledBatch], None] | None
     settled: Callable[[int, str, Sequence[Settlement]], None] | None
     copy_confirmed: Callable[[int, str, float], None] | None
     worker_state_changed: Callable[[WorkerHealth, WorkerState], None] | None

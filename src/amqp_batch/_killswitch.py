@@ -25,19 +25,15 @@ States::
 from __future__ import annotations
 
 import collections
-import enum
+from typing import Literal
 
 import attrs
 
 __all__ = ["KillSwitch", "KillSwitchState", "Transition"]
 
-
-class KillSwitchState(enum.Enum):
-    """Where the kill switch is."""
-
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
+#: Where the kill switch is: the very words ``WorkerHealth.kill_switch`` and the
+#: logs show (mypy rejects a comparison with any other string).
+KillSwitchState = Literal["closed", "open", "half_open"]
 
 
 @attrs.frozen(kw_only=True)
@@ -67,7 +63,7 @@ class KillSwitch:
         self.window = window
         self.min_samples = min_samples
         self.cooldown = cooldown
-        self._state = KillSwitchState.CLOSED
+        self._state: KillSwitchState = "closed"
         self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
         self._ok = 0
         self._failed = 0
@@ -83,39 +79,39 @@ class KillSwitch:
 
     def allows(self, now: float) -> bool:
         """True when a new batch may start at ``now``."""
-        if self._state is KillSwitchState.OPEN and now >= self._reopen_at:
-            self._move(now, KillSwitchState.HALF_OPEN, "cooldown over: probing")
-        if self._state is KillSwitchState.HALF_OPEN:
+        if self._state == "open" and now >= self._reopen_at:
+            self._move(now, "half_open", "cooldown over: probing")
+        if self._state == "half_open":
             return not self._probing
-        return self._state is KillSwitchState.CLOSED
+        return self._state == "closed"
 
     def wait_time(self, now: float) -> float:
         """Seconds until :meth:`allows` may turn true by itself (0 when it is
         true now; ``inf`` while a probe batch is out: its result decides)."""
         if self.allows(now):
             return 0.0
-        if self._state is KillSwitchState.OPEN:
+        if self._state == "open":
             return self._reopen_at - now
         return float("inf")
 
     def begin_batch(self, now: float) -> None:
         """A batch starts; in ``half_open`` it is the probe (the only one)."""
-        if self._state is KillSwitchState.HALF_OPEN:
+        if self._state == "half_open":
             self._probing = True
 
     def record(self, now: float, ok: int, failed: int) -> Transition | None:
         """Feed the results of one finished batch; returns the transition it
         caused, if any."""
-        if self._state is KillSwitchState.OPEN:
+        if self._state == "open":
             return None
-        if self._state is KillSwitchState.HALF_OPEN:
+        if self._state == "half_open":
             if not self._probing:
                 return None  # a batch that started before the switch opened
             self._probing = False
             if ok + failed and failed / (ok + failed) >= self.threshold:
                 return self._trip(now, f"probe failed: {failed} of {ok + failed}")
             self._clear()
-            return self._move(now, KillSwitchState.CLOSED, "probe succeeded")
+            return self._move(now, "closed", "probe succeeded")
         self._samples.append((now, ok, failed))
         self._ok += ok
         self._failed += failed
@@ -143,7 +139,7 @@ class KillSwitch:
     def _trip(self, now: float, reason: str) -> Transition:
         self._clear()
         self._reopen_at = now + self.cooldown
-        return self._move(now, KillSwitchState.OPEN, reason)
+        return self._move(now, "open", reason)
 
     def _move(self, now: float, new: KillSwitchState, reason: str) -> Transition:
         transition = Transition(at=now, old=self._state, new=new, reason=reason)

@@ -44,7 +44,7 @@ from ._exceptions import (
     recording_phase,
 )
 from ._hooks import HookDispatcher, confirm_reporter, settlement_reporter
-from ._killswitch import KillSwitch, KillSwitchState
+from ._killswitch import KillSwitch
 from ._logging import set_log_context
 from ._message import Message
 from ._ratelimit import RateLimiter
@@ -185,11 +185,11 @@ class Worker:
         logger.warning(
             "worker %d: kill switch %s -> %s (%s)",
             self.index,
-            transition.old.value,
-            transition.new.value,
+            transition.old,
+            transition.new,
             transition.reason,
         )
-        if transition.new is KillSwitchState.OPEN:
+        if transition.new == "open":
             self._tripped.set()
 
     async def _gate(self) -> None:
@@ -201,7 +201,7 @@ class Worker:
             if switch.allows(now):
                 switch.begin_batch(now)
                 return
-            if switch.state is KillSwitchState.OPEN:
+            if switch.state == "open":
                 await anyio.sleep_forever()  # the session is ending
             await self._switch_changed.wait()  # the probe's result decides
 
@@ -227,13 +227,10 @@ class Worker:
             last_error=self._last_error,
             results=dict(self._counts),
             url=self._url,
-            kill_switch=None if switch is None else switch.state.value,
+            kill_switch=None if switch is None else switch.state,
             kill_switch_transitions=()
             if switch is None
-            else tuple(
-                f"{t.old.value} -> {t.new.value}: {t.reason}"
-                for t in switch.transitions
-            ),
+            else tuple(f"{t.old} -> {t.new}: {t.reason}" for t in switch.transitions),
         )
 
     def _next_url(self) -> int:

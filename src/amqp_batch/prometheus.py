@@ -36,10 +36,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from ._exceptions import ChannelClosed, TransportError
 from ._exports import set_public_module
-from ._hooks import BatchInfo, ConsumerHooks, Settlement
+from ._hooks import BatchInfo, ConsumerHooks, HandledBatch, Settlement
 from ._http import HTTPServerError, serve_http
 from ._publisher import default_transport
-from ._results import MessageResult
 from ._transport._base import Transport
 from ._transport._url import ConnectionParameters
 from ._worker import WorkerHealth, WorkerState
@@ -221,16 +220,10 @@ class PrometheusHooks(ConsumerHooks):
         self._unsettled[key] = self._unsettled.get(key, 0) + size
         self._child(self.unsettled, "uns", queue=queue).inc(size)
 
-    def batch_handled(
-        self,
-        batch: BatchInfo,
-        results: Sequence[MessageResult],
-        duration: float,
-        error: BaseException | None,
-    ) -> None:
+    def batch_handled(self, handled: HandledBatch) -> None:
         """Handler duration; one batch less in the handler."""
-        queue = batch.queue
-        self._child(self.handler_duration, "dur", queue=queue).observe(duration)
+        queue = handled.batch.queue
+        self._child(self.handler_duration, "dur", queue=queue).observe(handled.duration)
         self._child(self.batches_in_handler, "inh", queue=queue).dec()
 
     def settled(

@@ -24,9 +24,8 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from ._hooks import BatchInfo, ConsumerHooks
+from ._hooks import BatchInfo, ConsumerHooks, HandledBatch
 from ._message import Message
-from ._results import MessageResult
 from ._version import __version__
 
 __all__ = ["TracingHooks", "extract_link", "inject_trace_headers"]
@@ -139,19 +138,14 @@ class TracingHooks(ConsumerHooks):
         token = otel_context.attach(trace.set_span_in_context(span))
         self._open[id(batch)] = (span, token)
 
-    def batch_handled(
-        self,
-        batch: BatchInfo,
-        results: Sequence[MessageResult],
-        duration: float,
-        error: BaseException | None,
-    ) -> None:
+    def batch_handled(self, handled: HandledBatch) -> None:
         """Detach and end the span; error status if the handler raised."""
-        opened = self._open.pop(id(batch), None)
+        opened = self._open.pop(id(handled.batch), None)
         if opened is None:
             return
         span, token = opened
         otel_context.detach(token)  # type: ignore[arg-type]
+        error = handled.error
         if error is not None:
             if isinstance(error, Exception):
                 span.record_exception(error)

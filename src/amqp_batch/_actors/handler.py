@@ -14,7 +14,7 @@ from anyio import move_on_after
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from .._bodies import Decoder, decode_batch
-from .._hooks import BatchInfo, HookDispatcher
+from .._hooks import BatchInfo, HandledBatch, HookDispatcher
 from .._message import Message
 from .._results import BatchHandler, MessageResult
 from .acker import Outcome
@@ -289,10 +289,10 @@ async def _observed(
         outcomes = await _outcomes(batch, handler, fallback, guards, collect)
     except BaseException as exc:
         if handled is not None:
-            handled(info, (), time.perf_counter() - begin, exc)
+            handled(HandledBatch(info, (), time.perf_counter() - begin, exc))
         raise
     if handled is not None:
         results = [r for _, r in outcomes if isinstance(r, MessageResult)]
         error = errors[0] if errors else None
-        handled(info, results, time.perf_counter() - begin, error)
+        handled(HandledBatch(info, results, time.perf_counter() - begin, error))
     return outcomes
