@@ -49,16 +49,10 @@ TEST_FILES = [
 BACKENDS = ("asyncio", "trio")
 #: Rows that do not run on the aiormq transport, and why (its column says so).
 AIORMQ_NOT_RUN: dict[str, str] = {
-    "L1": "soak row (minutes): native only",
-    "F5": "soak row (minutes): native only",
-    "C1": "cluster rows (`test_cluster.py`): native only",
-    "C2": "cluster rows (`test_cluster.py`): native only",
-    "C3": "cluster rows (`test_cluster.py`): native only",
-    "C4": "cluster rows (`test_cluster.py`): native only",
-    "P1": "the library's `Publisher` (`test_publisher.py`): native only",
+    "L1": "soak row (minutes, `nox -s soak`): native only",
+    "F5": "soak row (minutes, `nox -s soak`): native only; R3 is a kill -9 on aiormq",
     "B2": "aiormq gives the REQUEUE copy of a message without properties a "
     "`message_id` (docs/how-to/transports.md)",
-    "S2": "secrets in logs and reprs (`test_secrets.py`): native only",
 }
 
 #: The reliability matrix: row -> (scenario, what must hold).

@@ -27,6 +27,7 @@ import pytest
 from tests.support.cluster import Cluster, cluster_proxies, declared_queue
 from tests.support.fault_proxy import FaultProxy
 from tests.support.invariant import Recorder, Report, check, publish_numbered
+from tests.support.transports import make_transport, over_transports
 
 from amqp_batch import (
     BatchConsumer,
@@ -84,8 +85,9 @@ class Watched(BatchConsumer[BatchConsumerSettings]):
         self,
         settings: BatchConsumerSettings,
         handler: Callable[[Sequence[Message]], AsyncIterator[MessageResult]],
+        transport: Any,
     ) -> None:
-        super().__init__(settings)
+        super().__init__(settings, transport=transport)
         self._handle = handler
         #: (time, url) of every entry into CONSUMING.
         self.consuming: list[tuple[float, str]] = []
@@ -226,10 +228,13 @@ class Run:
 
 
 @asynccontextmanager
-async def running(cluster: Cluster, name: str) -> AsyncIterator[Run]:
+async def running(
+    cluster: Cluster, name: str, transport_kind: str
+) -> AsyncIterator[Run]:
     """Queues declared (through node 1) and proxies up; ``run.consumer`` is
-    ready to be entered (its first connection goes to node 0). The queues go
-    at the end, through whichever node still runs."""
+    ready to be entered (its first connection goes to node 0), on a transport of
+    ``transport_kind``. The queues go at the end, through whichever node still
+    runs."""
     dlx, dlq = f"{name}-dlx", f"{name}-dlq"
     async with admin_channel(cluster.nodes[1].url) as channel:
         await channel.exchange_declare(dlx, "topic", durable=True)
@@ -259,7 +264,7 @@ async def running(cluster: Cluster, name: str) -> AsyncIterator[Run]:
             )
             recorder = Recorder(_decide, max_requeue=MAX_REQUEUE)
             hold = Hold(recorder)
-            consumer = Watched(settings, hold.handler)
+            consumer = Watched(settings, hold.handler, make_transport(transport_kind))
             yield Run(cluster, proxies, name, dlq, recorder, hold, consumer)
     finally:
         await cleanup(cluster.any_running().url, queues=[name, dlq], exchanges=[dlx])
@@ -272,8 +277,9 @@ async def _thread(function: Callable[..., Any], *args: Any) -> Any:
 # --------------------------------------------------------------------- C1
 
 
+@over_transports
 async def test_c1_kill_the_consumers_node_mid_batch(
-    healed: Cluster, unique_name: str, figures: Any
+    healed: Cluster, unique_name: str, figures: Any, transport_kind: str
 ) -> None:
     """kill -9 of the node the consumer is connected to, with a batch in the
     handler and REQUEUE traffic: the worker consumes again on another node within
@@ -282,7 +288,7 @@ async def test_c1_kill_the_consumers_node_mid_batch(
     cluster = healed
     with anyio.fail_after(150):
         async with (
-            running(cluster, unique_name) as run,
+            running(cluster, unique_name, transport_kind) as run,
             anyio.create_task_group() as group,
         ):
             async with run.consumer:
@@ -315,15 +321,16 @@ async def test_c1_kill_the_consumers_node_mid_batch(
 # --------------------------------------------------------------------- C2
 
 
+@over_transports
 async def test_c2_kill_the_quorum_queue_leader(
-    healed: Cluster, unique_name: str, figures: Any
+    healed: Cluster, unique_name: str, figures: Any, transport_kind: str
 ) -> None:
     """kill -9 of the node that leads the quorum queue: a new leader is elected
     among the two others and consuming resumes; nothing confirmed is lost."""
     cluster = healed
     with anyio.fail_after(150):
         async with (
-            running(cluster, unique_name) as run,
+            running(cluster, unique_name, transport_kind) as run,
             anyio.create_task_group() as group,
         ):
             # Opened during the election, node 0 first (not the old leader): a
@@ -333,6 +340,7 @@ async def test_c2_kill_the_quorum_queue_leader(
                 connection_name=f"{unique_name}-producer",
                 reconnect_backoff_base=0.05,
                 reconnect_backoff_cap=BACKOFF_CAP,
+                transport=make_transport(transport_kind),
             )
             async with run.consumer:
                 await run.publish(100)
@@ -402,8 +410,9 @@ class Feed:
             await self._progress.wait()
 
 
+@over_transports
 async def test_c3_rolling_restart_with_the_library_publisher(
-    healed: Cluster, unique_name: str, figures: Any
+    healed: Cluster, unique_name: str, figures: Any, transport_kind: str
 ) -> None:
     """The broker application of each node is restarted in turn (stop_app,
     start_app, wait until it rejoined) while the library's Publisher (the three
@@ -412,7 +421,7 @@ async def test_c3_rolling_restart_with_the_library_publisher(
     cluster = healed
     restarts: list[float] = []
     with anyio.fail_after(180):
-        async with running(cluster, unique_name) as run:
+        async with running(cluster, unique_name, transport_kind) as run:
             feed = Feed(run)
             publisher = Publisher(
                 [proxy.url_for() for proxy in run.proxies],
@@ -420,6 +429,7 @@ async def test_c3_rolling_restart_with_the_library_publisher(
                 reconnect_backoff_base=0.05,
                 reconnect_backoff_cap=BACKOFF_CAP,
                 heartbeat=HEARTBEAT,
+                transport=make_transport(transport_kind),
             )
             async with run.consumer:
                 async with publisher, anyio.create_task_group() as group:
@@ -450,8 +460,9 @@ async def test_c3_rolling_restart_with_the_library_publisher(
 # --------------------------------------------------------------------- C4
 
 
+@over_transports
 async def test_c4_one_node_cut_off_by_its_proxy(
-    healed: Cluster, unique_name: str, figures: Any
+    healed: Cluster, unique_name: str, figures: Any, transport_kind: str
 ) -> None:
     """The consumer's node becomes unreachable (its proxy stops forwarding: a
     one-node partition as the client sees it). The worker notices within 2 x
@@ -459,7 +470,7 @@ async def test_c4_one_node_cut_off_by_its_proxy(
     cut-off session held; every id is acked or dead-lettered."""
     cluster = healed
     with anyio.fail_after(150):
-        async with running(cluster, unique_name) as run:
+        async with running(cluster, unique_name, transport_kind) as run:
             async with run.consumer:
                 await run.publish(100)
                 await run.recorder.wait_seen(20, timeout=30)

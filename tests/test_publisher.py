@@ -19,6 +19,7 @@ import pytest
 from tests.support.cluster import declared_queue
 from tests.support.fault_proxy import FaultProxy
 from tests.support.rabbit_node import PrivateNode
+from tests.support.transports import make_transport, over_transports
 
 from amqp_batch import AuthenticationError, ConnectionRefused, Publisher, PublishTimeout
 from consumer_support import admin_channel, drain
@@ -75,8 +76,9 @@ def _copies(deliveries: list[Any]) -> tuple[collections.Counter[str], dict[str, 
     return copies, message_ids
 
 
+@over_transports
 async def test_p1_publishes_survive_cuts_and_a_broker_restart(
-    destructive_node: PrivateNode, queue: str, figures: Any
+    destructive_node: PrivateNode, queue: str, figures: Any, transport_kind: str
 ) -> None:
     """Two publishers, four tasks each, publish while their connections are cut
     (FIN, RST, the broker's ``close_connection``) and the broker application is
@@ -95,6 +97,7 @@ async def test_p1_publishes_survive_cuts_and_a_broker_restart(
                 connection_name=f"{queue}-p{n}",
                 reconnect_backoff_base=0.05,
                 reconnect_backoff_cap=0.5,
+                transport=make_transport(transport_kind),
             )
             for n in range(2)
         ]

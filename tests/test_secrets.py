@@ -31,6 +31,7 @@ import anyio
 import pytest
 from tests.support.invariant import Recorder, check, publish_numbered
 from tests.support.rabbit_node import PrivateNode
+from tests.support.transports import make_transport, over_transports
 
 import amqp_batch
 import amqp_batch.testing
@@ -116,12 +117,19 @@ def _log_texts(caplog: pytest.LogCaptureFixture) -> list[str]:
     return texts
 
 
+@over_transports
 async def test_s2_never_in_debug_logs_or_errors(
     private_node: PrivateNode,
     s2_user: str,
     debug_logs: pytest.LogCaptureFixture,
     figures: Any,
+    transport_kind: str,
 ) -> None:
+    # Each consumer and publisher gets a fresh transport of the row's kind: on
+    # aiormq, aiormq's own DEBUG logs are searched too.
+    def transport() -> Any:
+        return make_transport(transport_kind)
+
     port, dead = private_node.amqp_port, _dead_port()
     queue = unique_name("s2")
     recorder = Recorder(
@@ -149,7 +157,9 @@ async def test_s2_never_in_debug_logs_or_errors(
     try:
         with anyio.fail_after(30):
             # A full consume, with republishes.
-            async with batch_consumer(settings, recorder.handler) as consumer:
+            async with batch_consumer(
+                settings, recorder.handler, transport=transport()
+            ) as consumer:
                 confirmed = await publish_numbered(private_node.url, queue, 10)
                 await recorder.wait_decided(confirmed, timeout=10)
                 # A reconnect: tries the dead primary URL again (a failed
@@ -174,7 +184,7 @@ async def test_s2_never_in_debug_logs_or_errors(
             )
             report.assert_holds()
             # A Publisher with the same URL.
-            async with Publisher(_url(port)) as publisher:
+            async with Publisher(_url(port), transport=transport()) as publisher:
                 await publisher.publish(b"x", routing_key=queue)
                 texts += [repr(publisher), str(publisher)]
             # Failed connects.
@@ -185,18 +195,22 @@ async def test_s2_never_in_debug_logs_or_errors(
                 bad = BatchConsumerSettings(url=url, queue_name=queue)
                 texts += [repr(bad), str(bad)]
                 try:
-                    async with batch_consumer(bad, recorder.handler):
+                    async with batch_consumer(
+                        bad, recorder.handler, transport=transport()
+                    ):
                         pytest.fail("must not connect")
                 except (AuthenticationError, UnknownVirtualHost) as exc:
                     errors[name] = exc
                 # Through serve() in a task group: the error in an exception group.
                 try:
                     async with anyio.create_task_group() as group:
-                        group.start_soon(BatchConsumer(bad).serve)
+                        group.start_soon(
+                            BatchConsumer(bad, transport=transport()).serve
+                        )
                 except BaseExceptionGroup as exc:
                     errors[f"{name}-group"] = exc
             try:
-                async with Publisher(_url(dead)):
+                async with Publisher(_url(dead), transport=transport()):
                     pytest.fail("must not connect")
             except ConnectionRefused as exc:
                 errors["refused"] = exc
