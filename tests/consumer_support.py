@@ -206,6 +206,9 @@ class FakePublisher:
 class FakeConfirmation:
     """A confirm that arrives at the next checkpoint, or ``error``."""
 
+    #: Never in before ``wait`` (it always checkpoints).
+    done = False
+
     def __init__(self, error: BaseException | None = None) -> None:
         self.error = error
 

@@ -308,6 +308,8 @@ class GatedPublisher(FakePublisher):
 
 
 class _GatedConfirmation:
+    done = False  # held until the test releases it
+
     def __init__(
         self, gate: GatedPublisher, inner: FakeConfirmation, body: bytes
     ) -> None:
@@ -418,6 +420,8 @@ class HeldPublisher(FakePublisher):
 
 
 class _HeldConfirmation:
+    done = False  # held until the test releases it
+
     def __init__(self, gate: HeldPublisher, inner: FakeConfirmation) -> None:
         self.gate, self.inner = gate, inner
 

@@ -443,6 +443,10 @@ class _InFlightConfirmation:
         self._inner = inner
         self._counter = counter
 
+    @property
+    def done(self) -> bool:
+        return bool(self._inner.done)
+
     async def wait(self) -> None:
         try:
             await self._inner.wait()

@@ -13,6 +13,7 @@ import pytest
 
 from amqp_batch import MessageResult, WorkerHealth, WorkerState
 from amqp_batch._actors.handler import handle_batch, run_handler_runner
+from amqp_batch._actors.planner import Applied, DeadLetter, Fate
 from amqp_batch._hooks import (
     EVENTS,
     BatchInfo,
@@ -21,6 +22,7 @@ from amqp_batch._hooks import (
     HookDispatcher,
     Settlement,
     SettleOutcome,
+    settlement_reporter,
 )
 from amqp_batch._message import Message
 from amqp_batch._transport._base import Delivery
@@ -91,6 +93,58 @@ def test_only_overridden_events_are_dispatched() -> None:
     settlement = Settlement(message(), MessageResult.ACK, SettleOutcome.ACKED)
     dispatcher.settled(2, "orders", [settlement])
     assert recorder.calls == [("settled", (2, "orders", (settlement,)))]
+
+
+def test_the_acker_reports_each_record_as_a_settlement() -> None:
+    """What the acker applied reaches ``settled`` as a read-only sequence of
+    settlements: one per record, in order, the same objects on every read."""
+    recorder = Recorder()
+    report = settlement_reporter(HookDispatcher([recorder]), 1, "orders")
+    assert report is not None
+    messages = [message(tag) for tag in (1, 2, 3, 4)]
+    records = [
+        Applied(messages[0], MessageResult.ACK, Fate.ACKED),
+        Applied(messages[1], MessageResult.NACK, Fate.DEAD_LETTERED, "rejected"),
+        Applied(messages[2], MessageResult.REQUEUE, Fate.REPUBLISHED),
+        Applied(
+            messages[3],
+            DeadLetter("invalid-retry-count: x"),
+            Fate.REJECTED,
+            "invalid-retry-count: x",
+        ),
+    ]
+    report(records)
+    [(event, (worker, queue, seen))] = recorder.calls
+    assert (event, worker, queue) == ("settled", 1, "orders")
+    assert seen == (
+        Settlement(messages[0], MessageResult.ACK, SettleOutcome.ACKED),
+        Settlement(
+            messages[1], MessageResult.NACK, SettleOutcome.DEAD_LETTERED, "rejected"
+        ),
+        Settlement(messages[2], MessageResult.REQUEUE, SettleOutcome.REPUBLISHED),
+        Settlement(messages[3], None, SettleOutcome.REJECTED, "invalid-retry-count: x"),
+    )
+
+
+def test_the_reported_sequence_reads_like_a_list() -> None:
+    seen: list[Sequence[Settlement]] = []
+
+    class Keeper(ConsumerHooks):
+        def settled(
+            self, worker: int, queue: str, settlements: Sequence[Settlement]
+        ) -> None:
+            seen.append(settlements)
+
+    report = settlement_reporter(HookDispatcher([Keeper()]), 0, "q")
+    assert report is not None
+    messages = [message(tag) for tag in (1, 2, 3)]
+    report([Applied(m, MessageResult.ACK, Fate.ACKED) for m in messages])
+    [settlements] = seen
+    assert len(settlements) == 3
+    assert [s.message for s in settlements] == messages
+    assert settlements[0] is settlements[0] and settlements[-1] is list(settlements)[2]
+    assert [s.message for s in settlements[1:]] == messages[1:]
+    assert "3 settlements" in repr(settlements)
 
 
 def test_a_failing_hook_is_logged_counted_and_ignored(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from amqp_batch import MessageResult, WorkerHealth, WorkerState
+from amqp_batch._actors.planner import Applied, DeadLetter, Fate
 from amqp_batch._hooks import (
     BatchInfo,
     HandledBatch,
     HookDispatcher,
     Settlement,
+    Settlements,
     SettleOutcome,
 )
 from amqp_batch._message import Message
@@ -69,6 +71,35 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None
     return registry.get_sample_value(name, labels)
 
 
+#: How the settlements reach the hook: a list (as a user's code or a test
+#: would call it), or the consumer's own sequence, made from the acker's records.
+SHAPES = ["list", "consumer"]
+
+
+def shaped(settlements: list[Settlement], shape: str) -> Sequence[Settlement]:
+    if shape == "list":
+        return settlements
+    fates = {
+        SettleOutcome.ACKED: Fate.ACKED,
+        SettleOutcome.REJECTED: Fate.REJECTED,
+        SettleOutcome.REPUBLISHED: Fate.REPUBLISHED,
+        SettleOutcome.REQUEUED: Fate.REQUEUED,
+        SettleOutcome.DEAD_LETTERED: Fate.DEAD_LETTERED,
+    }
+    records = [
+        Applied(
+            s.message,
+            DeadLetter("invalid-retry-count: x") if s.result is None else s.result,
+            fates[s.outcome],
+            s.reason,
+        )
+        for s in settlements
+    ]
+    made = Settlements(records)
+    assert list(made) == settlements  # the same settlements, either way
+    return Settlements(records)  # a fresh one: nothing made before the hook
+
+
 def settle(results: Mapping[int, MessageResult | None]) -> list[Settlement]:
     outcome = {
         MessageResult.ACK: SettleOutcome.ACKED,
@@ -115,8 +146,9 @@ def test_a_batch_through_the_handler(
     assert bucket == 1
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 def test_settlements_count_results_and_release_unsettled(
-    registry: CollectorRegistry, hooks: PrometheusHooks
+    registry: CollectorRegistry, hooks: PrometheusHooks, shape: str
 ) -> None:
     hooks.batch_started(
         BatchInfo(worker=0, queue="orders", messages=[message(n) for n in range(6)])
@@ -129,7 +161,7 @@ def test_settlements_count_results_and_release_unsettled(
         4: MessageResult.REQUEUE_IMMEDIATE,
         5: None,
     }
-    hooks.settled(0, "orders", settle(results))
+    hooks.settled(0, "orders", shaped(settle(results), shape))
     for result, count in [
         ("ack", 2),
         ("nack", 1),
@@ -144,15 +176,16 @@ def test_settlements_count_results_and_release_unsettled(
     assert value(registry, "amqp_batch_unsettled_deliveries", queue="orders") == 0
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 def test_end_to_end_delay_from_the_timestamp_property(
-    registry: CollectorRegistry, hooks: PrometheusHooks
+    registry: CollectorRegistry, hooks: PrometheusHooks, shape: str
 ) -> None:
     sent = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=3)
     settlements = [
         Settlement(message(1, timestamp=sent), MessageResult.ACK, SettleOutcome.ACKED),
         Settlement(message(2), MessageResult.ACK, SettleOutcome.ACKED),
     ]
-    hooks.settled(0, "orders", settlements)
+    hooks.settled(0, "orders", shaped(settlements, shape))
     name = "amqp_batch_end_to_end_delay_seconds"
     assert value(registry, f"{name}_count", queue="orders") == 1  # only the stamped
     delay = value(registry, f"{name}_sum", queue="orders")

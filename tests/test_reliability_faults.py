@@ -706,6 +706,10 @@ class _TrackingConfirmation:
         self._transport = transport
         self._message_id = message_id
 
+    @property
+    def done(self) -> bool:
+        return bool(self._inner.done)
+
     async def wait(self) -> None:
         await self._inner.wait()
         if self._message_id is not None:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, overload
 
 import attrs
 
@@ -285,23 +285,79 @@ def settlement_reporter(
         return None
 
     def report(applied: Sequence[Applied]) -> None:
-        settled(
-            worker,
-            queue,
-            [
-                Settlement(
-                    record.message,
-                    record.disposition
-                    if isinstance(record.disposition, MessageResult)
-                    else None,
-                    _OUTCOMES[record.fate.value],
-                    record.reason,
-                )
-                for record in applied
-            ],
-        )
+        settled(worker, queue, Settlements(applied))
 
     return report
+
+
+def _settlement(record: Applied) -> Settlement:
+    disposition = record.disposition
+    return Settlement(
+        record.message,
+        disposition if isinstance(disposition, MessageResult) else None,
+        _OUTCOMES[record.fate._value_],
+        record.reason,
+    )
+
+
+class Settlements(Sequence[Settlement]):
+    """The settlements of one ``settled`` call, made when a hook first reads
+    them (internal: hooks see a read-only ``Sequence[Settlement]``).
+
+    One is made per message, so a hook that only counts results
+    (:class:`~amqp_batch.prometheus.PrometheusHooks`) reads :meth:`tally`
+    instead and none are made unless another hook reads them.
+    """
+
+    __slots__ = ("_made", "_records")
+
+    def __init__(self, records: Sequence[Applied]) -> None:
+        self._records = records
+        self._made: list[Settlement] | None = None
+
+    def _all(self) -> list[Settlement]:
+        made = self._made
+        if made is None:
+            made = self._made = [_settlement(record) for record in self._records]
+        return made
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @overload
+    def __getitem__(self, index: int) -> Settlement: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Settlement]: ...
+
+    def __getitem__(self, index: int | slice) -> Settlement | Sequence[Settlement]:
+        return self._all()[index]
+
+    def __iter__(self) -> Iterator[Settlement]:
+        return iter(self._all())
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} settlements>"
+
+    def tally(self) -> tuple[dict[str, int], list[Message]]:
+        """How many settled per result (its value; ``"dead_letter"`` when the
+        library decided without the handler), and the messages that carry a
+        ``timestamp``."""
+        counts: dict[str, int] = {}
+        stamped: list[Message] = []
+        for record in self._records:
+            disposition = record.disposition
+            # _value_ is a plain attribute; .value is a property (slower).
+            label = (
+                disposition._value_
+                if isinstance(disposition, MessageResult)
+                else "dead_letter"
+            )
+            counts[label] = counts.get(label, 0) + 1
+            message = record.message
+            if message.timestamp is not None:
+                stamped.append(message)
+        return counts, stamped
 
 
 def confirm_reporter(

@@ -36,8 +36,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from ._exceptions import ChannelClosed, TransportError
 from ._exports import set_public_module
-from ._hooks import BatchInfo, ConsumerHooks, HandledBatch, Settlement
+from ._hooks import BatchInfo, ConsumerHooks, HandledBatch, Settlement, Settlements
 from ._http import HTTPServerError, serve_http
+from ._message import Message
 from ._publisher import default_transport
 from ._transport._base import Transport
 from ._transport._url import ConnectionParameters
@@ -98,9 +99,17 @@ METRIC_NAMES = (
 )
 
 
-def _result_label(settlement: Settlement) -> str:
-    result = settlement.result
-    return "dead_letter" if result is None else result.value
+def _tally(
+    settlements: Sequence[Settlement],
+) -> tuple[dict[str, int], list[Message]]:
+    """:meth:`Settlements.tally` for any sequence of settlements."""
+    counts: dict[str, int] = {}
+    for settlement in settlements:
+        result = settlement.result
+        label = "dead_letter" if result is None else result._value_
+        counts[label] = counts.get(label, 0) + 1
+    stamped = [s.message for s in settlements if s.message.timestamp is not None]
+    return counts, stamped
 
 
 class PrometheusHooks(ConsumerHooks):
@@ -230,17 +239,17 @@ class PrometheusHooks(ConsumerHooks):
         self, worker: int, queue: str, settlements: Sequence[Settlement]
     ) -> None:
         """Results applied (one ``inc`` per result kind), end-to-end delays."""
-        counts: dict[str, int] = {}
-        now = 0.0
-        delay: Any = None
-        for settlement in settlements:
-            label = _result_label(settlement)
-            counts[label] = counts.get(label, 0) + 1
-            stamp = settlement.message.timestamp
-            if stamp is not None:
-                if delay is None:
-                    now = time.time()
-                    delay = self._child(self.end_to_end_delay, "e2e", queue=queue)
+        if isinstance(settlements, Settlements):
+            # The consumer's own: counted from its records, no Settlement made.
+            counts, stamped = settlements.tally()
+        else:
+            counts, stamped = _tally(settlements)
+        if stamped:
+            now = time.time()
+            delay = self._child(self.end_to_end_delay, "e2e", queue=queue)
+            for message in stamped:
+                stamp = message.timestamp
+                assert stamp is not None
                 delay.observe(max(0.0, now - stamp.timestamp()))
         for label, count in counts.items():
             self._child(self.messages, "msg", queue=queue, result=label).inc(count)

@@ -106,9 +106,12 @@ def _attributes(batch: BatchInfo) -> dict[str, Any]:
 def _links(messages: Sequence[Message]) -> list[Link]:
     links = []
     for message in messages:
-        link = extract_link(message.properties.headers)
-        if link is not None:
-            links.append(link)
+        headers = message.properties.headers
+        # Most messages carry no trace context: no call for them.
+        if headers and "traceparent" in headers:
+            link = extract_link(headers)
+            if link is not None:
+                links.append(link)
     return links
 
 

@@ -28,8 +28,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 
-from anyio import Event, create_task_group, current_time, move_on_at
-from anyio.abc import ObjectReceiveStream, TaskGroup
+from anyio import EndOfStream, Event, create_task_group, current_time, move_on_at
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .._exceptions import MessageNacked, MessageReturned
 from .._message import Message
@@ -44,12 +45,14 @@ from .planner import (
     Applied,
     DeadLetter,
     Disposition,
+    Fate,
     Plan,
     Publish,
     Republish,
     Settle,
     plan,
 )
+from .streams import receive
 
 __all__ = [
     "PUBLISH_GRACE",
@@ -61,6 +64,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("amqp_batch.acker")
+
+#: Bound once (reading an enum member costs about ten times a global).
+_ACK_RESULT, _ACKED = MessageResult.ACK, Fate.ACKED
 
 #: Seconds without any confirm, while copies are pending, after which the acker
 #: stops holding back the other settlements for them (publishing is stalled).
@@ -128,7 +134,7 @@ class Acker:
         #: Set once ``run`` sent the last frames: the sender task ends.
         self._done = False
 
-    async def run(self, outcomes: ObjectReceiveStream[list[Outcome]]) -> None:
+    async def run(self, outcomes: MemoryObjectReceiveStream[list[Outcome]]) -> None:
         """Settle outcomes until every sender closed its end of ``outcomes``.
 
         The publisher connection is opened on the first publish and closed when
@@ -143,7 +149,11 @@ class Acker:
             # task), so it is closed before the group: the pool must be idle then.
             async with AsyncExitStack() as stack:
                 self._stack = stack
-                async for batch in outcomes:
+                while True:
+                    try:
+                        batch = await receive(outcomes)
+                    except EndOfStream:
+                        break
                     await self._settle(batch)
                 if self._pending:
                     assert self._idle is not None
@@ -165,10 +175,13 @@ class Acker:
         publishes: list[_ToStart] = []
         resolve = self._ledger.resolve
         bare_ack, policy = self._bare_ack, self._policy
-        ack = Action.ACK
+        ack, acked = Action.ACK, _ACKED
         for message, disposition in batch:
             if disposition is bare_ack:  # the common case, inline
                 resolve(message.delivery_tag, ack)
+                continue
+            if disposition is _ACK_RESULT:  # an ACK that on_applied hears of
+                resolve(message.delivery_tag, Applied(message, disposition, acked))
                 continue
             planned = plan(message, disposition, policy)
             if planned.reason == MAX_REQUEUE_ATTEMPTS:
@@ -262,10 +275,20 @@ class Acker:
         self, publisher: PublisherSession, in_flight: list[_InFlight], started_at: float
     ) -> None:
         """Wait for one batch's publishes (started at ``started_at``) in order;
-        resolve each original."""
+        resolve each original.
+
+        The clock (``_progress``, for the stall watch and the confirm latency)
+        is read when this task runs: at its start and after each confirm it had
+        to wait for. A confirm that is in already arrived while this task was
+        not running, so no later than that reading (most are: one frame from
+        the broker confirms many publishes).
+        """
+        self._progress = current_time()
         for started in in_flight:
+            waits = not started[3].done
             applied = await self._confirmed(publisher, started)
-            self._progress = current_time()
+            if waits:
+                self._progress = current_time()
             if self._on_copy_confirmed is not None:
                 self._on_copy_confirmed(self._progress - started_at)
             self._ledger.resolve(applied.message.delivery_tag, applied)

@@ -21,14 +21,15 @@ from anyio import (
     current_time,
     move_on_at,
 )
-from anyio.abc import ObjectSendStream, TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._message import Message
 from .._retry import InvalidRetryCount, parse_retry_count
 from .._transport._base import Delivery
 from .acker import DeadLetter, Outcome
 from .ledger import AckLedger
+from .streams import receive, send
 
 __all__ = ["Intake", "run_batcher"]
 
@@ -58,8 +59,8 @@ class Intake:
 async def run_batcher(
     deliveries: MemoryObjectReceiveStream[Delivery],
     ledger: AckLedger,
-    to_handler: ObjectSendStream[list[Message]],
-    to_acker: ObjectSendStream[list[Outcome]],
+    to_handler: MemoryObjectSendStream[list[Message]],
+    to_acker: MemoryObjectSendStream[list[Outcome]],
     *,
     batch_size: int,
     batch_timeout: float,
@@ -149,16 +150,16 @@ async def _collect(
 
 async def _flush(
     invalid: list[Outcome],
-    to_acker: ObjectSendStream[list[Outcome]],
+    to_acker: MemoryObjectSendStream[list[Outcome]],
     batch: list[Message],
-    to_handler: ObjectSendStream[list[Message]],
+    to_handler: MemoryObjectSendStream[list[Message]],
 ) -> None:
     """Sent outside the intake's cancel scope: a cancelled send could not tell
     whether the item was taken."""
     if invalid:
-        await to_acker.send(invalid)
+        await send(to_acker, invalid)
     if batch:
-        await to_handler.send(batch)
+        await send(to_handler, batch)
 
 
 def _retry_count(
@@ -184,7 +185,7 @@ async def _first(
         await gate()  # the kill switch lets this batch start
     if carried is not None:
         return carried
-    return await deliveries.receive()
+    return await receive(deliveries)
 
 
 def _dead_letter(delivery: Delivery, exc: InvalidRetryCount) -> Outcome:

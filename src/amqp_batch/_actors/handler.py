@@ -11,7 +11,8 @@ from contextlib import aclosing
 from typing import Any
 
 from anyio import move_on_after
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.abc import ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 from .._bodies import Decoder, decode_batch
 from .._hooks import BatchInfo, HandledBatch, HookDispatcher
@@ -19,6 +20,7 @@ from .._message import Message
 from .._results import BatchHandler, MessageResult
 from .acker import Outcome
 from .guards import Collect, HandlerGuards, run_guarded
+from .streams import send
 
 __all__ = ["collect_results", "handle_batch", "run_handler_runner"]
 
@@ -205,7 +207,7 @@ def _consume(
 
 async def run_handler_runner(
     batches: ObjectReceiveStream[list[Message]],
-    to_acker: ObjectSendStream[list[Outcome]],
+    to_acker: MemoryObjectSendStream[list[Outcome]],
     handler: BatchHandler,
     *,
     fallback: MessageResult,
@@ -232,7 +234,7 @@ async def run_handler_runner(
         async for received in batches:
             batch, undecodable = decode_batch(received, decoder)
             if undecodable:
-                await to_acker.send(undecodable)
+                await send(to_acker, undecodable)
             if not batch:
                 continue
             if observed:
@@ -245,7 +247,7 @@ async def run_handler_runner(
                 outcomes = await _outcomes(
                     batch, handler, fallback, guards, collect_results
                 )
-            await to_acker.send(outcomes)
+            await send(to_acker, outcomes)
 
 
 async def _outcomes(

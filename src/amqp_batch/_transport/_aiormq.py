@@ -690,6 +690,11 @@ class AiormqConfirmation:
             self._error = error
             self._done.set()
 
+    @property
+    def done(self) -> bool:
+        """True once the outcome is recorded."""
+        return self._done.is_set()
+
     async def wait(self) -> None:
         """Return once confirmed; raise on a nack, a return or a lost connection."""
         await self._done.wait()

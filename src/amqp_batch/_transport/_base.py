@@ -172,6 +172,12 @@ class Confirmation(Protocol):
     """The broker's answer to one publish started with
     :meth:`PublisherSession.start_publish`."""
 
+    @property
+    def done(self) -> bool:
+        """True once the outcome is in: :meth:`wait` then returns (or raises)
+        without waiting for the broker."""
+        ...
+
     async def wait(self) -> None:
         """Return once the broker confirmed the publish.
 

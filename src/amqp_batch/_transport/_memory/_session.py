@@ -135,6 +135,11 @@ class MemoryConfirmation(Confirmation):
         except (MessageNacked, MessageReturned, ChannelClosed) as exc:
             self._error = exc
 
+    @property
+    def done(self) -> bool:
+        """True once the message was routed (its outcome is known)."""
+        return self._route is None
+
     async def wait(self) -> None:
         if self._route is not None:
             await self._unblocked()
