@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import nox
@@ -98,7 +101,15 @@ def _group(name: str) -> list[str]:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite (a private RabbitMQ node is started for it)."""
+    """Run the test suite (a private RabbitMQ node is started for it).
+
+    Without arguments, in two pytest processes side by side: the cluster group
+    (``-m cluster``: three private nodes of its own, mostly waiting for them to
+    boot, elect and rejoin) and everything else (``-m "not cluster"``, with the
+    session's private node). They share no node, port or queue name. The
+    cluster group's output follows the other's. Arguments after ``--`` run one
+    pytest process with them instead.
+    """
     session.install("-e", ".", *_group("test"), "aiormq")
     # Installs Debian's rabbitmq-server when missing (root only; never starts or
     # stops the machine's own broker), else explains what to install.
@@ -106,7 +117,33 @@ def tests(session: nox.Session) -> None:
     # Debian's prometheus for the one real-scrape test; never fails (without apt
     # that test skips and says why).
     session.run("python", "-m", "tests.support.prometheus_server", "--ensure")
-    session.run("python", "-m", "pytest", *session.posargs)
+    if session.posargs:
+        session.run("python", "-m", "pytest", *session.posargs)
+        return
+    cluster_failed = False
+    with tempfile.TemporaryFile() as cluster_log:
+        bin_dir = session.bin
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+        cluster = subprocess.Popen(
+            [f"{bin_dir}/python", "-m", "pytest", "-m", "cluster"],
+            stdin=subprocess.DEVNULL,
+            stdout=cluster_log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+        session.log("the cluster group (-m cluster) runs beside, its output follows")
+        try:
+            session.run("python", "-m", "pytest", "-m", "not cluster")
+        finally:
+            cluster_failed = cluster.wait() != 0
+            cluster_log.seek(0)
+            session.log("the cluster group (-m cluster):")
+            sys.stdout.flush()
+            sys.stdout.buffer.write(cluster_log.read())
+            sys.stdout.flush()
+    if cluster_failed:
+        session.error("the cluster group (-m cluster) failed")
 
 
 @nox.session(python=False)

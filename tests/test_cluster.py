@@ -52,7 +52,7 @@ MAX_REQUEUE = 2
 LAG = 40
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """Three private nodes joined into one cluster; stopped at the end, always."""
     nodes = Cluster(3)

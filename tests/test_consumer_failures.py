@@ -144,6 +144,10 @@ async def test_cut_connection_only_that_worker_reconnects(
                 )
                 cut_done.set()
                 await all_seen.wait()
+                # The other worker may have handled the rest before this one
+                # is back: wait for its reconnect.
+                while consumer.health()[0].reconnect_count < 1:  # noqa: ASYNC110 - health() is a snapshot API
+                    await anyio.sleep(0.01)
             health = consumer.health()
         assert health[0].reconnect_count >= 1
         assert health[1].reconnect_count == 0

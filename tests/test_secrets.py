@@ -162,6 +162,12 @@ async def test_s2_never_in_debug_logs_or_errors(
             ) as consumer:
                 confirmed = await publish_numbered(private_node.url, queue, 10)
                 await recorder.wait_decided(confirmed, timeout=10)
+                # Decided is not yet settled on the broker: wait until it holds
+                # no unacknowledged message, so the cut finds no ack in flight.
+                while await anyio.to_thread.run_sync(  # noqa: ASYNC110 - polling the broker
+                    private_node.queue_counts, queue
+                ) != (0, 0):
+                    await anyio.sleep(0.01)
                 # A reconnect: tries the dead primary URL again (a failed
                 # connect), then the working one.
                 await anyio.to_thread.run_sync(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator
@@ -197,15 +198,27 @@ async def _step(session: Any, held: dict[str, int], command: tuple[Any, ...]) ->
     raise ValueError(f"unknown command {command!r}")
 
 
-def cut_connections(node: Any, connection_name: str) -> int:
+def cut_connections(node: Any, connection_name: str, count: int) -> int:
     """The broker closes (320 CONNECTION_FORCED) every connection named
-    ``connection_name``; how many. One ``rabbitmqctl eval`` (``close_connection``
-    of the node helper takes several ``rabbitmqctl`` calls, seconds each here)."""
+    ``connection_name``, once ``count`` of them are open; how many. One
+    ``eval`` (``close_connection`` of the node helper lists and closes one at a
+    time). A session is opened after its ``open`` command was answered, so the
+    connections are waited for: the broker lists them, running, in a few ms."""
+    deadline = time.monotonic() + WAIT
+    while (
+        sum(
+            c["name"] == connection_name and c["state"] == "running"
+            for c in node.list_connections()
+        )
+        < count
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
     name = connection_name.replace("\\", "").replace('"', "")
     found = node.eval(
         "Pids = [P || P <- rabbit_networking:connections(), "
         "case rabbit_networking:connection_info(P, [client_properties]) of "
-        "[{client_properties, Props}] -> "
+        "[{client_properties, Props}] when is_list(Props) -> "
         f'lists:keyfind(<<"connection_name">>, 1, Props) =:= '
         f'{{<<"connection_name">>, longstr, <<"{name}">>}}; '
         "_ -> false end], "
@@ -341,7 +354,7 @@ class Driver:
 
     async def cut(self) -> None:
         closed = await anyio.to_thread.run_sync(
-            cut_connections, self.node, self.connection_name
+            cut_connections, self.node, self.connection_name, 2
         )
         assert closed == 2
         assert await self.both("cut") == ("lost", 320)
@@ -686,7 +699,7 @@ async def test_no_aiormq_task_outlives_a_session_even_after_a_cut(
         async with aiormq.open_session(spec) as two:
             await two.deliveries.receive()
             closed = await anyio.to_thread.run_sync(
-                cut_connections, private_node, unique_name
+                cut_connections, private_node, unique_name, 1
             )
             assert closed == 1
             with anyio.fail_after(WAIT):

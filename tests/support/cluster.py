@@ -25,7 +25,6 @@ memory (RSS of the three ``beam.smp``).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import subprocess
@@ -42,6 +41,7 @@ from tests.support.fault_proxy import FaultProxy
 from tests.support.rabbit_node import (
     NodeCommandError,
     PrivateNode,
+    _erl_string,
     _pid_alive,
     _port_open,
     _wait_until,
@@ -82,15 +82,23 @@ class ClusterNode(PrivateNode):
         os.chown(cookie, stat.st_uid, stat.st_gid)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the VM gracefully (``rabbitmqctl stop``), keeping its data:
+        """Stop the VM gracefully (as ``rabbitmqctl stop`` does), keeping its data:
         :meth:`start` boots it again and it rejoins the cluster."""
         pid = self._require_pid()
-        self._run_ctl(["stop", str(self._dir / "node.pid")], timeout=timeout)
-        if not _wait_until(lambda: not _pid_alive(pid), timeout):
+        if not self._stop_and_halt(timeout):
             raise RuntimeError(f"{self.node_name} (pid {pid}) did not stop")
         self._kill_processes()  # helpers (epmd excepted) may outlive the VM
         self.os_pid = None
         _wait_until(lambda: not _port_open(self.amqp_port), 5)
+
+    def join_cluster(self, first: str) -> None:
+        """``rabbitmqctl join_cluster FIRST`` (a disc node; the broker
+        application stopped): what the CLI runs, through the node's shell."""
+        result = self.eval(
+            f"rabbit_mnesia:join_cluster(list_to_atom({_erl_string(first)}), disc)."
+        )
+        if result not in ("ok", "{ok,already_member}"):
+            raise NodeCommandError(["join_cluster", first], 1, result)
 
     @property
     def running(self) -> bool:
@@ -175,8 +183,8 @@ class Cluster:
             _parallel(lambda node: node.start(), self.nodes)
             first = self.nodes[0].node_name
             for node in self.nodes[1:]:
-                node.ctl("stop_app")
-                node.ctl("join_cluster", first)
+                node.stop_app()
+                node.join_cluster(first)
                 node.start_app()
             self.wait_running(self.nodes)
         except BaseException:
@@ -222,15 +230,21 @@ class Cluster:
         """The names of the nodes whose broker application runs, as the cluster
         sees them."""
         node = via or self.any_running()
-        status = json.loads(node.ctl("cluster_status", "--formatter", "json", "-q"))
-        return set(status.get("running_nodes", []))
+        # What `rabbitmqctl cluster_status` reads, through the node's shell.
+        output = node.eval_binary(
+            'iolist_to_binary(lists:join(" ", [atom_to_list(N) || N <- '
+            "proplists:get_value(running_nodes, rabbit_mnesia:status(), [])]))."
+        )
+        return set(output.split())
 
     def wait_running(self, nodes: Iterable[ClusterNode], timeout: float = 60) -> None:
         """Wait until every node of ``nodes`` runs as a member of the cluster."""
         wanted = {node.node_name for node in nodes}
 
         def ready() -> bool:
-            with contextlib.suppress(NodeCommandError, subprocess.TimeoutExpired):
+            with contextlib.suppress(
+                NodeCommandError, TimeoutError, subprocess.TimeoutExpired
+            ):
                 return wanted <= self.running_nodes()
             return False
 
@@ -240,25 +254,19 @@ class Cluster:
     def quorum_queue(
         self, name: str, via: ClusterNode | None = None, vhost: str = "/"
     ) -> QueueMembers:
-        """Leader and members of quorum queue ``name`` (``rabbitmqctl
-        list_queues name leader members online``), asked of ``via`` or any
-        running node."""
+        """Leader and members of quorum queue ``name`` (what ``rabbitmqctl
+        list_queues name type leader members online`` lists), asked of ``via``
+        or any running node."""
         node = via or self.any_running()
-        output = node.ctl(
-            "list_queues", "-p", vhost, "name", "type", "leader", "members",
-            "online", "--formatter", "json", "-q",
-        )  # fmt: skip
-        for queue in json.loads(output):
-            if queue["name"] == name:
-                if queue.get("type") != "quorum":
-                    raise ValueError(f"{name} is a {queue.get('type')} queue")
-                return QueueMembers(
-                    name=name,
-                    leader=str(queue["leader"]),
-                    members=tuple(queue.get("members") or ()),
-                    online=tuple(queue.get("online") or ()),
-                )
-        raise KeyError(f"no queue {name!r} in vhost {vhost!r}")
+        queue = node.queue_info(name, ["type", "leader", "members", "online"], vhost)
+        if queue["type"] != "quorum":
+            raise ValueError(f"{name} is a {queue['type']} queue")
+        return QueueMembers(
+            name=name,
+            leader=queue["leader"],
+            members=tuple(filter(None, queue["members"].split(","))),
+            online=tuple(filter(None, queue["online"].split(","))),
+        )
 
     def wait_leader(
         self,
@@ -274,7 +282,11 @@ class Cluster:
 
         def elected() -> bool:
             with contextlib.suppress(
-                NodeCommandError, KeyError, RuntimeError, subprocess.TimeoutExpired
+                NodeCommandError,
+                KeyError,
+                RuntimeError,
+                TimeoutError,
+                subprocess.TimeoutExpired,
             ):
                 members = self.quorum_queue(name)
                 if (
@@ -335,7 +347,11 @@ class Cluster:
 
         def settled() -> bool:
             with contextlib.suppress(
-                NodeCommandError, KeyError, RuntimeError, subprocess.TimeoutExpired
+                NodeCommandError,
+                KeyError,
+                RuntimeError,
+                TimeoutError,
+                subprocess.TimeoutExpired,
             ):
                 return self.any_running().queue_counts(name) == (0, 0)
             return False

@@ -23,7 +23,6 @@ import argparse
 import atexit
 import contextlib
 import errno
-import json
 import os
 import pwd
 import re
@@ -40,6 +39,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+
+from tests.support.erlang_shell import ErlangShell, ShellError
 
 if TYPE_CHECKING:
     import trustme
@@ -65,11 +66,12 @@ INSTALL_HINT = (
 )
 # Node names we create: amqpbatch-<owning pid>-<random hex>@localhost
 _NODE_NAME_RE = re.compile(rf"^{NODE_PREFIX}-(\d+)-[0-9a-f]+@localhost$")
-_CONNECTION_NAME_RE = re.compile(r'\{"connection_name","((?:[^"\\]|\\.)*)"\}')
 _ADVANCED_CONFIG = "[].\n"
 # rabbit application settings that the helpers change and reset() puts back.
 _RESETTABLE_SETTINGS = ("consumer_timeout", "channel_tick_interval", "max_message_size")
 _ENABLED_PLUGINS = "[].\n"
+#: The acting user the CLI records for its changes (an Erlang binary literal).
+_CLI_USER = '<<"rmq-cli">>'
 
 
 class RabbitMQNotInstalled(RuntimeError):
@@ -158,6 +160,16 @@ def ensure_rabbitmq_installed() -> Path:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _erl_binary(text: str) -> str:
+    """An Erlang binary literal of ``text`` (UTF-8), safe for any content."""
+    return "<<" + ",".join(str(byte) for byte in text.encode()) + ">>"
+
+
+def _erl_string(text: str) -> str:
+    """An Erlang string (list) literal of ``text`` (code points)."""
+    return "[" + ",".join(str(ord(char)) for char in text) + "]"
 
 
 def _free_port(taken: set[int], all_interfaces: bool = False) -> int:
@@ -324,6 +336,7 @@ class PrivateNode:
         self._user: pwd.struct_passwd | None = None
         self._defaults: dict[str, str] = {}
         self._atexit_registered = False
+        self._shell: ErlangShell | None = None
 
     # ----------------------------------------------------------------- public facts
 
@@ -408,17 +421,28 @@ class PrivateNode:
         """
         try:
             if self.os_pid is not None and _pid_alive(self.os_pid):
-                with contextlib.suppress(NodeCommandError, subprocess.TimeoutExpired):
-                    self._run_ctl(["stop", str(self._dir / "node.pid")], timeout=20)
+                self._stop_and_halt(timeout=20)
             self._kill_processes()
         finally:
             self.os_pid = None
+            if self._shell is not None:
+                self._shell.close()
+                self._shell = None
             if self.base_dir is not None:
                 shutil.rmtree(self.base_dir, ignore_errors=True)
                 self.base_dir = None
             if self._atexit_registered:
                 atexit.unregister(self.stop)
                 self._atexit_registered = False
+
+    def _stop_and_halt(self, timeout: float) -> bool:
+        """What ``rabbitmqctl stop PIDFILE`` does: ``rabbit:stop_and_halt()`` on
+        the node (through the shell), then wait until the VM exited."""
+        pid = self._require_pid()
+        # The call usually ends with the connection to the halting node.
+        with contextlib.suppress(NodeCommandError, TimeoutError):
+            self.eval("rabbit:stop_and_halt().", timeout)
+        return _wait_until(lambda: not _pid_alive(pid), timeout)
 
     def kill9(self) -> None:
         """Crash the node: SIGKILL its Erlang VM and wait until it is gone.
@@ -434,12 +458,18 @@ class PrivateNode:
         _wait_until(lambda: not _port_open(self.amqp_port), 5)
 
     def stop_app(self) -> None:
-        """``rabbitmqctl stop_app``: the broker application stops, the VM stays."""
-        self.ctl("stop_app")
+        """``rabbitmqctl stop_app``: the broker application stops, the VM stays.
+
+        Runs what the CLI runs (``rabbit:stop()``) through the shell.
+        """
+        self._expect_ok("stop_app", "rabbit:stop().")
 
     def start_app(self) -> None:
-        """``rabbitmqctl start_app``, then wait until the AMQP port accepts again."""
-        self.ctl("start_app")
+        """``rabbitmqctl start_app``, then wait until the AMQP port accepts again.
+
+        Runs what the CLI runs (``rabbit:start()``) through the shell.
+        """
+        self._expect_ok("start_app", "rabbit:start().")
         if not _wait_until(lambda: _port_open(self.amqp_port), 30, 0.1):
             raise NodeStartError(f"{self.node_name}: AMQP port closed after start_app")
 
@@ -473,9 +503,38 @@ class PrivateNode:
         """Run ``rabbitmqctl -n NODE ARGS...``; return stdout, raise on failure."""
         return self._run_ctl(list(args), timeout=timeout)
 
-    def eval(self, expr: str) -> str:
-        """Evaluate an Erlang expression on the node; return the printed result."""
-        return self.ctl("eval", expr).strip()
+    def eval(self, expr: str, timeout: float = 60.0) -> str:
+        """Evaluate an Erlang expression on the node; return the printed result.
+
+        The same as ``rabbitmqctl eval`` (``erl_eval`` on the node, the result
+        printed with ``~p``), through the node's long-lived :class:`ErlangShell`
+        instead of a new CLI VM per call; a failure raises
+        :class:`NodeCommandError`.
+        """
+        return self._shell_call(expr, timeout).strip()
+
+    def eval_binary(self, expr: str, timeout: float = 60.0) -> str:
+        """Evaluate an expression whose result is a binary; return it as text."""
+        return self._shell_call(expr, timeout, raw=True)
+
+    def _shell_call(self, expr: str, timeout: float, raw: bool = False) -> str:
+        if self._shell is None:
+            self._shell = ErlangShell(
+                self.node_name,
+                self._env(),
+                self._popen_kwargs(),
+                self._dir / "shell.log",
+            )
+        try:
+            return self._shell.call(expr, timeout, raw=raw)[1]
+        except ShellError as exc:
+            raise NodeCommandError(["eval", expr], 1, str(exc)) from exc
+
+    def _expect_ok(self, command: str, expr: str, timeout: float = 60.0) -> None:
+        """Evaluate ``expr``, which must return ``ok`` (as the CLI command does)."""
+        result = self.eval(expr, timeout)
+        if result != "ok":
+            raise NodeCommandError([command], 1, result)
 
     def list_connections(self) -> list[dict[str, Any]]:
         """The node's client connections as ``{"pid", "name", "state"}`` dicts.
@@ -484,19 +543,32 @@ class PrivateNode:
         pid string is what ``rabbitmqctl close_connection`` accepts; ``state`` is
         the broker's (``running``, ``blocked``, ``closing``...).
         """
-        output = self.ctl(
-            "list_connections", "pid", "state", "client_properties", "-q", "-s"
+        # What `rabbitmqctl list_connections pid state client_properties` lists
+        # (every running node's connections), one tab-separated line each, the
+        # name hex-encoded ("-" when the client gave none).
+        output = self.eval_binary(
+            "iolist_to_binary([begin "
+            "Props = case proplists:get_value(client_properties, C) of "
+            "L when is_list(L) -> L; _ -> [] end, "  # `none` in the handshake
+            'Name = case lists:keyfind(<<"connection_name">>, 1, Props) of '
+            '{_, longstr, N} -> binary:encode_hex(N); _ -> <<"-">> end, '
+            "[rabbit_misc:pid_to_string(proplists:get_value(pid, C)), 9, "
+            'io_lib:format("~s", [proplists:get_value(state, C)]), 9, Name, 10] '
+            "end || C <- rabbit_networking:connection_info_all("
+            "[pid, state, client_properties])])."
         )
         connections: list[dict[str, Any]] = []
         for line in output.splitlines():
             if not line.strip():
                 continue
-            pid, state, properties = [*line.split("\t", 2), "", ""][:3]
-            match = _CONNECTION_NAME_RE.search(properties)
-            name = None
-            if match is not None:
-                name = match.group(1).replace('\\"', '"').replace("\\\\", "\\")
-            connections.append({"pid": pid.strip(), "name": name, "state": state})
+            pid, state, name = line.split("\t")
+            connections.append(
+                {
+                    "pid": pid,
+                    "name": None if name == "-" else bytes.fromhex(name).decode(),
+                    "state": state,
+                }
+            )
         return connections
 
     def close_connection(
@@ -513,7 +585,11 @@ class PrivateNode:
         ]
         for pid in pids:
             with contextlib.suppress(NodeCommandError):  # it may have gone already
-                self.ctl("close_connection", pid, reason)
+                # What `rabbitmqctl close_connection PID REASON` runs.
+                self.eval(
+                    "rabbit_networking:close_connection(rabbit_misc:string_to_pid("
+                    f"{_erl_string(pid)}), {_erl_binary(reason)})."
+                )
 
         def gone() -> bool:
             return not any(
@@ -526,12 +602,33 @@ class PrivateNode:
         return len(pids)
 
     def set_memory_alarm(self) -> None:
-        """Raise the memory alarm: the broker blocks publishing connections."""
-        self.eval("rabbit_alarm:set_alarm({{resource_limit, memory, node()}, []}).")
+        """Raise the memory alarm: the broker blocks publishing connections.
+
+        Returns once every connection has heard of it (see :meth:`_alarm`).
+        """
+        self._alarm("rabbit_alarm:set_alarm({{resource_limit, memory, node()}, []})")
 
     def clear_memory_alarm(self) -> None:
-        """Clear the memory alarm raised by :meth:`set_memory_alarm`."""
-        self.eval("rabbit_alarm:clear_alarm({resource_limit, memory, node()}).")
+        """Clear the memory alarm raised by :meth:`set_memory_alarm`.
+
+        Returns once every connection has heard of it (see :meth:`_alarm`).
+        """
+        self._alarm("rabbit_alarm:clear_alarm({resource_limit, memory, node()})")
+
+    def _alarm(self, change: str) -> None:
+        """Make an alarm ``change`` and wait until it is in force.
+
+        ``rabbit_alarm`` takes the change as an event and tells each connection
+        by a message. A call to ``rabbit_alarm`` after it returns once the
+        alarm handler told them all; a call to each connection process after
+        that returns once the connection handled that message, so a publish
+        sent from then on is held back (or no longer) for sure.
+        """
+        self.eval(
+            f"{change}, rabbit_alarm:get_alarms(), "
+            "[catch rabbit_networking:connection_info(P, [state]) "
+            "|| P <- rabbit_networking:connections()], ok."
+        )
 
     def set_consumer_timeout(self, ms: int, tick_interval_ms: int = 500) -> None:
         """Set the delivery-acknowledgement timeout (and a fast channel tick).
@@ -551,35 +648,86 @@ class PrivateNode:
         self.eval(f"application:set_env(rabbit, max_message_size, {int(nbytes)}).")
 
     def delete_queue(self, name: str, vhost: str = "/") -> None:
-        """Delete a queue under its consumers (they get ``basic.cancel``)."""
-        self.ctl("delete_queue", "-p", vhost, name)
+        """Delete a queue under its consumers (they get ``basic.cancel``).
+
+        What ``rabbitmqctl delete_queue -p VHOST NAME`` runs, through the shell.
+        """
+        result = self.eval(
+            f"case rabbit_amqqueue:lookup(rabbit_misc:r({_erl_binary(vhost)}, queue, "
+            f"{_erl_binary(name)})) of {{ok, Q}} -> rabbit_amqqueue:delete(Q, false, "
+            'false, <<"rmq-cli">>); Error -> Error end.'
+        )
+        if not result.startswith("{ok,"):
+            raise NodeCommandError(["delete_queue", "-p", vhost, name], 1, result)
 
     def add_vhost(self, name: str, users: Sequence[str] = ("guest",)) -> None:
-        """Create a vhost and give ``users`` full permissions on it."""
-        self.ctl("add_vhost", name)
+        """Create a vhost and give ``users`` full permissions on it.
+
+        What ``rabbitmqctl add_vhost`` and ``set_permissions`` run, through the
+        shell.
+        """
+        self._expect_ok(
+            "add_vhost", f"rabbit_vhost:add({_erl_binary(name)}, {_CLI_USER})."
+        )
         for user in users:
-            self.ctl("set_permissions", "-p", name, user, ".*", ".*", ".*")
+            self._set_permissions(user, name)
+
+    def _set_permissions(self, user: str, vhost: str) -> None:
+        everything = _erl_binary(".*")
+        self._expect_ok(
+            "set_permissions",
+            "rabbit_auth_backend_internal:set_permissions("
+            f"{_erl_binary(user)}, {_erl_binary(vhost)}, "
+            f"{everything}, {everything}, {everything}, {_CLI_USER}).",
+        )
 
     def add_user(
         self, name: str, password: str, vhosts: Sequence[str] = ("/",)
     ) -> None:
-        """Create a user with full permissions on ``vhosts``."""
-        self.ctl("add_user", name, password)
+        """Create a user with full permissions on ``vhosts``.
+
+        What ``rabbitmqctl add_user`` and ``set_permissions`` run, through the
+        shell.
+        """
+        self._expect_ok(
+            "add_user",
+            "rabbit_auth_backend_internal:add_user("
+            f"{_erl_binary(name)}, {_erl_binary(password)}, {_CLI_USER}).",
+        )
         for vhost in vhosts:
-            self.ctl("set_permissions", "-p", vhost, name, ".*", ".*", ".*")
+            self._set_permissions(name, vhost)
 
     def queue_counts(self, name: str, vhost: str = "/") -> tuple[int, int]:
         """``(messages_ready, messages_unacknowledged)`` of a queue, or KeyError."""
-        output = self.ctl(
-            "list_queues", "-p", vhost, "name", "messages_ready",
-            "messages_unacknowledged", "--formatter", "json", "-q",
-        )  # fmt: skip
-        for queue in json.loads(output):
-            if queue["name"] == name:
-                return int(queue["messages_ready"]), int(
-                    queue["messages_unacknowledged"]
-                )
-        raise KeyError(f"no queue {name!r} in vhost {vhost!r}")
+        info = self.queue_info(name, ["messages_ready", "messages_unacknowledged"])
+        return int(info["messages_ready"]), int(info["messages_unacknowledged"])
+
+    def queue_info(
+        self, name: str, items: Sequence[str], vhost: str = "/"
+    ) -> dict[str, str]:
+        """``rabbitmqctl list_queues ITEMS`` for one queue: item -> value as text
+        (a list's elements joined with commas), or KeyError.
+
+        As the CLI does, the queue's node answers (a quorum queue's leader: its
+        counts live there), through the shell.
+        """
+        keys = ", ".join(items)
+        output = self.eval_binary(
+            f"case rabbit_amqqueue:lookup(rabbit_misc:r({_erl_binary(vhost)}, queue, "
+            f"{_erl_binary(name)})) of "
+            "{ok, Q} -> "
+            "Node = case amqqueue:get_pid(Q) of {_, N} -> N; P -> node(P) end, "
+            f"Info = erpc:call(Node, rabbit_amqqueue, info, [Q, [{keys}]], 30000), "
+            "Text1 = fun(V) when is_binary(V) -> V; (V) when is_atom(V) -> "
+            'atom_to_list(V); (V) -> io_lib:format("~p", [V]) end, '
+            'Text = fun(V) when is_list(V) -> lists:join(",", [Text1(E) || E <- V]); '
+            "(V) -> Text1(V) end, "
+            "iolist_to_binary([[atom_to_list(K), 9, Text(V), 10] || {K, V} <- Info]); "
+            '_ -> <<"not_found">> end.'
+        )
+        if output == "not_found":
+            raise KeyError(f"no queue {name!r} in vhost {vhost!r}")
+        return dict(line.split("\t", 1) for line in output.splitlines() if line)
 
     # ----------------------------------------------------------------- internals
 
@@ -750,8 +898,11 @@ class PrivateNode:
                 raise NodeStartError(self._failure("did not boot in time"))
             time.sleep(0.1)
         remaining = max(5.0, deadline - time.monotonic())
-        self._run_ctl(
-            ["await_startup", "--timeout", str(int(remaining))], remaining + 5
+        # What `rabbitmqctl await_startup` runs, through the shell.
+        self._expect_ok(
+            "await_startup",
+            f"rabbit:await_startup(node(), false, {int(remaining * 1000)}).",
+            remaining + 5,
         )
 
     @staticmethod
