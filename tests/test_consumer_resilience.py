@@ -385,8 +385,14 @@ async def test_results_of_a_dead_session_are_dropped(
     # All 20 were prefetched by the dead session, so all come back redelivered.
     redelivered = [i for i, again in seen if again]
     assert sorted(redelivered, key=int) == ids
-    assert [i for i, again in seen if not again] == first_batch
-    assert health.results["ack"] in (20, 25)  # 25 if the dead acks were counted
+    # The first batch was in the handler at the cut. A transport that reads the
+    # broker's close only later (aiormq, in its own reader) may still hand over
+    # the batches collected meanwhile: whole batches, in order, each once.
+    fresh = [i for i, again in seen if not again]
+    assert fresh[:5] == first_batch == ids[:5]
+    assert fresh == ids[: len(fresh)] and len(fresh) % 5 == 0, fresh
+    # Acks sent on the dead session may be counted; none on the new one twice.
+    assert 20 <= health.results["ack"] <= 20 + len(fresh)
     await _assert_queue_empty(private_node.url, queue)
 
 
