@@ -366,10 +366,7 @@ async def test_results_of_a_dead_session_are_dropped(
         async with batch_consumer(settings, handle, transport=transport) as consumer:
             await in_handler.wait()
             # The cut comes once the broker delivered all 20 to this session.
-            while await anyio.to_thread.run_sync(  # noqa: ASYNC110 - polling the broker
-                private_node.queue_counts, queue
-            ) != (0, 20):
-                await anyio.sleep(0.01)
+            await _wait_for(lambda: private_node.queue_counts(queue) == (0, 20))
             closed = await anyio.to_thread.run_sync(
                 private_node.close_connection, f"{queue}-w0"
             )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,12 @@ import pytest
 import trustme
 from pamqp import body, commands, frame, header
 from pamqp.base import Frame
-from tests.support.rabbit_node import PrivateNode, _pid_alive, _processes_of_node
+from tests.support.rabbit_node import (
+    PrivateNode,
+    _pid_alive,
+    _processes_of_node,
+    _wait_until,
+)
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 FRAME_METHOD = 1
@@ -230,14 +234,16 @@ def _recovered_counts(node: PrivateNode, queue: str) -> tuple[int, int]:
     restart from a crash, ``await_startup`` has been seen to return while the
     durable queue was not in the queue table yet (the CLI's own start-up used
     to hide it). Polled, for 30 s at most."""
-    deadline = time.monotonic() + 30
-    while True:
+
+    def recovered() -> bool:
         try:
-            return node.queue_counts(queue)
+            node.queue_counts(queue)
         except KeyError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+            return False
+        return True
+
+    _wait_until(recovered, 30)
+    return node.queue_counts(queue)  # KeyError if it never came back
 
 
 @pytest.mark.private_node  # boots a node of its own

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator
@@ -35,6 +34,7 @@ import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.support.rabbit_node import _wait_until
 from tests.support.transports import make_transport, over_transports
 
 from amqp_batch import (
@@ -204,16 +204,17 @@ def cut_connections(node: Any, connection_name: str, count: int) -> int:
     ``eval`` (``close_connection`` of the node helper lists and closes one at a
     time). A session is opened after its ``open`` command was answered, so the
     connections are waited for: the broker lists them, running, in a few ms."""
-    deadline = time.monotonic() + WAIT
-    while (
-        sum(
-            c["name"] == connection_name and c["state"] == "running"
-            for c in node.list_connections()
-        )
-        < count
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.01)
+    _wait_until(
+        lambda: (
+            sum(
+                c["name"] == connection_name and c["state"] == "running"
+                for c in node.list_connections()
+            )
+            >= count
+        ),
+        WAIT,
+        0.01,
+    )
     name = connection_name.replace("\\", "").replace('"', "")
     found = node.eval(
         "Pids = [P || P <- rabbit_networking:connections(), "
