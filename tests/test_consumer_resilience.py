@@ -111,7 +111,10 @@ async def test_failover_url_used_when_the_first_url_is_dead(
     """``url`` points at a dead port. ``primary``: both workers start there,
     back off once and consume on the failover URL (the node); ``spread``:
     worker 1 starts on the failover URL. Every id is acked; health names the
-    error without the password."""
+    error without the password. (The dead URL is skipped for
+    ``reconnect_backoff_cap`` seconds after it failed; a long cap keeps a busy
+    machine's slow back-off from reaching it again, while the back-off itself
+    stays short: ``reconnect_backoff_base`` times two.)"""
     dead = f"amqp://guest:{SECRET}@127.0.0.1:{_dead_port()}/"
     handled: list[str] = []
     done = anyio.Event()
@@ -121,6 +124,7 @@ async def test_failover_url_used_when_the_first_url_is_dead(
         failover_urls=(private_node.url,),
         num_workers=2,
         url_order=url_order,
+        reconnect_backoff_cap=60.0,
     )
     assert SECRET not in repr(settings)
     async with admin_channel(private_node.url) as channel:
