@@ -13,6 +13,7 @@ import signal
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 from tests.support.invariant import Report
 
@@ -152,6 +153,74 @@ async def test_a_killed_process_is_restarted_and_its_messages_redelivered(
             ), (message_id, lines.starts[message_id])
     finally:
         await cleanup(broker_url, [queue])
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie (exited, not yet reaped by whoever
+    inherited it)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def test_children_drain_and_exit_when_the_supervisor_is_killed(
+    broker_url: str, unique_name: str, anyio_backend: str, tmp_path: Path
+) -> None:
+    """SIGKILL of the supervisor while both children have batches in their
+    handlers: each child sees the supervisor gone, finishes and acks what it
+    holds, and exits; none keeps consuming as an orphan."""
+    queue = unique_name
+    async with admin_channel(broker_url) as channel:
+        await channel.queue_declare(queue, durable=True)
+        ids = await publish_ids(channel, range(200), routing_key=queue)
+    args = command(
+        broker_url, queue, anyio_backend,
+        "--batch-size", "5", "--prefetch", "20", "--max-concurrent-batches", "2",
+    )  # fmt: skip
+    pids: set[str] = set()
+
+    def both_busy(line: str) -> bool:
+        if line.startswith("start "):
+            pids.add(line.split()[1])
+        return len(pids) == 2
+
+    try:
+        async with cli_process(
+            args, cwd=tmp_path, env={"AMQP_BATCH_TEST_WORK": "2"}
+        ) as cli:
+            await cli.expect(both_busy, timeout=60)
+            cli.process.kill()
+            # The children share the supervisor's output: its end comes when
+            # the last child has closed it.
+            code = await cli.finish(timeout=SHUTDOWN_TIMEOUT + 20)
+        assert code == -signal.SIGKILL
+        assert cli.output.count("the supervisor is gone: stopping gracefully") == 2
+        with anyio.fail_after(10):
+            while not all(_gone(int(pid)) for pid in pids):  # noqa: ASYNC110 - not ours to wait for
+                await anyio.sleep(0.01)
+        lines = Lines(cli)
+        unfinished = set(lines.starts) - set(lines.acks)
+        assert not unfinished, (sorted(unfinished, key=int), cli.output)
+        async with admin_channel(broker_url) as channel:
+            remaining = ids_of(await drain(channel, queue))
+        report = lines.report(ids, remaining)
+        report.assert_holds(allow_still_queued=True)
+        assert remaining, "the children stopped consuming: some ids stay queued"
+        assert sorted(remaining + list(lines.acks), key=int) == ids
+    finally:
+        await cleanup(broker_url, [queue])
+
+
+def test_a_child_refuses_a_lifeline_that_is_no_pipe(
+    broker_url: str, unique_name: str, tmp_path: Path
+) -> None:
+    env = {"AMQP_BATCH_SUPERVISOR_FD": "not-a-descriptor"}
+    args = ["run", "cli_supervised:handle", "--url", broker_url, "-q", unique_name]
+    result = run_cli(args, cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "AMQP_BATCH_SUPERVISOR_FD='not-a-descriptor' names no pipe" in result.stderr
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

@@ -38,6 +38,7 @@ from ._common import (
     describe,
     option,
 )
+from ._lifeline import take_lifeline, watch_lifeline
 from ._target import Target, load_target
 
 if sys.version_info < (3, 11):
@@ -564,6 +565,7 @@ async def serve(
 ) -> int:
     """Check the broker, then consume until SIGINT/SIGTERM (or print the settings
     with ``--check``); the exit code."""
+    lifeline = take_lifeline()
     monitor = Monitor(settings)
     metrics = metrics_hooks(args)
     hooks = [monitor] if metrics is None else [monitor, metrics]
@@ -590,7 +592,7 @@ async def serve(
             settings.batch_timeout,
             args.backend,
         )
-        return await consume(consumer, monitor, metrics, args)
+        return await consume(consumer, monitor, metrics, args, lifeline)
 
 
 async def consume(
@@ -598,9 +600,11 @@ async def consume(
     monitor: Monitor,
     metrics: PrometheusHooks | None,
     args: argparse.Namespace,
+    lifeline: int | None = None,
 ) -> int:
     """Run ``consumer`` (and the HTTP server and broker sampler with
-    ``metrics``) until it stops; the exit code."""
+    ``metrics``) until it stops, or until the supervisor that started this
+    process is gone (``lifeline``); the exit code."""
     try:
         async with anyio.create_task_group() as group:
             if metrics is not None:
@@ -616,6 +620,8 @@ async def consume(
                 group.start_soon(metrics.sample_consumer, consumer)
             if args.summary_interval > 0:
                 group.start_soon(monitor.report_every, consumer, args.summary_interval)
+            if lifeline is not None:
+                group.start_soon(watch_lifeline, lifeline, consumer.stop)
             await consumer.run()
             group.cancel_scope.cancel()
     except (Exception, BaseExceptionGroup) as exc:

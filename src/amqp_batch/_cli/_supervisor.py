@@ -14,7 +14,12 @@ supervisor. It:
   quick failure up to ``reconnect_backoff_cap``);
 - stops every child and exits with the child's status when a child exits 1 or 2
   (the consumer stopped on a non-retryable error, or could not start: bad
-  credentials, refused topology, bad settings), since a restart cannot fix that.
+  credentials, refused topology, bad settings), since a restart cannot fix that;
+- holds the write end of a pipe whose read end every child watches
+  (``_lifeline.py``): when the supervisor dies, even of SIGKILL, the
+  kernel closes it, each child reads end-of-file and drains as on SIGTERM, so no
+  consumer outlives its supervisor. (A pipe, not Linux's ``PR_SET_PDEATHSIG``: it
+  works on every POSIX system and needs no code between fork and exec.)
 
 Exit status: 0 stopped by a signal and every child drained; 1 or 2 as the child
 that failed (1 also when a child did not drain cleanly).
@@ -37,6 +42,7 @@ import attrs
 
 from .._settings import BatchConsumerSettings
 from ._common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CLIError
+from ._lifeline import SUPERVISOR_FD_ENV
 from ._run import build_settings
 from ._target import load_target
 
@@ -106,6 +112,10 @@ class _Supervisor:
     children: dict[int, anyio.abc.Process] = attrs.Factory(dict)
     fatal: int | None = None
     unclean: bool = False
+    #: The read end of the lifeline pipe, passed to every child; the write end
+    #: stays open in this process only (``os.pipe`` descriptors are not
+    #: inherited unless passed) until it exits.
+    lifeline: int = -1
 
     def stop(self, signum: signal.Signals) -> None:
         """Forward ``signum`` to every child; the first time, stop restarting."""
@@ -143,10 +153,14 @@ class _Supervisor:
         delay = self.settings.reconnect_backoff_base
         while not self.stopping.is_set():
             started = time.monotonic()
-            env = {**os.environ, "AMQP_BATCH_PROCESS_INDEX": str(index)}
+            env = {
+                **os.environ,
+                "AMQP_BATCH_PROCESS_INDEX": str(index),
+                SUPERVISOR_FD_ENV: str(self.lifeline),
+            }
             process = await anyio.open_process(
                 self.command, stdin=subprocess.DEVNULL, stdout=None, stderr=None,
-                env=env, start_new_session=True,
+                env=env, start_new_session=True, pass_fds=(self.lifeline,),
             )  # fmt: skip
             self.children[index] = process
             logger.info("process %d: started, pid %d", index, process.pid)
@@ -205,8 +219,13 @@ def supervise(
         args.target,
         settings.num_workers,
     )
-    supervisor = _Supervisor(command, args.processes, settings)
-    code: int = anyio.run(supervisor.run, backend=args.backend)
+    lifeline, keep_open = os.pipe()
+    supervisor = _Supervisor(command, args.processes, settings, lifeline=lifeline)
+    try:
+        code: int = anyio.run(supervisor.run, backend=args.backend)
+    finally:
+        os.close(lifeline)
+        os.close(keep_open)
     return code
 
 
