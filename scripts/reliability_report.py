@@ -134,8 +134,10 @@ MATRIX: dict[str, tuple[str, str]] = {
     ),
     "R3": (
         "broker kill -9 with NACKs and REQUEUE copies in flight "
-        "(`dead_letter_strategy=publish`)",
-        "every NACKed id reaches the dead-letter queue; invariant",
+        "(`dead_letter_strategy=publish`); and with copies waiting in quorum "
+        "delay queues",
+        "every NACKed id reaches the dead-letter queue; every waiting copy "
+        "comes back; invariant",
     ),
     "R4": (
         "a hung handler past `handler_timeout`",

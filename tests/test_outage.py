@@ -525,6 +525,95 @@ async def test_r3_broker_kill9_with_nacks_and_requeues_in_flight_loses_nothing(
     assert not report.still_queued
 
 
+@over_transports
+async def test_r3_broker_kill9_with_copies_waiting_in_quorum_delay_queues(
+    destructive_node: PrivateNode, figures: Any, transport: Any
+) -> None:
+    """A quorum work queue with a 2 s retry delay: the node is SIGKILLed while
+    REQUEUE copies wait in the (quorum) delay queue and NACK dead letters are
+    in flight, then booted on its data. The copies come back by at-least-once
+    dead-lettering: every REQUEUEd id is acked after its delay, every NACKed
+    id is in the dead-letter queue, nothing is lost, nothing waits forever.
+
+    The topology is declared and the node restarted cleanly before the run:
+    RabbitMQ 3.10.8 does not always restart a quorum queue's Raft member
+    after a kill -9 that comes seconds after the queue was declared (it has
+    no leader, its messages are out of reach and publishes to it are
+    nacked; docs/how-to/retries.md). A topology that existed before is what
+    a crash in production meets."""
+    node = destructive_node
+    url = node.url
+    queue, dlx, dlq = unique_name("crashq"), unique_name("dlx"), unique_name("dlq")
+    delays = (2.0,)
+    waiting = delay_queues(queue, delays)[0].name
+
+    def decide(message: Message) -> MessageResult:
+        number = int(message.message_id or 0)
+        if number % 3 == 0:
+            return MessageResult.NACK
+        if number % 3 == 1 and message.retry_count == 0:
+            return MessageResult.REQUEUE
+        return MessageResult.ACK
+
+    recorder = Recorder(decide, max_requeue=2)
+    settings = _outage_settings(
+        url,
+        queue,
+        dlx,
+        dlq,
+        queue_type="quorum",
+        retry_delays=delays,
+        prefetch_count=50,
+        batch_size=10,
+        max_requeue_attempts=2,
+        dead_letter_strategy="publish",
+        reconnect_backoff_base=0.05,
+        reconnect_backoff_cap=0.5,
+    )
+    try:
+        async with _Consumer(settings, recorder.handler, transport=transport):
+            pass
+        await anyio.to_thread.run_sync(node.stop_app)
+        await anyio.to_thread.run_sync(node.start_app)
+        with anyio.fail_after(150):
+            async with _Consumer(settings, recorder.handler, transport=transport):
+                confirmed = await publish_numbered(url, queue, 300)
+                await recorder.wait_seen(150, timeout=60)
+                # Quorum queue counts in list_queues lag by seconds; a passive
+                # declare asks the queue itself.
+                async with admin_channel(url) as channel:
+                    with anyio.fail_after(30):
+                        while not (copies := await message_count(channel, waiting)):  # noqa: ASYNC110 - the broker's count is a snapshot
+                            await anyio.sleep(0.01)
+                await anyio.to_thread.run_sync(node.kill9)
+                await anyio.to_thread.run_sync(node.start)
+                await recorder.wait_decided(confirmed, timeout=90)
+        report = await check(url, queue, dlq, recorder, confirmed)
+        async with admin_channel(url) as channel:
+            left_waiting = await message_count(channel, waiting)
+    finally:
+        await cleanup(url, queues=[queue, dlq, waiting], exchanges=[dlx])
+    nacked = {str(n) for n in range(300) if n % 3 == 0}
+    requeued = {str(n) for n in range(300) if n % 3 == 1}
+    figures.record(
+        "R3",
+        delay_queues="quorum",
+        copies_waiting_at_crash=copies,
+        nacked=len(nacked),
+        requeued=len(requeued),
+        dead_letter_duplicates=sum(n - 1 for n in report.dead_lettered.values()),
+        **report.figures(),
+    )
+    assert report.lost == frozenset(), sorted(report.lost)[:20]
+    assert report.unexpected == frozenset()
+    assert set(report.dead_lettered) == nacked
+    assert report.acked == report.confirmed - nacked
+    # Every REQUEUEd id came back from the delay queue as its copy.
+    assert {i for i, retry_count in recorder.seen if retry_count == 1} == requeued
+    assert not report.still_queued
+    assert left_waiting == 0
+
+
 # ------------------------------------ handler_timeout, rate limit, idempotency
 
 
