@@ -457,6 +457,36 @@ async def test_r7_forged_headers_never_choose_the_dead_letter_key(
 # ------------------------------------------- a broker crash with work in flight
 
 
+def _thirds(message: Message) -> MessageResult:
+    """Id n: NACK when n % 3 == 0, REQUEUE once when n % 3 == 1, else ACK."""
+    number = int(message.message_id or 0)
+    if number % 3 == 0:
+        return MessageResult.NACK
+    if number % 3 == 1 and message.retry_count == 0:
+        return MessageResult.REQUEUE
+    return MessageResult.ACK
+
+
+def _crash_settings(url: str, queue: str, dlx: str, dlq: str, **overrides: object):  # type: ignore[no-untyped-def]
+    """The kill -9 rows' consumer: 50 in flight, library dead letters, quick
+    reconnects."""
+    return _outage_settings(
+        url,
+        queue,
+        dlx,
+        dlq,
+        **{
+            "prefetch_count": 50,
+            "batch_size": 10,
+            "max_requeue_attempts": 2,
+            "dead_letter_strategy": "publish",
+            "reconnect_backoff_base": 0.05,
+            "reconnect_backoff_cap": 0.5,
+            **overrides,
+        },
+    )
+
+
 @over_transports
 async def test_r3_broker_kill9_with_nacks_and_requeues_in_flight_loses_nothing(
     destructive_node: PrivateNode, figures: Any, transport: Any
@@ -471,39 +501,16 @@ async def test_r3_broker_kill9_with_nacks_and_requeues_in_flight_loses_nothing(
     node = destructive_node
     url = node.url
     queue, dlx, dlq = unique_name("crash"), unique_name("dlx"), unique_name("dlq")
-    decided = anyio.Event()
-
-    def decide(message: Message) -> MessageResult:
-        number = int(message.message_id or 0)
-        if recorder.seen.total() >= 120:
-            decided.set()
-        if number % 3 == 0:
-            return MessageResult.NACK
-        if number % 3 == 1 and message.retry_count == 0:
-            return MessageResult.REQUEUE
-        return MessageResult.ACK
-
-    recorder = Recorder(decide, max_requeue=2)
-    settings = _outage_settings(
-        url,
-        queue,
-        dlx,
-        dlq,
-        prefetch_count=50,
-        batch_size=10,
-        max_requeue_attempts=2,
-        # Immediate copies: a copy waiting in a classic delay queue goes back
-        # by the broker's own dead-lettering, which is at-most-once across a
-        # crash (docs/how-to/retries.md); this row is about the library's part.
-        dead_letter_strategy="publish",
-        reconnect_backoff_base=0.05,
-        reconnect_backoff_cap=0.5,
-    )
+    recorder = Recorder(_thirds, max_requeue=2)
+    # Immediate copies: a copy waiting in a classic delay queue goes back by
+    # the broker's own dead-lettering, which is at-most-once across a crash
+    # (docs/how-to/retries.md); this row is about the library's part.
+    settings = _crash_settings(url, queue, dlx, dlq)
     try:
         with anyio.fail_after(150):
             async with _Consumer(settings, recorder.handler, transport=transport):
                 confirmed = await publish_numbered(url, queue, 300)
-                await decided.wait()
+                await recorder.wait_seen(120, timeout=60)
                 await anyio.to_thread.run_sync(node.kill9)
                 await anyio.to_thread.run_sync(node.start)
                 await recorder.wait_decided(confirmed, timeout=90)
@@ -546,29 +553,9 @@ async def test_r3_broker_kill9_with_copies_waiting_in_quorum_delay_queues(
     queue, dlx, dlq = unique_name("crashq"), unique_name("dlx"), unique_name("dlq")
     delays = (2.0,)
     waiting = delay_queues(queue, delays)[0].name
-
-    def decide(message: Message) -> MessageResult:
-        number = int(message.message_id or 0)
-        if number % 3 == 0:
-            return MessageResult.NACK
-        if number % 3 == 1 and message.retry_count == 0:
-            return MessageResult.REQUEUE
-        return MessageResult.ACK
-
-    recorder = Recorder(decide, max_requeue=2)
-    settings = _outage_settings(
-        url,
-        queue,
-        dlx,
-        dlq,
-        queue_type="quorum",
-        retry_delays=delays,
-        prefetch_count=50,
-        batch_size=10,
-        max_requeue_attempts=2,
-        dead_letter_strategy="publish",
-        reconnect_backoff_base=0.05,
-        reconnect_backoff_cap=0.5,
+    recorder = Recorder(_thirds, max_requeue=2)
+    settings = _crash_settings(
+        url, queue, dlx, dlq, queue_type="quorum", retry_delays=delays
     )
     try:
         async with _Consumer(settings, recorder.handler, transport=transport):

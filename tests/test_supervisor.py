@@ -11,6 +11,8 @@ import collections
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -68,15 +70,18 @@ class Lines:
         )
 
 
-async def test_sigterm_drains_batches_in_flight_in_every_process(
-    broker_url: str, unique_name: str, anyio_backend: str, tmp_path: Path
-) -> None:
-    queue = unique_name
-    async with admin_channel(broker_url) as channel:
+@asynccontextmanager
+async def busy_children(
+    url: str, queue: str, backend: str, tmp_path: Path
+) -> AsyncIterator[tuple[CLIProcess, list[str], set[str]]]:
+    """200 ids queued, the supervisor of 2 children started, each child with a
+    batch (of 5, 2 s of work) in its handler: the command, the ids and the
+    children's pids."""
+    async with admin_channel(url) as channel:
         await channel.queue_declare(queue, durable=True)
         ids = await publish_ids(channel, range(200), routing_key=queue)
     args = command(
-        broker_url, queue, anyio_backend,
+        url, queue, backend,
         "--batch-size", "5", "--prefetch", "20", "--max-concurrent-batches", "2",
     )  # fmt: skip
     pids: set[str] = set()
@@ -86,11 +91,20 @@ async def test_sigterm_drains_batches_in_flight_in_every_process(
             pids.add(line.split()[1])
         return len(pids) == 2
 
+    async with cli_process(
+        args, cwd=tmp_path, env={"AMQP_BATCH_TEST_WORK": "2"}
+    ) as cli:
+        await cli.expect(both_busy, timeout=60)
+        yield cli, ids, pids
+
+
+async def test_sigterm_drains_batches_in_flight_in_every_process(
+    broker_url: str, unique_name: str, anyio_backend: str, tmp_path: Path
+) -> None:
+    queue = unique_name
     try:
-        async with cli_process(
-            args, cwd=tmp_path, env={"AMQP_BATCH_TEST_WORK": "2"}
-        ) as cli:
-            await cli.expect(both_busy, timeout=60)
+        async with busy_children(broker_url, queue, anyio_backend, tmp_path) as busy:
+            cli, ids, _ = busy
             signalled = time.monotonic()
             cli.process.send_signal(signal.SIGTERM)
             code = await cli.finish(timeout=SHUTDOWN_TIMEOUT + 20)
@@ -172,25 +186,9 @@ async def test_children_drain_and_exit_when_the_supervisor_is_killed(
     handlers: each child sees the supervisor gone, finishes and acks what it
     holds, and exits; none keeps consuming as an orphan."""
     queue = unique_name
-    async with admin_channel(broker_url) as channel:
-        await channel.queue_declare(queue, durable=True)
-        ids = await publish_ids(channel, range(200), routing_key=queue)
-    args = command(
-        broker_url, queue, anyio_backend,
-        "--batch-size", "5", "--prefetch", "20", "--max-concurrent-batches", "2",
-    )  # fmt: skip
-    pids: set[str] = set()
-
-    def both_busy(line: str) -> bool:
-        if line.startswith("start "):
-            pids.add(line.split()[1])
-        return len(pids) == 2
-
     try:
-        async with cli_process(
-            args, cwd=tmp_path, env={"AMQP_BATCH_TEST_WORK": "2"}
-        ) as cli:
-            await cli.expect(both_busy, timeout=60)
+        async with busy_children(broker_url, queue, anyio_backend, tmp_path) as busy:
+            cli, ids, pids = busy
             cli.process.kill()
             # The children share the supervisor's output: its end comes when
             # the last child has closed it.
