@@ -533,15 +533,22 @@ class Bench:
         self.record("W1", AIORMQ, fill, ours("aiormq", url, n), count=n)
         self.record("W1", CEIL_AIO, fill, ours("ceiling", url, n), count=n)
         self.record("W1", AB_AIO, fill, ours("amqp-batch", url, n), count=n)
+        # Right after the row it is compared with: a measurement pays for the
+        # broker's background work left by the one before it (the message
+        # store's clean-up after a fast drain), so both follow a fast row.
+        self.baseline_row("W1", fill, ours("amqp-batch", url, n), n)
         observed = [*ours("amqp-batch", url, n), "--observe"]
         self.record("W1", AB_OBSERVED, fill, observed, count=n)
         command = ours("amqp-batch", url, n, transport="aiormq")
         self.record("W1", AB_AIORMQ, fill, command, count=n)
+
+    def baseline_row(
+        self, workload: str, fill: Callable[[], None], command: list[str], n: int
+    ) -> None:
+        """With ``--baseline``: one measurement of that commit's amqp-batch."""
         if self.baseline:
-            command = ours("amqp-batch", url, n)
-            self.record(
-                "W1", self.baseline.label, fill, command, count=n, baseline=True
-            )
+            label = self.baseline.label
+            self.record(workload, label, fill, command, count=n, baseline=True)
 
     def w2(self) -> None:
         n, url = self.n["W2"], self.url
@@ -553,17 +560,15 @@ class Bench:
         for label, env in OTHER_PEERS:
             command = ENVS[env].command(url, n, **dead, **common)
             self.record("W2", label, fill, command, count=n)
-        # Short and noisy (its tail waits on persistent confirms): the ceiling
-        # and amqp-batch rows are measured W2_REPEATS times per run.
-        for _ in range(W2_REPEATS):
-            self.backends("W2", fill, n, **common)
+        # Short and noisy (its tail waits on persistent confirms): the ceiling,
+        # amqp-batch and baseline rows are measured W2_REPEATS times per run,
+        # in turns, every other turn with amqp-batch before its ceiling, so no
+        # row always follows the same one (see baseline_row).
+        for repeat in range(W2_REPEATS):
+            self.backends("W2", fill, n, swap=repeat % 2 == 1, **common)
+            self.baseline_row("W2", fill, ours("amqp-batch", url, n, **common), n)
         command = ours("amqp-batch", url, n, transport="aiormq", **common)
         self.record("W2", AB_AIORMQ, fill, command, count=n)
-        if self.baseline:
-            command = ours("amqp-batch", url, n, **common)
-            self.record(
-                "W2", self.baseline.label, fill, command, count=n, baseline=True
-            )
 
     def w1q(self) -> None:
         """W1 on a quorum queue: aio-pika-batch, the ceilings, amqp-batch."""
@@ -583,14 +588,22 @@ class Bench:
         self.backends("W2Q", fill, n, **common)
 
     def backends(
-        self, workload: str, fill: Callable[[], None], n: int, **options: Any
+        self,
+        workload: str,
+        fill: Callable[[], None],
+        n: int,
+        *,
+        swap: bool = False,
+        **options: Any,
     ) -> None:
-        """The ceiling and amqp-batch, on asyncio and on trio."""
+        """The ceiling and amqp-batch (``swap``: amqp-batch first), on asyncio
+        and on trio."""
         for backend, ceiling, ours_label in (
             ("asyncio", CEIL_AIO, AB_AIO),
             ("trio", CEIL_TRIO, AB_TRIO),
         ):
-            for consumer, label in (("ceiling", ceiling), ("amqp-batch", ours_label)):
+            pair = (("ceiling", ceiling), ("amqp-batch", ours_label))
+            for consumer, label in pair[::-1] if swap else pair:
                 command = ours(consumer, self.url, n, backend=backend, **options)
                 self.record(workload, label, fill, command, count=n)
 
@@ -1123,9 +1136,11 @@ def render(bench: Bench, args: argparse.Namespace, elapsed: float) -> str:
             "(bench/transport.py) time from consume to the last ack (W2's ceiling: "
             "until the queue is empty and the DLQ holds 20%). CPU is µs per message "
             "(W2: per original message) over the timed window: the consumer's own "
-            "process(es) (getrusage), and the broker's beam.smp (/proc). W2's ceiling "
-            f"and amqp-batch rows are measured {W2_REPEATS} times per run (the median "
-            "is over all of them).",
+            "process(es) (getrusage), and the broker's beam.smp (/proc). W2's ceiling, "
+            f"amqp-batch and baseline rows are measured {W2_REPEATS} times per run, in "
+            "turns, every other turn with amqp-batch before its ceiling (the median is "
+            "over all of them); a baseline row comes right after the amqp-batch row it "
+            "is compared with.",
             "",
             "| workload | consumer | median | vs aio-pika-batch | vs transport ceiling "
             "| CPU µs/msg | broker CPU µs/msg | dead-lettered | drain after recovery (s) "
