@@ -17,8 +17,11 @@ from amqp_batch import (
     BatchConsumer,
     BatchConsumerSettings,
     ChannelClosed,
+    ConsumerHooks,
     Message,
     MessageResult,
+    Settlement,
+    SettleOutcome,
     batch_consumer,
 )
 from amqp_batch._delays import delay_queues
@@ -183,9 +186,14 @@ def _record_outage(
 
 class _Consumer(BatchConsumer[BatchConsumerSettings]):
     def __init__(
-        self, settings: BatchConsumerSettings, handler: Any, *, transport: Any = None
+        self,
+        settings: BatchConsumerSettings,
+        handler: Any,
+        *,
+        transport: Any = None,
+        hooks: Sequence[ConsumerHooks] = (),
     ) -> None:
-        super().__init__(settings, transport=transport)
+        super().__init__(settings, transport=transport, hooks=hooks)
         self._handle = handler
 
     def process_messages(
@@ -532,6 +540,19 @@ async def test_r3_broker_kill9_with_nacks_and_requeues_in_flight_loses_nothing(
     assert not report.still_queued
 
 
+class _Republished(ConsumerHooks):
+    """Sets ``first`` once an original is settled after its copy's confirm."""
+
+    def __init__(self) -> None:
+        self.first = anyio.Event()
+
+    def settled(
+        self, worker: int, queue: str, settlements: Sequence[Settlement]
+    ) -> None:
+        if any(s.outcome is SettleOutcome.REPUBLISHED for s in settlements):
+            self.first.set()
+
+
 @over_transports
 async def test_r3_broker_kill9_with_copies_waiting_in_quorum_delay_queues(
     destructive_node: PrivateNode, figures: Any, transport: Any
@@ -557,21 +578,25 @@ async def test_r3_broker_kill9_with_copies_waiting_in_quorum_delay_queues(
     settings = _crash_settings(
         url, queue, dlx, dlq, queue_type="quorum", retry_delays=delays
     )
+    republished = _Republished()
     try:
         async with _Consumer(settings, recorder.handler, transport=transport):
             pass
         await anyio.to_thread.run_sync(node.stop_app)
         await anyio.to_thread.run_sync(node.start_app)
         with anyio.fail_after(150):
-            async with _Consumer(settings, recorder.handler, transport=transport):
+            async with _Consumer(
+                settings, recorder.handler, transport=transport, hooks=[republished]
+            ):
                 confirmed = await publish_numbered(url, queue, 300)
                 await recorder.wait_seen(150, timeout=60)
+                # A copy is confirmed (in the delay queue for 2 s) before its
+                # original is settled as republished.
+                await republished.first.wait()
                 # Quorum queue counts in list_queues lag by seconds; a passive
                 # declare asks the queue itself.
                 async with admin_channel(url) as channel:
-                    with anyio.fail_after(30):
-                        while not (copies := await message_count(channel, waiting)):  # noqa: ASYNC110 - the broker's count is a snapshot
-                            await anyio.sleep(0.01)
+                    copies = await message_count(channel, waiting)
                 await anyio.to_thread.run_sync(node.kill9)
                 await anyio.to_thread.run_sync(node.start)
                 await recorder.wait_decided(confirmed, timeout=90)

@@ -169,14 +169,17 @@ async def test_a_killed_process_is_restarted_and_its_messages_redelivered(
         await cleanup(broker_url, [queue])
 
 
-def _gone(pid: int) -> bool:
-    """No such process, or only its zombie (exited, not yet reaped by whoever
-    inherited it)."""
+async def _exited(pid: int) -> None:
+    """Wait until process ``pid`` (not our child: no ``wait``) has exited: its
+    pidfd becomes readable then."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rpartition(")")[2].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await anyio.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 async def test_children_drain_and_exit_when_the_supervisor_is_killed(
@@ -196,8 +199,8 @@ async def test_children_drain_and_exit_when_the_supervisor_is_killed(
         assert code == -signal.SIGKILL
         assert cli.output.count("the supervisor is gone: stopping gracefully") == 2
         with anyio.fail_after(10):
-            while not all(_gone(int(pid)) for pid in pids):  # noqa: ASYNC110 - not ours to wait for
-                await anyio.sleep(0.01)
+            for pid in pids:
+                await _exited(int(pid))
         lines = Lines(cli)
         unfinished = set(lines.starts) - set(lines.acks)
         assert not unfinished, (sorted(unfinished, key=int), cli.output)

@@ -48,13 +48,8 @@ def take_lifeline() -> int | None:
 
 
 async def watch_lifeline(fd: int, stop: Callable[[], Awaitable[None]]) -> None:
-    """Wait until the supervisor is gone (end-of-file on ``fd``), then ``stop``."""
-    while True:
-        await anyio.wait_readable(fd)
-        try:
-            if not os.read(fd, 512):
-                break
-        except BlockingIOError:  # another reader took it first
-            continue
+    """Wait until the supervisor is gone, then ``stop``. Nothing is ever
+    written to the pipe, so ``fd`` becomes readable only at its end-of-file."""
+    await anyio.wait_readable(fd)
     logger.warning("the supervisor is gone: stopping gracefully")
     await stop()

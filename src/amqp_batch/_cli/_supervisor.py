@@ -107,15 +107,15 @@ class _Supervisor:
     command: list[str]
     count: int
     settings: BatchConsumerSettings
+    #: The read end of the lifeline pipe, passed to every child; the write end
+    #: stays open in this process only (``os.pipe`` descriptors are not
+    #: inherited unless passed) until it exits.
+    lifeline: int
     stopping: anyio.Event = attrs.Factory(anyio.Event)
     signals: int = 0
     children: dict[int, anyio.abc.Process] = attrs.Factory(dict)
     fatal: int | None = None
     unclean: bool = False
-    #: The read end of the lifeline pipe, passed to every child; the write end
-    #: stays open in this process only (``os.pipe`` descriptors are not
-    #: inherited unless passed) until it exits.
-    lifeline: int = -1
 
     def stop(self, signum: signal.Signals) -> None:
         """Forward ``signum`` to every child; the first time, stop restarting."""
@@ -220,7 +220,7 @@ def supervise(
         settings.num_workers,
     )
     lifeline, keep_open = os.pipe()
-    supervisor = _Supervisor(command, args.processes, settings, lifeline=lifeline)
+    supervisor = _Supervisor(command, args.processes, settings, lifeline)
     try:
         code: int = anyio.run(supervisor.run, backend=args.backend)
     finally:
